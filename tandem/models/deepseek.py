@@ -1,0 +1,180 @@
+"""DeepSeek-V2 / V2-Lite / V3 / R1 and Kimi-K2: multi-head latent attention (MLA) and DeepSeekMoE.
+
+MLA: queries come from x directly (q_proj) or through a low-rank bottleneck (q_a_proj -> norm -> q_b_proj);
+keys and values come from one compressed latent [N, kv_lora_rank] plus a single shared RoPE key [N, rope_dim],
+which is all the KV cache holds. Legend: N tokens, D hidden, H heads, r kv_lora_rank, E routed experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.models.attention import Batch, attend
+from tandem.models.base import ConfigError, check_positive, from_dict, rope_parameters
+from tandem.models.layers import Experts, GatedMLP, RMSNorm, RotaryEmbedding, yarn_mscale
+from tandem.models.transformer import CausalLM, DecoderLayer, DecoderModel, SparseMoE
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+@dataclass(slots=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    model_type: str = "deepseek_v3"
+    q_lora_rank: int | None = None
+    n_shared_experts: int | None = None
+    routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"
+    scoring_func: str = "softmax"
+    n_group: int | None = None
+    topk_group: int | None = None
+    norm_topk_prob: bool = False
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    rope_interleave: bool = True
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    rope: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "qk_rope_head_dim",
+                       "v_head_dim", "moe_layer_freq")
+        if self.topk_method not in TOPK_METHODS:
+            raise ConfigError(f"topk_method={self.topk_method!r} is not one of {', '.join(TOPK_METHODS)}")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ConfigError(f"scoring_func={self.scoring_func!r} must be softmax or sigmoid")
+        if self.topk_method != "greedy":
+            self.n_group, self.topk_group = self.n_group or 1, self.topk_group or 1
+            if self.n_routed_experts % self.n_group:
+                raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        d = dict(d)
+        if d.get("model_type") in ("deepseek_v3", "kimi_k2"):
+            # transformers 5 always routes V3 with noaux_tc + sigmoid; published configs say so explicitly
+            d.setdefault("topk_method", "noaux_tc")
+            d.setdefault("scoring_func", "sigmoid")
+        else:
+            d["rope_interleave"] = True  # DeepSeek-V2's rotary is always on interleaved pairs
+        renames = {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts"}
+        return from_dict(cls, {**d, "rope": rope_parameters(d)}, renames=renames)
+
+    @property
+    def v3_routing(self) -> bool:
+        return self.model_type in ("deepseek_v3", "kimi_k2")
+
+    def is_moe(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+
+class MoEGate(nn.Module):
+    """DeepSeek's router: softmax or sigmoid scores, greedy / group-limited / noaux_tc top-k selection."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.weight = nn.Parameter(torch.empty(a.n_routed_experts, a.hidden_size))
+        if a.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(a.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [N, D] -> topk_ids [N, K], topk_weights [N, K] float32
+        a = self.a
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = logits.softmax(-1) if a.scoring_func == "softmax" else logits.sigmoid()
+        choice = scores + self.e_score_correction_bias.float() if a.topk_method == "noaux_tc" else scores
+        if a.topk_method != "greedy":
+            grouped = choice.view(x.shape[0], a.n_group, -1)  # [N, G, E/G]
+            if a.topk_method == "noaux_tc":
+                group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            else:
+                group_scores = grouped.max(-1).values
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(a.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        ids = choice.topk(a.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, ids)
+        normalize = a.norm_topk_prob and a.num_experts_per_tok > 1
+        if normalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if a.v3_routing or not normalize:
+            # V3 always scales; V2 scales only when it does not normalise (DeepSeek's reference code)
+            weights = weights * a.routed_scaling_factor
+        return ids, weights
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention; the cache keeps (normed latent [L, r], roped key [L, rope_dim])."""
+
+    def __init__(self, a: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.a = layer_idx, a
+        h, qk_dim = a.num_attention_heads, a.qk_nope_head_dim + a.qk_rope_head_dim
+        if a.q_lora_rank is None:
+            self.q_proj = nn.Linear(a.hidden_size, h * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias)
+            self.q_a_layernorm = RMSNorm(a.q_lora_rank, a.rms_norm_eps)
+            self.q_b_proj = nn.Linear(a.q_lora_rank, h * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(a.hidden_size, a.kv_lora_rank + a.qk_rope_head_dim, bias=a.attention_bias)
+        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank, a.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * a.v_head_dim, a.hidden_size, bias=a.attention_bias)
+        self.rotary_emb = RotaryEmbedding(a.qk_rope_head_dim, a.rope, a.max_position_embeddings, a.rope_interleave)
+        self.scale = qk_dim**-0.5
+        if a.rope["rope_type"] == "yarn" and a.rope.get("mscale_all_dim"):
+            self.scale *= yarn_mscale(a.rope["factor"], a.rope["mscale_all_dim"]) ** 2
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
+        a, n, h = self.a, x.shape[0], self.a.num_attention_heads
+        q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(n, h, -1).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [N, r]
+        q_pe = self.rotary_emb(q_pe, positions)  # [N, H, rope]
+        k_pe = self.rotary_emb(k_pe[:, None, :], positions)[:, 0]  # [N, rope]
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        outs = []
+        for i, (qi, lat_i, kpe_i) in enumerate(zip(*(t.split(batch.qlens) for t in (q, latent, k_pe)))):
+            lat_all, kpe_all = batch.store(self.layer_idx, i, lat_i, kpe_i)  # [L, r], [L, rope]
+            kv = self.kv_b_proj(lat_all).view(lat_all.shape[0], h, -1)
+            k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+            k = torch.cat((k_nope, kpe_all[:, None, :].expand(-1, h, -1)), dim=-1)  # [L, H, nope+rope]
+            outs.append(attend(qi, k, v, batch.starts[i], self.scale))
+        return self.o_proj(torch.cat(outs).reshape(n, -1))
+
+
+def build(a: ModelArgs) -> CausalLM:
+    def mlp(i: int) -> nn.Module:
+        if not a.is_moe(i):
+            return GatedMLP(a.hidden_size, a.intermediate_size, a.hidden_act)
+        experts = Experts(GatedMLP(a.hidden_size, a.moe_intermediate_size, a.hidden_act)
+                          for _ in range(a.n_routed_experts))
+        shared = GatedMLP(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts, a.hidden_act) if (
+            a.n_shared_experts
+        ) else None
+        return SparseMoE(MoEGate(a), experts, shared, shared_name="shared_experts")
+
+    layers = [DecoderLayer(MLAttention(a, i), mlp(i), a.hidden_size, a.rms_norm_eps)
+              for i in range(a.num_hidden_layers)]
+    return CausalLM(a, DecoderModel(a.vocab_size, a.hidden_size, a.rms_norm_eps, layers), a.tie_word_embeddings)

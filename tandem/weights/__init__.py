@@ -1,0 +1,6 @@
+"""Weight sources: name -> lazily materialized tensor, memory-mapped from the checkpoint files."""
+
+from tandem.weights.loader import materialize
+from tandem.weights.safetensors import SafetensorsSource, TensorInfo, WeightError
+
+__all__ = ["SafetensorsSource", "TensorInfo", "WeightError", "materialize"]
