@@ -1,0 +1,150 @@
+"""Continuous batching: every step runs prefill chunks of new sequences and one decode token of running ones
+in a single forward pass over the flattened batch, then samples, detokenizes and retires finished sequences."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.kv_cache import KVCache
+from tandem.engine.sampling import apply_penalties, sample
+from tandem.engine.sequence import Sequence
+from tandem.engine.text import TextStream
+from tandem.models.attention import Batch
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_batch: int = 8  # sequences decoded together
+    kv_tokens: int = 16384  # KV cache capacity, in tokens, over all sequences
+    block_size: int = 16
+    prefill_chunk: int = 2048  # prompt tokens per sequence per step
+
+    def __post_init__(self):
+        for name in ("max_batch", "kv_tokens", "block_size", "prefill_chunk"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"engine setting {name} must be positive, got {getattr(self, name)}")
+
+
+class Engine:
+    def __init__(self, model, eos_ids: list[int], tokenizer=None, config: EngineConfig | None = None,
+                 device: str | torch.device = "cpu"):
+        self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
+        self.eos_ids = set(eos_ids)
+        self.config = config or EngineConfig()
+        self.cache = KVCache(-(-self.config.kv_tokens // self.config.block_size), self.config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def add(self, seq: Sequence) -> Sequence:
+        """Queue a sequence; raises ValueError if it can never fit the KV cache."""
+        total = len(seq.prompt) + seq.params.max_new_tokens
+        if not seq.prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if self.cache.blocks_for(total) > self.cache.num_blocks:
+            raise ValueError(f"prompt + max_new_tokens = {total} tokens exceed the KV cache "
+                             f"({self.config.kv_tokens} tokens)")
+        if self.tokenizer is not None:
+            seq.stream = TextStream(self.tokenizer, seq.params.stop)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence now and free its KV blocks."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.cache.release(seq.block_table)
+        if not seq.finished:
+            seq.finish_reason = "abort"
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[Sequence]:
+        """Schedule, run, postprocess. Returns the sequences that advanced (new text or finished)."""
+        batch_seqs, qlens = self._schedule()
+        if not batch_seqs:
+            return []
+        logits = self._run(batch_seqs, qlens)
+        return self._postprocess(batch_seqs, qlens, logits)
+
+    def _schedule(self) -> tuple[list[Sequence], list[int]]:
+        while self.waiting and len(self.running) < self.config.max_batch:
+            seq = self.waiting[0]
+            if not self.cache.can_grow(seq.block_table, min(len(seq.tokens), self.config.prefill_chunk)):
+                break
+            self.running.append(self.waiting.popleft())
+        seqs, qlens = [], []
+        for seq in list(self.running):
+            q = min(len(seq.tokens) - seq.cached, self.config.prefill_chunk)
+            while not self.cache.can_grow(seq.block_table, seq.cached + q):
+                self._preempt(self.running[-1])
+                if seq not in self.running:
+                    break
+            if seq in self.running:
+                self.cache.grow(seq.block_table, seq.cached + q)
+                seqs.append(seq)
+                qlens.append(q)
+        return seqs, qlens
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Out of KV blocks: the newest sequence gives its blocks back and is recomputed later."""
+        self.running.remove(seq)
+        self.cache.release(seq.block_table)
+        seq.cached = 0
+        self.waiting.appendleft(seq)
+
+    @torch.inference_mode()
+    def _run(self, seqs: list[Sequence], qlens: list[int]) -> torch.Tensor:
+        starts = [s.cached for s in seqs]
+        ids = torch.tensor([t for s, q in zip(seqs, qlens) for t in s.tokens[s.cached : s.cached + q]],
+                           device=self.device)
+        batch = Batch(qlens, starts, self.cache.bind([s.block_table for s in seqs], starts, qlens))
+        hidden = self.model(ids, batch.positions(self.device), batch)
+        last = torch.tensor(qlens).cumsum(0) - 1
+        return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()  # [B, V]
+
+    def _postprocess(self, seqs: list[Sequence], qlens: list[int], logits: torch.Tensor) -> list[Sequence]:
+        advanced = []
+        for seq, q, row in zip(seqs, qlens, logits):
+            seq.cached += q
+            if seq.cached < len(seq.tokens):
+                continue  # a prefill chunk, not the prompt's end
+            p = seq.params
+            token = sample(apply_penalties(row.clone(), p, seq.prompt, seq.output), p, seq.generator)
+            if seq.first_token_s is None:
+                seq.first_token_s = time.perf_counter()
+            self._append(seq, token)
+            advanced.append(seq)
+            if seq.finished:
+                self.running.remove(seq)
+                self.cache.release(seq.block_table)
+        return advanced
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if len(seq.output) >= p.max_new_tokens:  # max_new_tokens=0: the prompt only
+            seq.finish_reason = "length"
+            return
+        is_eos = not p.ignore_eos and (token in self.eos_ids or token in p.stop_token_ids)
+        if not is_eos:
+            seq.output.append(token)
+            self.tokens_generated += 1
+            if seq.stream is not None:
+                seq.pending_text += seq.stream.feed(token)
+        if is_eos or (seq.stream is not None and seq.stream.stopped):
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= p.max_new_tokens:
+            seq.finish_reason = "length"
+        if seq.finished and seq.stream is not None:
+            seq.pending_text += seq.stream.flush()
