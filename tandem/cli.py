@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # modules exporting add_parser(subparsers); each parser sets `func(args) -> int`
-SUBCOMMANDS = ["tandem.cli_generate"]
+SUBCOMMANDS = ["tandem.cli_generate", "tandem.synth"]
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
