@@ -55,7 +55,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
     if start == 0 and t == length:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(start, start + t, device=q.device)[:, None]
+        keys = torch.arange(length, device=q.device)
+        mask = keys[None, :] <= torch.arange(start, start + t, device=q.device)[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(0, 1)
 

@@ -65,7 +65,9 @@ class ModelArgs:
         if self.topk_method != "greedy":
             self.n_group, self.topk_group = self.n_group or 1, self.topk_group or 1
             if self.n_routed_experts % self.n_group:
-                raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
+                raise ConfigError(
+                    f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}"
+                )
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelArgs:
