@@ -1,0 +1,66 @@
+// A layer of routed experts in the kernel's layout, and the fused MoE forward.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "tandem/threadpool.h"
+
+namespace tandem {
+
+enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_I32 = 2, DT_I64 = 3 };
+
+// E matrices [rows, cols] of one format, row-major in blocks along cols.
+struct ExpertMatrix {
+  int type = 0, E = 0, rows = 0, cols = 0;
+  size_t row_bytes = 0;
+  const uint8_t* data = nullptr;  // owned_ or a caller's buffer (mapped GGUF blocks), kept alive by Python
+  std::unique_ptr<uint8_t, void (*)(void*)> owned{nullptr, nullptr};
+  const uint8_t* row(int e, int r) const { return data + ((size_t)e * rows + r) * row_bytes; }
+  size_t bytes() const { return (size_t)E * rows * row_bytes; }
+};
+
+struct ForwardArgs {
+  const void* x = nullptr;       // [T, H]
+  int x_dtype = DT_F32;
+  const void* ids = nullptr;     // [T, K]
+  int ids_dtype = DT_I64;
+  const float* weights = nullptr;  // [T, K]
+  void* out = nullptr;           // [T, H]
+  int out_dtype = DT_F32;
+  int T = 0, K = 0;
+  const int32_t* T_ptr = nullptr;  // if set, the token count is read from here when the job runs (<= T)
+};
+
+class Experts {
+ public:
+  // gate, up: [E, I, H]; down: [E, H, I] (nn.Linear orientation).
+  Experts(int E, int I, int H, int gate_type, int up_type, int down_type);
+  int E() const { return E_; }
+  int I() const { return I_; }
+  int H() const { return H_; }
+  ExpertMatrix& mat(int proj);  // 0 gate, 1 up, 2 down
+  const ExpertMatrix& mat(int proj) const { return const_cast<Experts*>(this)->mat(proj); }
+
+  // Convert float rows [row0, row0 + nrows) of the stacked [E*rows, cols] matrix, multi-threaded.
+  void quantize_from(int proj, const void* src, int src_dtype, int64_t row0, int64_t nrows);
+  void map_blocks(int proj, const void* data, size_t nbytes);  // use a caller's buffer as-is
+  void dequantize(int proj, int e, float* dst) const;           // [rows, cols] fp32
+
+  // Whole MoE layer. Validates ids (throws on an id >= E; ids < 0 are skipped as padding).
+  void forward(const ForwardArgs& a) const;
+  std::shared_ptr<Job> submit(const ForwardArgs& a) const;  // returns at once; Job::wait() to sync
+
+ private:
+  int E_, I_, H_;
+  ExpertMatrix m_[3];
+};
+
+// C entry point for cudaLaunchHostFunc: arg is a HostJob*; runs the forward on the pool and returns when done.
+struct HostJob {
+  const Experts* experts;
+  ForwardArgs args;
+};
+extern "C" void tandem_cpu_host_entry(void* host_job);
+
+}  // namespace tandem

@@ -1,0 +1,1 @@
+"""Compute kernels: ``tandem.kernels.cpu`` (C++ extension, routed experts on the CPU)."""

@@ -1,0 +1,255 @@
+"""CPU MoE kernels against a float64 torch reference, on every kernel path this CPU can run.
+
+Reference: out = sum_k w_k * down(silu(gate x) * up x) in float64 from the weights *as the kernel holds
+them* (dequantized), so weight rounding is excluded; the quantizers are checked separately against the
+original float weights. Tolerances are relative Frobenius errors ||out - ref|| / ||ref||:
+  - fp32 / bf16 weights: activations stay fp32; only fp32 summation order differs -> 1e-5.
+  - integer formats: x and silu(g)*u are rounded to int8 per block (32, 128 or 256 values) with scale
+    amax/127: per-element rms error step/sqrt(12), step = amax/127, i.e. ~(amax/rms)/(127*sqrt(12)) ~ 0.5-0.7%
+    per stage for Gaussian data; two stages -> ~1%. Tolerance 2.5e-2.
+  - against a reference that rounds the activations the same way (emulated), only fp32-vs-fp64 rounding and
+    rare ties flipping one int8 step remain -> 2e-3: a wrong scale, offset or nibble order is far above it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import gguf_ref  # tests/kernels/gguf_ref.py (pytest puts this folder on sys.path)
+import numpy as np
+import pytest
+import torch
+
+from tandem.kernels import cpu as K
+
+REQUIRES = {"avx2": "AVX2+FMA+F16C", "avx512": "AVX-512F/BW/VL/DQ", "avx512_vnni": "AVX512-VNNI+BF16",
+            "amx": "AMX-INT8/BF16"}
+
+
+def _isa_params():
+    out = []
+    for isa in K.all_isas():
+        if isa in K.available_isas():
+            out.append(isa)
+        elif isa == "amx":
+            out.append(pytest.param(isa, marks=pytest.mark.skip(reason="amx kernel path not implemented yet")))
+        else:
+            out.append(pytest.param(isa, marks=pytest.mark.skip(reason=f"this CPU lacks {REQUIRES[isa]}")))
+    return out
+
+
+@pytest.fixture(params=_isa_params())
+def isa(request):
+    before = K.current_isa()
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa(before)
+
+
+OWN = ["fp32", "bf16", "int8", "int4_g32", "int4_g128"]
+GGUF = ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k"]
+ACT_BLOCK = {"fp32": 0, "bf16": 0, "int8": 32, "int4_g32": 32, "int4_g128": 128, "q8_0": 32, "q4_0": 32,
+             "q4_k": 256, "q5_k": 256, "q6_k": 256}
+
+
+def _dims(fmt):  # (E, I, H): K-quants need multiples of 256
+    return (6, 256, 256) if fmt in ("q4_k", "q5_k", "q6_k") else (6, 128, 256)
+
+
+def _make(fmt: str, E: int, I: int, H: int, seed: int = 0):  # noqa: E741
+    g = torch.Generator().manual_seed(seed)
+    if fmt in GGUF:
+        rng = np.random.default_rng(seed)
+        raw = [gguf_ref.random_blocks(fmt, E * I * H, rng) for _ in range(3)]
+        w = K.MoEExperts.from_gguf_blocks(*raw, gguf_ref.GGML_TYPE[fmt], E, I, H)
+        w._raw = raw  # for the independent dequantizer check
+        return w
+    gate = torch.randn(E, I, H, generator=g) / H**0.5
+    up = torch.randn(E, I, H, generator=g) / H**0.5
+    down = torch.randn(E, H, I, generator=g) / I**0.5
+    return K.MoEExperts.from_weights(gate, up, down, fmt)
+
+
+def _weights64(w):
+    return [torch.stack([w.dequantize(p, e) for e in range(w.E)]).double() for p in ("gate", "up", "down")]
+
+
+def _act_round(v: torch.Tensor, B: int) -> torch.Tensor:
+    """Emulate the kernel's activation rounding: int8 per block of B, scale amax/127 (float64)."""
+    if B == 0:
+        return v
+    blocks = v.reshape(*v.shape[:-1], -1, B)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0).clamp(-127, 127)
+    return (q * d).reshape(v.shape)
+
+
+def _reference(W, x, ids, tw, B=0):
+    gate, up, down = W
+    x = _act_round(x.double(), B)
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e < 0:
+                continue
+            h = torch.nn.functional.silu(gate[e] @ x[t]) * (up[e] @ x[t])
+            out[t] += float(tw[t, k]) * (down[e] @ _act_round(h, B))
+    return out
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def _tol(fmt):
+    return 1e-5 if ACT_BLOCK[fmt] == 0 else 2.5e-2
+
+
+def _inputs(T, Kk, E, H, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:Kk] for _ in range(T)]) if Kk <= E else None
+    tw = torch.rand(T, Kk, generator=g) + 0.1
+    return x, ids, tw
+
+
+@pytest.mark.parametrize("fmt", OWN + GGUF)
+@pytest.mark.parametrize("T", [1, 2, 7, 64])
+def test_forward_matches_reference(isa, fmt, T):
+    E, I, H = _dims(fmt)  # noqa: E741
+    w = _make(fmt, E, I, H)
+    W = _weights64(w)
+    x, ids, tw = _inputs(T, 4, E, H, seed=T)
+    out = w.forward(x, ids, tw)
+    assert out.shape == (T, H) and out.dtype == torch.float32
+    assert _rel(out, _reference(W, x, ids, tw)) < _tol(fmt)
+    B = ACT_BLOCK[fmt]
+    assert _rel(out, _reference(W, x, ids, tw, B)) < (1e-5 if B == 0 else 2e-3)
+
+
+@pytest.mark.parametrize("fmt", OWN + GGUF)
+def test_many_tokens(fmt):
+    """T = 513 (more than a token tile, odd), int64 ids, on the best path and the generic reference."""
+    E, I, H = _dims(fmt)  # noqa: E741
+    w = _make(fmt, E, I, H, seed=5)
+    W = _weights64(w)
+    x, ids, tw = _inputs(513, 2, E, H, seed=7)
+    ref = _reference(W, x, ids, tw, ACT_BLOCK[fmt])
+    for isa in dict.fromkeys(["generic", K.available_isas()[-1]]):
+        K.set_isa(isa)
+        try:
+            out = w.forward(x, ids.long(), tw)
+        finally:
+            K.set_isa(K.available_isas()[-1])
+        assert _rel(out, ref) < (1e-5 if ACT_BLOCK[fmt] == 0 else 2e-3), isa
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4_g32", "q6_k"])
+def test_routing_edge_cases(isa, fmt):
+    """Experts with no token, a token routed twice to one expert, K = 10, padding ids (-1), int32 ids."""
+    E, I, H = _dims(fmt)  # noqa: E741
+    E = 12
+    w = _make(fmt, E, I, H, seed=3)
+    W = _weights64(w)
+    x, _, tw = _inputs(5, 10, E, H, seed=4)
+    ids = torch.tensor([[3] * 10, [3, 3, 5, 5, 5, 0, 1, 2, 3, 4], [11, 10, 9, 8, 7, 6, 5, 4, 3, 2],
+                        [-1] * 10, [0, -1, 0, -1, 7, 7, 7, 7, 7, 7]], dtype=torch.int32)
+    out = w.forward(x, ids, tw)
+    assert torch.all(out[3] == 0)
+    assert _rel(out, _reference(W, x, ids, tw, ACT_BLOCK[fmt])) < (1e-5 if ACT_BLOCK[fmt] == 0 else 2e-3)
+    with pytest.raises(IndexError):
+        w.forward(x, torch.full((5, 10), E, dtype=torch.int32), tw)
+
+
+def test_bf16_io_and_out_buffer():
+    E, I, H = _dims("int8")  # noqa: E741
+    w = _make("int8", E, I, H)
+    x, ids, tw = _inputs(3, 2, E, H)
+    ref = w.forward(x.bfloat16().float(), ids, tw)
+    out = w.forward(x.bfloat16(), ids, tw)
+    assert out.dtype == torch.bfloat16 and _rel(out.float(), ref.double()) < 1e-2  # bf16 output rounding
+    buf = torch.empty(3, H)
+    assert w.forward(x.bfloat16(), ids, tw, out=buf) is buf and _rel(buf, ref.double()) < 1e-6
+
+
+def test_gguf_dequant_matches_independent_reference():
+    """The C++ dequantizer of each GGUF block format equals an independent numpy one, exactly."""
+    for fmt in GGUF:
+        E, I, H = _dims(fmt)  # noqa: E741
+        w = _make(fmt, E, I, H, seed=11)
+        ref = gguf_ref.dequant(fmt, w._raw[0]).reshape(E, I, H)
+        for e in (0, E - 1):
+            np.testing.assert_allclose(w.dequantize("gate", e).numpy(), ref[e], rtol=1e-6, atol=1e-9, err_msg=fmt)
+        down = gguf_ref.dequant(fmt, w._raw[2]).reshape(E, H, I)
+        np.testing.assert_allclose(w.dequantize("down", 2).numpy(), down[2], rtol=1e-6, atol=1e-9, err_msg=fmt)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4_g32", "int4_g128"])
+def test_quantization_error_bound(fmt):
+    """Stored weights vs the original floats, per format: half a quantization step (+ fp16 scale rounding)."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(64, 512, generator=g) * torch.rand(64, 1, generator=g) * 3
+    deq = K.dequantize(K.quantize(src, fmt), fmt, 64, 512)
+    err = (deq - src).abs()
+    if fmt == "bf16":
+        assert torch.all(err <= src.abs() * 2**-8)
+        return
+    B = {"int8": 32, "int4_g32": 32, "int4_g128": 128}[fmt]
+    blocks, eb = src.reshape(64, -1, B), err.reshape(64, -1, B)
+    if fmt == "int8":  # symmetric: step amax/127; fp16 scale rounding (2^-11 relative) can clamp at 127
+        bound = blocks.abs().amax(-1, keepdim=True) * (0.5 / 127 + 2**-10)
+    else:  # asymmetric: step (max-min)/15; fp16 rounding of the scale and the min
+        lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+        bound = (hi - lo) * (0.5 / 15 + 15 * 2**-11) + lo.abs() * 2**-11
+    assert torch.all(eb <= bound + 1e-7)
+
+
+def test_async_submit_and_host_entry():
+    E, I, H = _dims("int4_g128")  # noqa: E741
+    w = _make("int4_g128", E, I, H)
+    x, ids, tw = _inputs(7, 4, E, H)
+    ref = w.forward(x, ids, tw)
+    handles = [w.submit(x, ids, tw) for _ in range(3)]  # queued, run in order
+    for h in handles:
+        assert torch.equal(h.sync(), ref)
+    out = torch.zeros(7, H)
+    n = torch.tensor([7], dtype=torch.int32)
+    job = w.host_job(x, ids.int(), tw, out, n_tokens=n)
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(job.fn)  # as cudaLaunchHostFunc would call it
+    fn(job.arg)
+    assert torch.equal(out, ref)
+    n[0] = 2  # same job, fewer tokens: a CUDA graph replay with a smaller batch
+    out.zero_()
+    fn(job.arg)
+    assert torch.equal(out[:2], ref[:2]) and torch.all(out[2:] == 0)
+
+
+def test_thread_count():
+    E, I, H = _dims("int8")  # noqa: E741
+    w = _make("int8", E, I, H)
+    x, ids, tw = _inputs(9, 3, E, H)
+    ref = w.forward(x, ids, tw)
+    try:
+        K.set_num_threads(1)
+        assert K.num_threads() == 1
+        assert torch.allclose(w.forward(x, ids, tw), ref, rtol=1e-5, atol=1e-6)
+        K.set_num_threads(3)
+        assert torch.allclose(w.forward(x, ids, tw), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        K.set_num_threads(None)
+    assert K.num_threads() == K.physical_cores()
+
+
+def test_bad_inputs():
+    E, I, H = _dims("int8")  # noqa: E741
+    w = _make("int8", E, I, H)
+    x, ids, tw = _inputs(2, 2, E, H)
+    with pytest.raises(ValueError):
+        w.forward(x[:, :-1], ids, tw)
+    with pytest.raises(TypeError):
+        w.forward(x.double(), ids, tw)
+    with pytest.raises(ValueError):
+        K.MoEExperts(4, 100, 256, "int8")  # I not a multiple of the block
+    with pytest.raises(ValueError):
+        K.MoEExperts.from_gguf_blocks(b"\0" * 10, b"", b"", 8, 2, 32, 32)
