@@ -1,4 +1,5 @@
-"""Open what a user points at: a Hugging Face model directory (config.json + safetensors + tokenizer files)."""
+"""Open what a user points at: a Hugging Face model directory (config.json + safetensors + tokenizer files)
+or a GGUF file (config, weights and tokenizer all from the one file, or from the parts of a split one)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from pathlib import Path
 from tandem.models.base import ConfigError
 from tandem.tokenize.tokenizer import Tokenizer
 from tandem.weights import SafetensorsSource
+from tandem.weights.gguf import GGUFSource
 
 
 @dataclass
 class Checkpoint:
     path: Path
     config: dict  # config.json as Hugging Face spells it
-    source: SafetensorsSource  # name -> tensor
+    source: SafetensorsSource | GGUFSource  # name -> tensor
     tokenizer: Tokenizer | None
 
     @property
@@ -47,5 +49,11 @@ def read_config(path: Path) -> dict:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Config, weights (memory-mapped, nothing read yet) and tokenizer of a model."""
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from tandem.tokenize.gguf import tokenizer_from_gguf
+        from tandem.weights.gguf import open_gguf_source
+
+        config, source, first = open_gguf_source(path)
+        return Checkpoint(path, config, source, tokenizer_from_gguf(first.metadata))
     config = read_config(path)
     return Checkpoint(path, config, SafetensorsSource.open(path), Tokenizer.from_dir(path))
