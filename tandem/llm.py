@@ -141,7 +141,8 @@ def load(path: str | Path, rules: str | None = None, dtype: str | torch.dtype | 
     ckpt = open_checkpoint(path)
     model = build_model(ckpt.config)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if model.tie_word_embeddings else {}
-    materialize(model, ckpt.source, parse_dtype(dtype, ckpt.config), device, tied=tied, progress=progress)
+    materialize(model, ckpt.source, parse_dtype(dtype, ckpt.config), device, tied=tied,
+                aliases=model.checkpoint_aliases, progress=progress)
     model.eval()
     placement = {name: Placement(type(m).__name__, device, device) for name, m in model.named_modules() if name}
     return LLM(model, ckpt.tokenizer, ckpt.config, ckpt.eos_ids, placement, engine_config)

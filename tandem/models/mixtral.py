@@ -69,4 +69,10 @@ def build(a: ModelArgs) -> CausalLM:
         return DecoderLayer(gqa_attention(a, i), moe, a.hidden_size, a.rms_norm_eps, mlp_name="block_sparse_moe")
 
     layers = [layer(i) for i in range(a.num_hidden_layers)]
-    return CausalLM(a, DecoderModel(a.vocab_size, a.hidden_size, a.rms_norm_eps, layers), a.tie_word_embeddings)
+    model = CausalLM(a, DecoderModel(a.vocab_size, a.hidden_size, a.rms_norm_eps, layers), a.tie_word_embeddings)
+    model.checkpoint_aliases = CHECKPOINT_ALIASES
+    return model
+
+
+# transformers 5 keeps Mixtral's MoE under `mlp` (fused experts) when it saves a state dict as is
+CHECKPOINT_ALIASES = ((r"\.block_sparse_moe\.", ".mlp."),)

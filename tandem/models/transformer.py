@@ -92,6 +92,9 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """model + lm_head; `forward` returns hidden states, `compute_logits` the float32 logits."""
 
+    # (regex, replacement): other spellings of our tensor names found in this family's checkpoints
+    checkpoint_aliases: tuple[tuple[str, str], ...] = ()
+
     def __init__(self, args, model: DecoderModel, tie_word_embeddings: bool = False):
         super().__init__()
         self.args = args

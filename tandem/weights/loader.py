@@ -95,14 +95,22 @@ def _origin(source, name: str) -> str:
         return "checkpoint"
 
 
-def load_tensor(source, name: str, shape: tuple, dtype, device, fused: FusedCache, tied: dict) -> torch.Tensor:
-    """Tensor `name` of `shape`, from the source directly, from a fused experts tensor, or from its tie."""
+def _find(source, name: str, shape: tuple, dtype, device, fused: FusedCache) -> torch.Tensor | None:
     if name in source:
-        t = source.get(name, dtype=dtype, device=device)
-    elif (s := resolve_fused_expert(name, shape, source)) is not None:
-        t = fused.get(s, dtype, device)
-    elif name in tied and tied[name] in source:
-        t = source.get(tied[name], dtype=dtype, device=device)
+        return source.get(name, dtype=dtype, device=device)
+    if (s := resolve_fused_expert(name, shape, source)) is not None:
+        return fused.get(s, dtype, device)
+    return None
+
+
+def load_tensor(source, name: str, shape: tuple, dtype, device, fused: FusedCache, tied: dict,
+                aliases: tuple = ()) -> torch.Tensor:
+    """Tensor `name` of `shape`: direct, from a fused experts tensor, under an alias of the family, or its tie."""
+    candidates = [name] + [re.sub(pat, rep, name) for pat, rep in aliases] + ([tied[name]] if name in tied else [])
+    for cand in dict.fromkeys(candidates):
+        t = _find(source, cand, shape, dtype, device, fused)
+        if t is not None:
+            break
     else:
         raise WeightError(f"tensor {name} (shape {list(shape)}) is missing from the checkpoint")
     if tuple(t.shape) != tuple(shape):
@@ -118,11 +126,13 @@ def materialize(
     device: str | torch.device = "cpu",
     prefix: str = "",
     tied: dict[str, str] | None = None,
+    aliases: tuple[tuple[str, str], ...] = (),
     progress: bool = True,
 ) -> None:
     """Replace every meta tensor of `model` by its checkpoint tensor (names from `prefix`), in place.
 
-    Floating tensors become `dtype`; others keep theirs. `tied` maps a missing name to the one it shares.
+    Floating tensors become `dtype`; others keep theirs. `tied` maps a missing name to the one it shares;
+    `aliases` are (regex, replacement) spellings a family's checkpoints may use instead.
     """
     entries = [e for e in tensors_of(model, prefix) if e[3].is_meta]
     total = sum(t.numel() * dtype.itemsize for *_, t in entries)
@@ -131,7 +141,7 @@ def materialize(
     with bar, torch.no_grad():
         for name, mod, attr, t in entries:
             want = dtype if t.is_floating_point() else t.dtype
-            new = load_tensor(source, name, tuple(t.shape), want, device, fused, tied or {})
+            new = load_tensor(source, name, tuple(t.shape), want, device, fused, tied or {}, aliases)
             if attr in mod._parameters:
                 mod._parameters[attr] = nn.Parameter(new, requires_grad=False)
             else:
