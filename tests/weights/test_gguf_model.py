@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -156,11 +157,16 @@ def write_gguf(model, path: Path, family: str, quant=None, split_kv_b: bool = Fa
 CASES = ["llama_plain", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 
 
+# llama.cpp stores llama3 rope as a rope_freqs tensor, which tandem does not read: a plain-rope Llama here
+EXTRA = {"llama_plain": ("LlamaConfig", "LlamaForCausalLM", dict(BASE, attention_bias=True, tie_word_embeddings=True)),
+         "mixtral_256": ("MixtralConfig", "MixtralForCausalLM",  # K-quant blocks need rows of 256
+                         dict(BASE, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_local_experts=4,
+                              num_experts_per_tok=2))}
+
+
 def _model(case: str):
-    if case == "llama_plain":  # llama.cpp stores llama3 rope as a rope_freqs tensor, which tandem does not read
-        FAMILIES.setdefault(case, ("LlamaConfig", "LlamaForCausalLM",
-                                   dict(BASE, attention_bias=True, tie_word_embeddings=True)))
-    return make_hf(case), "llama" if case == "llama_plain" else case
+    with mock.patch.dict(FAMILIES, EXTRA):
+        return make_hf(case), "llama" if case == "llama_plain" else case.removesuffix("_256")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -221,11 +227,7 @@ def random_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
 
 def test_quantized_gguf_matches_its_dequantized_weights(tmp_path):
     """Every block type in one Mixtral (expert stacks, attention, embeddings), against gguf's dequantizer."""
-    FAMILIES.setdefault("mixtral_256", ("MixtralConfig", "MixtralForCausalLM",
-                                        dict(BASE, hidden_size=256, intermediate_size=256, num_attention_heads=4,
-                                             num_key_value_heads=2, num_hidden_layers=2, num_local_experts=4,
-                                             num_experts_per_tok=2)))
-    hf = make_hf("mixtral_256")
+    hf, _ = _model("mixtral_256")
     rng = np.random.default_rng(0)
     chosen, counter = {}, iter(range(1000))
 
