@@ -86,12 +86,14 @@ class Engine:
             self.running.append(self.waiting.popleft())
         seqs, qlens = [], []
         for seq in list(self.running):
+            if seq not in self.running:
+                continue  # preempted earlier in this loop
             q = min(len(seq.tokens) - seq.cached, self.config.prefill_chunk)
-            while not self.cache.can_grow(seq.block_table, seq.cached + q):
-                self._preempt(self.running[-1])
+            while not self.cache.can_grow(seq.block_table, seq.cached + q) and self.running[-1] not in seqs:
+                self._preempt(self.running[-1])  # the newest gives way, never one already in this batch
                 if seq not in self.running:
                     break
-            if seq in self.running:
+            if seq in self.running and self.cache.can_grow(seq.block_table, seq.cached + q):
                 self.cache.grow(seq.block_table, seq.cached + q)
                 seqs.append(seq)
                 qlens.append(q)
