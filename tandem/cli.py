@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # modules exporting add_parser(subparsers); each parser sets `func(args) -> int`
-SUBCOMMANDS = ["tandem.cli_generate", "tandem.synth", "tandem.serve.cli", "tandem.upcycle"]
+SUBCOMMANDS = ["tandem.cli_generate", "tandem.synth", "tandem.serve.cli", "tandem.upcycle", "tandem.rules.cli"]
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:

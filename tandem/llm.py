@@ -135,14 +135,29 @@ class LLM:
 
 def load(path: str | Path, rules: str | None = None, dtype: str | torch.dtype | None = None,
          device: str = "cpu", engine_config: EngineConfig | None = None, progress: bool = True) -> LLM:
-    """Load a model (a Hugging Face directory) and return an LLM ready to generate."""
-    if rules not in (None, "cpu"):
-        raise NotImplementedError("optimize rules are not implemented yet; load with rules=None")
+    """Load a model (a Hugging Face directory) and return an LLM ready to generate.
+
+    rules: None (everything on `device`), a rule file (YAML), a preset name ("deepseek-v3/1gpu", see
+    `tandem rules list`; "cpu" / "1gpu" / "2gpu" alone: the model family's), or "auto" (issue [F]).
+    Rules are validated before any weight is read.
+    """
     ckpt = open_checkpoint(path)
+    ruleset = None
+    if rules is not None:
+        from tandem.rules import load_rules
+
+        # a bad rule file fails here, before any weight is read
+        ruleset = load_rules(str(rules), ckpt.config.get("model_type"))
     model = build_model(ckpt.config)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if model.tie_word_embeddings else {}
-    materialize(model, ckpt.source, parse_dtype(dtype, ckpt.config), device, tied=tied,
-                aliases=model.checkpoint_aliases, progress=progress)
+    if ruleset is None:
+        materialize(model, ckpt.source, parse_dtype(dtype, ckpt.config), device, tied=tied,
+                    aliases=model.checkpoint_aliases, progress=progress)
+        placement = {name: Placement(type(m).__name__, device, device) for name, m in model.named_modules() if name}
+    else:
+        from tandem.rules import inject
+
+        placement = inject(model, ruleset, ckpt.source, ckpt.config["model_type"], parse_dtype(dtype, ckpt.config),
+                           tied=tied, aliases=model.checkpoint_aliases)
     model.eval()
-    placement = {name: Placement(type(m).__name__, device, device) for name, m in model.named_modules() if name}
     return LLM(model, ckpt.tokenizer, ckpt.config, ckpt.eos_ids, placement, engine_config)

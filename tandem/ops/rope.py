@@ -1,0 +1,45 @@
+"""The RoPE operator (default, linear, llama3 and YaRN scaling): cos/sin tables kept on its device, grown as
+positions need, instead of recomputing the angles in every layer and step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tandem.models.layers import RotaryEmbedding
+from tandem.ops.base import LoadContext, OpConfig, load_own_tensors, swap_class
+
+
+class RoPEOp(nn.Module):
+    """Mixed under RotaryEmbedding; same results (the tables hold the very products it would compute)."""
+
+    op_config: OpConfig
+    _cos: torch.Tensor | None = None
+    _sin: torch.Tensor | None = None
+
+    def _tables(self, need: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos is None or self._cos.shape[0] < need:
+            n = max(4096, 1 << (need - 1).bit_length())
+            freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device)  # [P, d/2]
+            self._cos, self._sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        return self._cos, self._sin
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x [N, heads, d], positions [N]
+        dev = self.op_config.generate_device
+        x, positions = x.to(dev), positions.to(dev)
+        cos_t, sin_t = self._tables(int(positions.max()) + 1 if positions.numel() else 1, x.device)
+        cos, sin = cos_t[positions][:, None, :], sin_t[positions][:, None, :]
+        xf = x.float()
+        if self.interleaved:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        else:
+            x1, x2 = xf.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype).to(self.op_config.out_device)
+
+
+def build(module: RotaryEmbedding, cfg: OpConfig, ctx: LoadContext) -> nn.Module:
+    load_own_tensors(module, cfg.name, cfg.generate_device, ctx)
+    return swap_class(module, RoPEOp, cfg, ctx)
