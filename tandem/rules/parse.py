@@ -116,8 +116,11 @@ def resolve_operator(name: str) -> str | tuple[None, str]:
         return name
     if name in compat.OPERATORS:
         return compat.OPERATORS[name]
-    if name.startswith("tandem.ops.") and name.rsplit(".", 1)[-1].lower() in OPS:
-        return name.rsplit(".", 1)[-1].lower()
+    if name.startswith("tandem.ops."):  # tandem.ops.Experts, tandem.ops.RMSNorm, ...
+        last = name.rsplit(".", 1)[-1].lower()
+        last = {"rmsnorm": "norm"}.get(last, last)
+        if last in OPS:
+            return last
     if "." not in name:
         hits = {compat.OPERATORS[k] for k in compat.by_short_name(compat.OPERATORS, name)}
         if len(hits) == 1:
