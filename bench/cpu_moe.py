@@ -1,0 +1,217 @@
+"""CPU MoE layer benchmark: tandem's C++ kernels vs stock torch paths, against memory bandwidth measured in
+the same run.
+
+    python bench/cpu_moe.py [--quick] [--json] [--threads N] [--mem-gb 8]
+
+Shapes are the routed experts of DeepSeek-V3 (H 7168, I 2048, 256 experts, top 8) and Qwen3-30B-A3B
+(H 2048, I 768, 128 experts, top 8). Expert weights are one quantized random expert tiled E times (the
+kernels' speed does not depend on the values); E is the model's expert count unless --mem-gb caps it, and it
+is reported. Decode (T = 1, 4): random distinct experts per call, cycling through all E, so weights stream
+from RAM (they are far larger than the caches); GB/s counts the bytes of the experts a call touches.
+Prefill (T = 512, 2048): each token picks K random experts among E; TFLOP/s counts 2*3*H*I per (token, expert).
+torch_ms: the fastest stock-torch path for the format family, in the same run (F.linear on bf16,
+torch._weight_int8pack_mm for int8, aten._weight_int4pack_mm_for_cpu for int4), looping over active experts
+as an unfused MoE does, on its own copy of min(E, 16) experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tandem.kernels import cpu as K
+
+SHAPES = {"deepseek-v3": (7168, 2048, 256, 8), "qwen3-30b-a3b": (2048, 768, 128, 8)}
+TORCH_FAMILY = {"bf16": "bf16", "int8": "int8", "q8_0": "int8", "int4_g32": "int4", "int4_g128": "int4",
+                "q4_0": "int4", "q4_k": "int4"}
+
+
+def machine() -> str:
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {K.physical_cores()} cores"
+
+
+def bandwidth_gbs(gib: float = 1.0, reps: int = 5) -> float:
+    """Best read bandwidth over reps passes of a buffer much larger than the caches, all pool threads."""
+    buf = torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)
+    K._C.read_buffer(buf.data_ptr(), buf.numel() * 8)
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        K._C.read_buffer(buf.data_ptr(), buf.numel() * 8)
+        best = max(best, buf.numel() * 8 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def timeit(fn, n_calls: int, min_s: float = 0.3) -> float:
+    """Median-free simple timing: warm up once, then mean seconds per call over >= n_calls and >= min_s."""
+    fn(0)
+    i, t0 = 0, time.perf_counter()
+    while i < n_calls or time.perf_counter() - t0 < min_s:
+        fn(i)
+        i += 1
+    return (time.perf_counter() - t0) / i
+
+
+def make_experts(fmt: str, H: int, I: int, E: int) -> K.MoEExperts:  # noqa: E741
+    g = torch.Generator().manual_seed(0)
+    one = [torch.randn(I, H, generator=g) / H**0.5, torch.randn(I, H, generator=g) / H**0.5,
+           torch.randn(H, I, generator=g) / I**0.5]
+    if fmt in ("q4_0", "q4_k"):  # GGUF formats have no tandem quantizer: random valid blocks
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        blocks = []
+        for rows, cols in ((I, H), (I, H), (H, I)):
+            qk, nb = {"q4_0": (32, 18), "q4_k": (256, 144)}[fmt]
+            b = rng.integers(0, 256, size=(rows * cols // qk, nb), dtype=np.uint8)
+            b[:, 0:2] = np.full(len(b), 0.001, np.float16).view(np.uint8).reshape(-1, 2)
+            if fmt == "q4_k":
+                b[:, 2:4] = b[:, 0:2]
+            blocks.append(torch.from_numpy(b.reshape(-1)))
+    else:
+        blocks = [K.quantize(w, fmt).reshape(-1) for w in one]
+    tiled = [b.reshape(1, -1).expand(E, -1).contiguous().reshape(-1) for b in blocks]
+    return K.MoEExperts.from_blocks(*tiled, fmt, E, I, H)
+
+
+def route(T: int, E: int, k: int, g: torch.Generator) -> torch.Tensor:
+    return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+
+
+class TorchMoE:
+    """Stock torch MoE: a loop over active experts, the fastest per-format CPU path torch offers."""
+
+    def __init__(self, family: str, H: int, I: int, E: int):  # noqa: E741
+        self.family, self.E = family, E
+        g = torch.Generator().manual_seed(1)
+        one = []
+        for rows, cols in ((I, H), (I, H), (H, I)):
+            w = torch.randn(rows, cols, generator=g) / cols**0.5
+            if family == "bf16":
+                one.append(w.bfloat16())
+            elif family == "int8":
+                s = w.abs().amax(1) / 127
+                one.append((torch.round(w / s[:, None]).to(torch.int8), s.bfloat16()))
+            else:  # int4, groups of 32, scale + zero as _weight_int4pack_mm_for_cpu expects
+                q = torch.randint(0, 16, (rows, cols), dtype=torch.int32, generator=g)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+                sz = torch.stack([torch.full((cols // 32, rows), 0.01), torch.zeros(cols // 32, rows)], -1)
+                one.append((packed, sz.bfloat16()))
+        clone = lambda m: m.clone() if isinstance(m, torch.Tensor) else tuple(t.clone() for t in m)  # noqa: E731
+        self.w = [[clone(m) for m in one] for _ in range(E)]  # distinct copies: no cache reuse across experts
+
+    def linear(self, x, m):
+        if self.family == "bf16":
+            return F.linear(x, m)
+        if self.family == "int8":
+            return torch._weight_int8pack_mm(x, m[0], m[1])
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, m[0], 32, m[1])
+
+    def __call__(self, x, ids, tw):
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+        for e in ids.unique().tolist():
+            tok, kk = (ids == e).nonzero(as_tuple=True)
+            g, u, d = self.w[e % self.E]
+            xe = x[tok]
+            h = F.silu(self.linear(xe, g)) * self.linear(xe, u)
+            out.index_add_(0, tok, (self.linear(h, d).float() * tw[tok, kk, None]))
+        return out
+
+
+def bench_case(w, tm, shape, fmt, T, E, k, H, I, expert_bytes, bw, g, quick):  # noqa: E741
+    """Time tandem and torch on the same routing statistics; one result row."""
+    decode = T <= 4
+    n_sets = 16 if decode else 2
+    ids_sets = [route(T, E, k, g) for _ in range(n_sets)]
+    tids_sets = [route(T, tm.E if decode else E, k, g) for _ in range(n_sets)]
+    x = torch.randn(T, H).bfloat16()
+    tw = torch.rand(T, k)
+    calls = (10 if quick else 30) if decode else 1
+    ms = timeit(lambda i: w.forward(x, ids_sets[i % n_sets], tw), calls, 0.3 if decode else 0) * 1e3
+    tms = timeit(lambda i: tm(x, tids_sets[i % n_sets], tw), min(calls, 5), 0.2 if decode else 0) * 1e3
+    row = {"shape": shape, "format": fmt, "tokens": T, "experts": E, "ms": round(ms, 3), "pct_bw": None,
+           "gbs": None, "tflops": None, "torch_path": tm.family, "torch_ms": round(tms, 3),
+           "speedup": round(tms / ms, 2)}
+    if decode:
+        touched = sum(s.unique().numel() for s in ids_sets) / n_sets
+        gbs = touched * expert_bytes / (ms / 1e3) / 1e9
+        row.update(gbs=round(gbs, 2), pct_bw=round(100 * gbs / bw, 1))
+    else:
+        row["tflops"] = round(2 * 3 * H * I * T * k / (ms / 1e3) / 1e12, 4)
+    return row
+
+
+def run(args) -> dict:
+    if args.threads:
+        K.set_num_threads(args.threads)
+    torch.set_num_threads(K.num_threads())
+    bw = bandwidth_gbs()
+    res = {"machine": machine(), "threads": K.num_threads(), "isa": K.current_isa(), "bandwidth_gbs": round(bw, 2),
+           "results": []}
+    mem_gb = args.mem_gb or (2.0 if args.quick else 6.0)
+    for shape in args.shapes.split(","):
+        H, I, E_model, k = SHAPES[shape]  # noqa: E741
+        torch_moe: dict = {}
+        for fmt in args.formats.split(","):
+            blck, nbytes = K.BLOCKS[K.FORMATS[fmt]]
+            expert_bytes = 3 * H * I // blck * nbytes
+            E = max(k, min(E_model, int(mem_gb * 1e9 // expert_bytes)))
+            w = make_experts(fmt, H, I, E)
+            prefill = [] if args.no_prefill else [512] if args.quick else [512, 2048]
+            if args.quick and (shape != "qwen3-30b-a3b" or fmt != "int4_g32"):
+                prefill = []
+            g = torch.Generator().manual_seed(2)
+            for T in [1, 4] + prefill:
+                # decode: the format's own torch path; prefill: bf16 F.linear (torch's fastest for many tokens)
+                fam = TORCH_FAMILY[fmt] if T <= 4 else "bf16"
+                if fam not in torch_moe:
+                    torch_moe[fam] = TorchMoE(fam, H, I, min(E, 16))
+                row = bench_case(w, torch_moe[fam], shape, fmt, T, E, k, H, I, expert_bytes, bw, g, args.quick)
+                res["results"].append(row)
+                perf = (f"{row['gbs']:6.1f} GB/s {row['pct_bw']:5.1f}% bw" if T <= 4
+                        else f"{row['tflops']:7.3f} TFLOP/s      ")
+                print(f"{shape:14s} {fmt:9s} T={T:<5d} E={E:<4d} {row['ms']:9.2f} ms  {perf}  "
+                      f"torch({row['torch_path']}) {row['torch_ms']:9.2f} ms  x{row['speedup']:.2f}", flush=True)
+            del w
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="decode + Qwen3 prefill at T=512 only (< 1 min)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: physical cores)")
+    ap.add_argument("--mem-gb", type=float, default=0, help="cap on one format's expert weights (2, --quick 6)")
+    ap.add_argument("--formats", default="")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--no-prefill", action="store_true")
+    args = ap.parse_args()
+    args.formats = args.formats or ("int4_g32,int8" if args.quick else "int4_g32,int4_g128,int8,q4_k,bf16")
+    t0 = time.perf_counter()
+    res = run(args)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["loadavg_1m"] = os.getloadavg()[0]
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"bandwidth {res['bandwidth_gbs']} GB/s, threads {res['threads']}, isa {res['isa']}, "
+              f"{res['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
