@@ -321,3 +321,38 @@ extern "C" void tandem_cpu_host_entry(void* host_job) {
 }
 
 }  // namespace tandem
+
+namespace tandem {
+namespace {
+// Memory read bandwidth probe: every pool thread sums its slice of the buffer as 64-bit words.
+class ReadJob : public Job {
+ public:
+  ReadJob(const uint8_t* p, size_t n) : p_(p), n_(n) {}
+  void run(int tid, int nthreads) override {
+    const size_t words = n_ / 8, per = (words + nthreads - 1) / nthreads;
+    const uint64_t* w = (const uint64_t*)p_ + std::min(words, per * tid);
+    const size_t cnt = std::min(words, per * (tid + 1)) - std::min(words, per * tid);
+    uint64_t s[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= cnt; i += 8)
+      for (int l = 0; l < 8; l++) s[l] += w[i + l];
+    for (; i < cnt; i++) s[0] += w[i];
+    uint64_t t = 0;
+    for (int l = 0; l < 8; l++) t += s[l];
+    sink_.fetch_add(t, std::memory_order_relaxed);
+  }
+  std::atomic<uint64_t> sink_{0};
+
+ private:
+  const uint8_t* p_;
+  size_t n_;
+};
+}  // namespace
+
+uint64_t read_buffer(const void* p, size_t nbytes) {
+  auto job = std::make_shared<ReadJob>((const uint8_t*)p, nbytes);
+  pool().submit(job);
+  job->wait();
+  return job->sink_.load();
+}
+}  // namespace tandem

@@ -63,4 +63,7 @@ struct HostJob {
 };
 extern "C" void tandem_cpu_host_entry(void* host_job);
 
+// Read nbytes with every pool thread (memory bandwidth probe); returns a checksum.
+uint64_t read_buffer(const void* p, size_t nbytes);
+
 }  // namespace tandem

@@ -18,23 +18,29 @@ static void quantize_row_q8_0(const float* x, block_q8_0* y, int n) {
   }
 }
 
-// Asymmetric 4-bit: value = d * q + m with m = min, d = (max - min) / 15. Nibble order as in the structs:
-// QK elements, element j in the low nibble of qs[j], element j + QK/2 in the high nibble.
-template <int QK, typename Block>
-static void quantize_row_i4(const float* x, Block* y, int n) {
-  for (int b = 0; b < n / QK; b++, x += QK) {
-    float lo = x[0], hi = x[0];
-    for (int j = 1; j < QK; j++) lo = std::min(lo, x[j]), hi = std::max(hi, x[j]);
-    y[b].d = f32_to_fp16((hi - lo) / 15.f);
-    y[b].m = f32_to_fp16(lo);
-    const float d = fp16_to_f32(y[b].d), m = fp16_to_f32(y[b].m);
-    const float id = d > 0.f ? 1.f / d : 0.f;
-    for (int j = 0; j < QK / 2; j++) {
-      const int q0 = std::clamp((int)std::nearbyint((x[j] - m) * id), 0, 15);
-      const int q1 = std::clamp((int)std::nearbyint((x[j + QK / 2] - m) * id), 0, 15);
-      y[b].qs[j] = (uint8_t)(q0 | (q1 << 4));
-    }
+// Asymmetric 4-bit group of 32: value = d * q + m with m = min, d = (max - min) / 15; element j in the low
+// nibble of qs[j], element j + 16 in the high nibble.
+static void quantize_group_i4(const float* x, int QK, fp16_t* dh, fp16_t* mh, uint8_t* qs) {
+  float lo = x[0], hi = x[0];
+  for (int j = 1; j < QK; j++) lo = std::min(lo, x[j]), hi = std::max(hi, x[j]);
+  *dh = f32_to_fp16((hi - lo) / 15.f);
+  *mh = f32_to_fp16(lo);
+  const float d = fp16_to_f32(*dh), m = fp16_to_f32(*mh);
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  for (int j = 0; j < QK / 2; j++) {
+    const int q0 = std::clamp((int)std::nearbyint((x[j] - m) * id), 0, 15);
+    const int q1 = std::clamp((int)std::nearbyint((x[j + QK / 2] - m) * id), 0, 15);
+    qs[j] = (uint8_t)(q0 | (q1 << 4));
   }
+}
+
+static void quantize_row_i4_g32(const float* x, block_i4_g32* y, int n) {
+  for (int b = 0; b < n / QK_I4_G32X4; b++)
+    for (int g = 0; g < 4; g++, x += QK_I4_G32) quantize_group_i4(x, QK_I4_G32, &y[b].d[g], &y[b].m[g], y[b].qs + 16 * g);
+}
+
+static void quantize_row_i4_g128(const float* x, block_i4_g128* y, int n) {
+  for (int b = 0; b < n / QK_I4_G128; b++, x += QK_I4_G128) quantize_group_i4(x, QK_I4_G128, &y[b].d, &y[b].m, y[b].qs);
 }
 
 bool has_quantizer(int type) {
@@ -48,8 +54,8 @@ bool quantize_row(int type, const float* src, void* dst, int n) {
       for (int j = 0; j < n; j++) ((bf16_t*)dst)[j] = f32_to_bf16(src[j]);
       return true;
     case W_Q8_0: quantize_row_q8_0(src, (block_q8_0*)dst, n); return true;
-    case W_I4_G32: quantize_row_i4<QK_I4_G32>(src, (block_i4_g32*)dst, n); return true;
-    case W_I4_G128: quantize_row_i4<QK_I4_G128>(src, (block_i4_g128*)dst, n); return true;
+    case W_I4_G32: quantize_row_i4_g32(src, (block_i4_g32*)dst, n); return true;
+    case W_I4_G128: quantize_row_i4_g128(src, (block_i4_g128*)dst, n); return true;
     default: return false;
   }
 }
@@ -74,13 +80,14 @@ bool dequantize_row(int type, const void* src, float* y, int n) {
       }
       return true;
     case W_I4_G32:
-      for (const block_i4_g32* b = (const block_i4_g32*)src; n > 0; b++, n -= QK_I4_G32, y += QK_I4_G32) {
-        const float d = fp16_to_f32(b->d), m = fp16_to_f32(b->m);
-        for (int j = 0; j < QK_I4_G32 / 2; j++) {
-          y[j] = d * (b->qs[j] & 0xF) + m;
-          y[j + QK_I4_G32 / 2] = d * (b->qs[j] >> 4) + m;
+      for (const block_i4_g32* b = (const block_i4_g32*)src; n > 0; b++, n -= QK_I4_G32X4)
+        for (int g = 0; g < 4; g++, y += QK_I4_G32) {
+          const float d = fp16_to_f32(b->d[g]), m = fp16_to_f32(b->m[g]);
+          for (int j = 0; j < 16; j++) {
+            y[j] = d * (b->qs[16 * g + j] & 0xF) + m;
+            y[j + 16] = d * (b->qs[16 * g + j] >> 4) + m;
+          }
         }
-      }
       return true;
     case W_I4_G128:
       for (const block_i4_g128* b = (const block_i4_g128*)src; n > 0; b++, n -= QK_I4_G128, y += QK_I4_G128) {

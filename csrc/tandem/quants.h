@@ -39,12 +39,16 @@ struct block_q4_0 {
 static_assert(sizeof(block_q4_0) == 2 + QK4_0 / 2, "block_q4_0 size");
 
 #define QK_I4_G32 32
+#define QK_I4_G32X4 128
+// int4_g32: groups of 32 with a scale and a min, stored four groups per block so one 64-byte load feeds a
+// 512-bit register and the 8 fp16 scales/mins one 128-bit load. Group g (elements 32g .. 32g + 31) lives in
+// qs[16g .. 16g + 15]: element 32g + j in the low nibble of qs[16g + j], element 32g + 16 + j in the high.
 struct block_i4_g32 {
-  fp16_t d;                 // scale; value = d * q + m, q in [0, 15]
-  fp16_t m;                 // min (offset)
-  uint8_t qs[QK_I4_G32 / 2];  // element j: low nibble of qs[j]; element j + 16: high nibble
+  fp16_t d[4];              // scales; value = d[g] * q + m[g], q in [0, 15]
+  fp16_t m[4];              // mins (offsets)
+  uint8_t qs[QK_I4_G32X4 / 2];
 };
-static_assert(sizeof(block_i4_g32) == 4 + QK_I4_G32 / 2, "block_i4_g32 size");
+static_assert(sizeof(block_i4_g32) == 16 + QK_I4_G32X4 / 2, "block_i4_g32 size");
 
 #define QK_I4_G128 128
 struct block_i4_g128 {
@@ -164,7 +168,7 @@ static inline bool wtype_info(int t, WTypeInfo* out) {
     case W_BF16: *out = {1, 2, 0}; return true;
     case W_Q8_0: *out = {QK8_0, (int)sizeof(block_q8_0), 32}; return true;
     case W_Q4_0: *out = {QK4_0, (int)sizeof(block_q4_0), 32}; return true;
-    case W_I4_G32: *out = {QK_I4_G32, (int)sizeof(block_i4_g32), 32}; return true;
+    case W_I4_G32: *out = {QK_I4_G32X4, (int)sizeof(block_i4_g32), 32}; return true;
     case W_I4_G128: *out = {QK_I4_G128, (int)sizeof(block_i4_g128), 128}; return true;
     case W_Q4_K: *out = {QK_K, (int)sizeof(block_q4_K), QK_K}; return true;
     case W_Q5_K: *out = {QK_K, (int)sizeof(block_q5_K), QK_K}; return true;

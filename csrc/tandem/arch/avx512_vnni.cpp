@@ -44,7 +44,7 @@ static inline void dot_q8_0_nt(int n, const block_q8_0* w, const ActRow* a, floa
   }
 }
 
-// 4-bit blocks of 32 (q4_0: value d*(q-8); i4_g32: value d*q + m). Two blocks per 512-bit register.
+// q4_0 (value d*(q-8)), two blocks per 512-bit register.
 template <int NT, bool HAS_MIN, typename Block>
 static inline void dot_4bit32_nt(int n, const Block* w, const ActRow* a, float* out) {
   const int nb = n / 32;
@@ -86,6 +86,44 @@ static inline void dot_4bit32_nt(int n, const Block* w, const ActRow* a, float* 
   }
 }
 
+// int4_g32: 4 groups (128 values) per block. Lane l of a dpbusd result covers values 4l..4l+3 of one
+// 16-value half of a group: the low nibbles (group g in 128-bit lane g) meet the first 16 activations of
+// each group, the high nibbles the second 16.
+template <int NT>
+static inline void dot_i4_g32_nt(int n, const block_i4_g32* w, const ActRow* a, float* out) {
+  const int nb = n / QK_I4_G32X4;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i lane4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc[NT];
+  __m128 accm[NT];
+  for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps(), accm[t] = _mm_setzero_ps();
+  for (int b = 0; b < nb; b++) {
+    const __m512i q = _mm512_loadu_si512(w[b].qs);
+    const __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+    const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w[b].d));  // d0..d3 m0..m3
+    const __m128 dw = _mm256_castps256_ps128(dm), mw = _mm256_extractf128_ps(dm, 1);
+    for (int t = 0; t < NT; t++) {
+      const int8_t* x = a[t].qs + b * QK_I4_G32X4;
+      const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 64);  // groups 0,1 | 2,3
+      const __m512i xlo = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m512i xhi = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
+      __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
+      s = _mm512_dpbusd_epi32(s, hi, xhi);
+      const __m128 dx = _mm_loadu_ps(a[t].d + 4 * b);
+      const __m512 sc = _mm512_permutexvar_ps(lane4, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[t]);
+      const __m128 xs = _mm_mul_ps(dx, _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)(a[t].isum + 4 * b))));
+      accm[t] = _mm_fmadd_ps(mw, xs, accm[t]);
+    }
+  }
+  for (int t = 0; t < NT; t++) {
+    __m128 m = accm[t];
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    out[t] = _mm512_reduce_add_ps(acc[t]) + _mm_cvtss_f32(m);
+  }
+}
+
 // int4, groups of 128: one 64-byte load gives elements 0..63 (low nibbles) and 64..127 (high nibbles).
 template <int NT>
 static inline void dot_i4_g128_nt(int n, const block_i4_g128* w, const ActRow* a, float* out) {
@@ -121,7 +159,7 @@ static inline void dot_i4_g128_nt(int n, const block_i4_g128* w, const ActRow* a
   }
 #define CALL_Q8(NT) dot_q8_0_nt<NT>(n, (const block_q8_0*)w, a, out)
 #define CALL_Q4_0(NT) dot_4bit32_nt<NT, false>(n, (const block_q4_0*)w, a, out)
-#define CALL_I4_32(NT) dot_4bit32_nt<NT, true>(n, (const block_i4_g32*)w, a, out)
+#define CALL_I4_32(NT) dot_i4_g32_nt<NT>(n, (const block_i4_g32*)w, a, out)
 #define CALL_I4_128(NT) dot_i4_g128_nt<NT>(n, (const block_i4_g128*)w, a, out)
 TANDEM_NT_DISPATCH(dot_q8_0_vnni, CALL_Q8)
 TANDEM_NT_DISPATCH(dot_q4_0_vnni, CALL_Q4_0)

@@ -56,7 +56,7 @@ FORMATS = {
 GGML_TYPES = {0: "fp32", 2: "q4_0", 8: "q8_0", 12: "q4_k", 13: "q5_k", 14: "q6_k", 30: "bf16"}
 # Block layout the C++ header declares (elements, bytes): checked against the extension at import.
 BLOCKS = {0: (1, 4), 2: (32, 18), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210), 30: (1, 2),
-          1001: (32, 20), 1002: (128, 68)}
+          1001: (128, 80), 1002: (128, 68)}
 for _t, _bb in BLOCKS.items():
     if tuple(_C.block_info(_t)[:2]) != _bb:
         raise ImportError(f"tandem CPU extension block layout mismatch for type {_t}: {_C.block_info(_t)}")
@@ -251,7 +251,7 @@ class MoEExperts:
         Q5_K 13, Q6_K 14, BF16 30, F32 0) or a (gate, up, down) triple."""
         types = tuple(ggml_type) if isinstance(ggml_type, (tuple, list)) else (ggml_type,) * 3
         for t in types:
-            if t not in GGML_TYPES:
+            if t not in GGML_TYPES and t not in BLOCKS:
                 raise ValueError(f"ggml type {t} not supported by the CPU kernels (have {sorted(GGML_TYPES)})")
         self = cls(E, I, H, types)
         for p, buf in enumerate((gate, up, down)):
@@ -259,6 +259,12 @@ class MoEExperts:
             self._x.map_blocks(p, addr, nbytes)  # checks the size
             self._keep.append(keep)
         return self
+
+    @classmethod
+    def from_blocks(cls, gate, up, down, fmt: str | int | tuple, E: int, I: int, H: int) -> MoEExperts:  # noqa: E741
+        """Like from_gguf_blocks, for any format name (e.g. int4_g32 blocks saved from ``block_bytes``)."""
+        fmts = tuple(fmt) if isinstance(fmt, (tuple, list)) else (fmt,) * 3
+        return cls.from_gguf_blocks(gate, up, down, tuple(_fmt_id(f) for f in fmts), E, I, H)
 
     def dequantize(self, proj: str, e: int) -> torch.Tensor:
         """Expert e's weight as the kernel holds it, in fp32: gate/up [I, H], down [H, I]."""
