@@ -133,7 +133,6 @@ class Server:
                 get = asyncio.ensure_future(handle.queue.get())
                 done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:  # the client is gone
-                    self.finished["disconnect"] += 1
                     return
                 event = get.result()
                 if event.finish_reason is not None:
@@ -146,7 +145,8 @@ class Server:
             watch.cancel()
             if get is not None:
                 get.cancel()
-            if not handle.done:
+            if not handle.done:  # the client went away (or the stream was cancelled) before the end
+                self.finished["disconnect"] += 1
                 self.loop.abort(handle)
             self.active -= 1
 

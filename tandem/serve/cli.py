@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,9 @@ def serve(args) -> int:
               file=sys.stderr)
     server = Server(llm, name, api_key=args.api_key, max_queue=args.max_queue, aliases=(args.model,))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal for the previous handler: make that
+    # a no-op so a clean shutdown exits 0 (the CLI's contract) instead of dying by the signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
