@@ -39,7 +39,7 @@ def half(i: int) -> str:
 SEED_MARLIN_RULE = '''- match:
     name: "^model\\\\.layers\\\\.([4-8])\\\\.mlp\\\\.experts$" # inject experts in layer 4~8 as marlin expert
   replace:
-    class: ktransformers.operators.experts.KTransformersExperts  
+    class: ktransformers.operators.experts.KTransformersExperts
     kwargs:
       generate_device: "cuda:0"
       generate_op:  "KExpertsMarlin"

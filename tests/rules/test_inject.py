@@ -83,13 +83,13 @@ def test_gpu_rules_fail_before_loading_on_a_cpu_machine(tmp_path):
 
 def test_pending_kernel_refuses_to_load(tmp_path):
     path = save_hf(make_hf("mixtral"), tmp_path / "m")
-    (tmp_path / "r.yaml").write_text((r'''
+    (tmp_path / "r.yaml").write_text(r'''
 - match: {name: "\\.experts$"}
   replace: {class: KTransformersExperts, kwargs: {generate_device: "cpu", generate_op: "KExpertsMarlin"}}
   recursive: false
 - match: {name: ".*"}
   replace: {class: default, kwargs: {generate_device: "cpu"}}
-'''))
+''')
     # validation passes only if cuda:0 is planned for; on this machine the device itself is the first error
     with pytest.raises(RuleError, match="experts.marlin cannot run on cpu"):
         tandem.load(path, rules=str(tmp_path / "r.yaml"), progress=False)
