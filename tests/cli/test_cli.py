@@ -38,8 +38,8 @@ def test_synth_writes_a_loadable_model(tmp_path):
 def test_synth_real_shapes_with_few_layers(tmp_path):
     """DeepSeek-V2-Lite's real per-layer shapes, one dense + one MoE layer (~1 GB in bf16 would be too slow here:
     check the header only)."""
-    from tandem.synth import preset_config
     from tandem.models import build_model
+    from tandem.synth import preset_config
     from tandem.weights.loader import tensors_of
 
     cfg = preset_config("deepseek-v2-lite", layers=2)
