@@ -1,10 +1,12 @@
 #include "tandem/threadpool.h"
 
+#include <fcntl.h>
 #include <pthread.h>
+#include <unistd.h>
 #include <sched.h>
 
 #include <chrono>
-#include <fstream>
+#include <cstdlib>
 #include <set>
 #include <utility>
 
@@ -41,11 +43,15 @@ void Barrier::arrive_and_wait() {
   while (phase_.load(std::memory_order_acquire) == phase) cpu_relax();
 }
 
+// Plain POSIX reads: iostreams here crashed inside a process that had loaded torch first (two libstdc++
+// locale states; seen on the H200 machine's Python 3.12 + torch 2.11).
 static int read_int(const std::string& path) {
-  std::ifstream f(path);
-  int v = -1;
-  f >> v;
-  return v;
+  const int fd = open(path.c_str(), O_RDONLY);
+  if (fd < 0) return -1;
+  char buf[32] = {0};
+  const ssize_t n = read(fd, buf, sizeof(buf) - 1);
+  close(fd);
+  return n > 0 ? (int)std::strtol(buf, nullptr, 10) : -1;
 }
 
 std::vector<int> core_cpu_list() {
