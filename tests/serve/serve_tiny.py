@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -57,6 +58,12 @@ def build_tiny_model(out: Path, vocab_size: int = 512) -> Path:
     cfg["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(cfg))
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

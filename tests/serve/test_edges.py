@@ -12,7 +12,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import free_port
+from serve_tiny import free_port
 
 MSG = [{"role": "user", "content": "Hello"}]
 
