@@ -58,20 +58,23 @@ class Experts(nn.ModuleList):
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         # x [N, D], topk_ids [N, K], topk_weights [N, K] -> [N, D]
         out = torch.zeros_like(x)
-        flat = topk_ids.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self)).tolist()
-        tokens = order // topk_ids.shape[1]
-        weights = topk_weights.flatten()[order].unsqueeze(1)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = tokens[start : start + n]
-            y = self[e](x[idx]) * weights[start : start + n].to(x.dtype)
-            out.index_add_(0, idx, y)
-            start += n
+        for e, idx, w in route(topk_ids, topk_weights, len(self)):
+            out.index_add_(0, idx, self[e](x[idx]) * w.to(x.dtype))
         return out
+
+
+def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int):
+    """Yield (expert, token indices [n], weights [n, 1]) for every expert that received tokens."""
+    flat = topk_ids.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    tokens = order // topk_ids.shape[1]
+    weights = topk_weights.flatten()[order].unsqueeze(1)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, tokens[start : start + n], weights[start : start + n]
+        start += n
 
 
 # ---------------------------------------------------------------- rotary position embeddings
@@ -142,11 +145,16 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq.to(x.device)  # [N, d/2]
         cos = (freqs.cos() * self.scale)[:, None, :]
         sin = (freqs.sin() * self.scale)[:, None, :]
-        xf = x.float()
-        if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-        else:
-            x1, x2 = xf.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+        return rotate(x, cos, sin, self.interleaved)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [N, heads, d] rotated by cos/sin [N, 1, d/2]: pairs (x0, x1) if interleaved, else halves; in float32."""
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)

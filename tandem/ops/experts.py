@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.models.layers import Experts
+from tandem.models.layers import Experts, route
 from tandem.ops.base import LoadContext, OpConfig
 from tandem.ops.registry import BACKENDS, resolve
 
@@ -30,21 +30,10 @@ class TorchExperts:
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         x, topk_ids, topk_weights = x.to(self.device), topk_ids.to(self.device), topk_weights.to(self.device)
         out = torch.zeros_like(x)
-        flat = topk_ids.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate.shape[0]).tolist()
-        tokens = order // topk_ids.shape[1]
-        weights = topk_weights.flatten()[order].unsqueeze(1)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = tokens[start : start + n]
-            g, u, d = (w[e].to(self.device) for w in (self.gate, self.up, self.down))  # a no-op when resident
+        for e, idx, w in route(topk_ids, topk_weights, self.gate.shape[0]):
+            g, u, d = (p[e].to(self.device) for p in (self.gate, self.up, self.down))  # a no-op when resident
             xe = x[idx]
-            y = F.linear(self.act(F.linear(xe, g)) * F.linear(xe, u), d) * weights[start : start + n].to(x.dtype)
-            out.index_add_(0, idx, y)
-            start += n
+            out.index_add_(0, idx, F.linear(self.act(F.linear(xe, g)) * F.linear(xe, u), d) * w.to(x.dtype))
         return out
 
 

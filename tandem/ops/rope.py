@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tandem.models.layers import RotaryEmbedding
+from tandem.models.layers import RotaryEmbedding, rotate
 from tandem.ops.base import LoadContext, OpConfig, load_own_tensors, swap_class
 
 
@@ -30,14 +30,7 @@ class RoPEOp(nn.Module):
         x, positions = x.to(dev), positions.to(dev)
         cos_t, sin_t = self._tables(int(positions.max()) + 1 if positions.numel() else 1, x.device)
         cos, sin = cos_t[positions][:, None, :], sin_t[positions][:, None, :]
-        xf = x.float()
-        if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-        else:
-            x1, x2 = xf.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype).to(self.op_config.out_device)
+        return rotate(x, cos, sin, self.interleaved).to(self.op_config.out_device)
 
 
 def build(module: RotaryEmbedding, cfg: OpConfig, ctx: LoadContext) -> nn.Module:
