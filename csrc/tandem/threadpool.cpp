@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <set>
+#include <string>
 #include <utility>
 
 #if defined(__x86_64__)
@@ -55,16 +56,16 @@ static int read_int(const std::string& path) {
 }
 
 std::vector<int> core_cpu_list() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
   std::vector<int> cpus;
-  if (sched_getaffinity(0, sizeof(set), &set) != 0) return {0};
+  if (sched_getaffinity(0, sizeof(mask), &mask) != 0) return {0};
   std::set<std::pair<int, int>> seen;  // (package, core) already taken: skip SMT siblings
   for (int c = 0; c < CPU_SETSIZE; c++) {
-    if (!CPU_ISSET(c, &set)) continue;
+    if (!CPU_ISSET(c, &mask)) continue;
     const std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(c) + "/topology/";
     const int pkg = read_int(base + "physical_package_id"), core = read_int(base + "core_id");
-    if (core >= 0 && !seen.insert({pkg, core}).second) continue;
+    if (core >= 0 && !seen.insert(std::make_pair(pkg, core)).second) continue;
     cpus.push_back(c);
   }
   if (cpus.empty()) cpus.push_back(0);
