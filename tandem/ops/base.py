@@ -48,6 +48,7 @@ class LoadContext:
     state: RunState = field(default_factory=RunState)
     placed: set[str] = field(default_factory=set)  # modules placed by their own rule; others load them
     aliases: tuple[tuple[str, str], ...] = ()  # (regex, replacement) spellings the family's checkpoints use
+    said: set[str] = field(default_factory=set)  # log lines already written for this model (each said once)
     _fused: FusedCache | None = None
 
     @property
