@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.engine.graphs import GraphRunner, model_devices
 from tandem.engine.kv_cache import KVCache
 from tandem.engine.sampling import apply_penalties, sample
 from tandem.engine.sequence import Sequence
 from tandem.engine.text import TextStream
-from tandem.models.attention import Batch
+from tandem.models.attention import Batch, PagedMeta
 
 
 @dataclass(slots=True)
@@ -22,6 +23,8 @@ class EngineConfig:
     kv_tokens: int = 16384  # KV cache capacity, in tokens, over all sequences
     block_size: int = 16
     prefill_chunk: int = 2048  # prompt tokens per sequence per step
+    paged: bool | None = None  # batched attention over the paged cache; None: when the model runs on a GPU
+    cuda_graphs: bool = True  # replay a CUDA graph per batch-size bucket for decode steps (paged, one GPU)
 
     def __post_init__(self):
         for name in ("max_batch", "kv_tokens", "block_size", "prefill_chunk"):
@@ -32,10 +35,16 @@ class EngineConfig:
 class Engine:
     def __init__(self, model, eos_ids: list[int], tokenizer=None, config: EngineConfig | None = None,
                  device: str | torch.device = "cpu"):
-        self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
+        self.model, self.tokenizer = model, tokenizer
         self.eos_ids = set(eos_ids)
         self.config = config or EngineConfig()
         self.cache = KVCache(-(-self.config.kv_tokens // self.config.block_size), self.config.block_size)
+        embed = model.model.embed_tokens.weight
+        self.device = embed.device if embed.device.type != "meta" else torch.device(device)  # where ids go
+        on_gpu = any(d.type == "cuda" for d in model_devices(model))
+        self.paged = on_gpu if self.config.paged is None else self.config.paged
+        self.graphs = GraphRunner(model, self.cache, self.config.max_batch) if (
+            self.paged and self.config.cuda_graphs and on_gpu) else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.tokens_generated = 0
@@ -108,11 +117,17 @@ class Engine:
 
     @torch.inference_mode()
     def _run(self, seqs: list[Sequence], qlens: list[int]) -> torch.Tensor:
-        starts = [s.cached for s in seqs]
+        starts, tables = [s.cached for s in seqs], [s.block_table for s in seqs]
         ids = torch.tensor([t for s, q in zip(seqs, qlens) for t in s.tokens[s.cached : s.cached + q]],
                            device=self.device)
-        batch = Batch(qlens, starts, self.cache.bind([s.block_table for s in seqs], starts, qlens))
-        hidden = self.model(ids, batch.positions(self.device), batch)
+        hidden = None
+        if self.graphs is not None and max(qlens) == 1:
+            hidden = self.graphs.decode(ids, tables, starts)  # None: this batch cannot replay a graph
+        if hidden is None:
+            bound = self.cache.bind(tables, starts, qlens)
+            paged = PagedMeta.build(tables, starts, qlens, self.cache.block_size) if self.paged else None
+            batch = Batch(qlens, starts, bound, paged)
+            hidden = self.model(ids, batch.positions(self.device), batch)
         last = torch.tensor(qlens).cumsum(0) - 1
         return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()  # [B, V]
 

@@ -1,7 +1,9 @@
 """Paged KV cache shared by many sequences: fixed-size blocks, a block table per sequence.
 
 What a layer keeps per token is the layer's business (K and V for GQA; latent and RoPE key for MLA): storage
-is allocated on the first write of each layer, with that layer's shapes, dtype and device.
+is allocated on the first write of each layer, with that layer's shapes, dtype and device, so each layer's cache
+lives with its layer (layers on different GPUs keep their caches there). Storage holds one block more than
+`num_blocks`: the sink block `num_blocks`, never handed out, where padded rows of a CUDA-graph batch write.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ class KVCache:
             raise ValueError(f"KV cache needs positive num_blocks and block_size, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free: deque[int] = deque(range(num_blocks))
-        self.layers: dict[int, list[torch.Tensor]] = {}  # layer -> [num_blocks * block_size, ...] per tensor
+        self.sink = num_blocks  # block id padded rows write to (see module docstring)
+        self.layers: dict[int, list[torch.Tensor]] = {}  # layer -> [(num_blocks + 1) * block_size, ...] per tensor
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -50,8 +53,9 @@ class KVCache:
     def storage(self, layer: int, new: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         st = self.layers.get(layer)
         if st is None:
-            n = self.num_blocks * self.block_size
-            st = self.layers[layer] = [torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in new]
+            n = (self.num_blocks + 1) * self.block_size
+            # zeros, not empty: gathered slots past a sequence's end are masked, but must not hold NaN bit patterns
+            st = self.layers[layer] = [torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in new]
         return st
 
     def nbytes(self) -> int:
@@ -64,6 +68,10 @@ class BoundCache:
     def __init__(self, cache: KVCache, tables: list[list[int]], starts: list[int], qlens: list[int]):
         self.cache, self.tables, self.starts, self.qlens = cache, tables, starts, qlens
         self._slots: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def buffers(self, layer: int, *like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Layer `layer`'s flat slot storage, allocated like `like` on the first call (paged attention)."""
+        return tuple(self.cache.storage(layer, like))
 
     def _slot_ids(self, seq: int, device: torch.device) -> torch.Tensor:
         """Flat slot index of every position 0 .. start+qlen of sequence `seq`."""

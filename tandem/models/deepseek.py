@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.models.attention import Batch, attend
+from tandem.models.attention import Batch, attend, gather_pages, pad_queries, sdpa_paged, unpad_queries, write_pages
 from tandem.models.base import ConfigError, check_positive, from_dict, rope_parameters
 from tandem.models.layers import Experts, GatedMLP, RMSNorm, RotaryEmbedding, yarn_mscale
 from tandem.models.transformer import CausalLM, DecoderLayer, DecoderModel, SparseMoE
@@ -155,6 +155,8 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)  # [N, r]
         q_pe = self.rotary_emb(q_pe, positions)  # [N, H, rope]
         k_pe = self.rotary_emb(k_pe[:, None, :], positions)[:, 0]  # [N, rope]
+        if batch.paged is not None:
+            return self.o_proj(self.attend_paged(q_nope, q_pe, latent, k_pe, batch).reshape(n, -1))
         q = torch.cat((q_nope, q_pe), dim=-1)
         outs = []
         for i, (qi, lat_i, kpe_i) in enumerate(zip(*(t.split(batch.qlens) for t in (q, latent, k_pe)))):
@@ -164,6 +166,48 @@ class MLAttention(nn.Module):
             k = torch.cat((k_nope, kpe_all[:, None, :].expand(-1, h, -1)), dim=-1)  # [L, H, nope+rope]
             outs.append(attend(qi, k, v, batch.starts[i], self.scale))
         return self.o_proj(torch.cat(outs).reshape(n, -1))
+
+    # ------------------------------------------------------------ paged: the cache holds latent ‖ k_pe [S, r+rope]
+
+    absorb_for_prefill = False  # the mla operator's kwarg; long prompts are faster expanded (fewer FLOPs per key)
+
+    def attend_paged(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                     batch: Batch) -> torch.Tensor:
+        """The whole batch over the paged latent cache -> [N, H, v]; decode always absorbed."""
+        meta = batch.paged.to(q_nope.device)
+        new = torch.cat((latent, k_pe), dim=-1)  # [N, r+rope]
+        (buf,) = batch.cache.buffers(self.layer_idx, new)
+        write_pages((buf,), (new,), meta)
+        if meta.decode or self.absorb_for_prefill:
+            return self.attend_absorbed(q_nope, q_pe, buf, meta)
+        a, h = self.a, self.a.num_attention_heads
+        kv_in = pad_queries(new, meta) if meta.fresh else gather_pages(buf, meta).to(new.dtype)  # [B, L, r+rope]
+        lat, pe = kv_in.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(lat).view(*lat.shape[:2], h, -1)  # [B, L, H, nope+v]
+        k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, pe[:, :, None, :].expand(-1, -1, h, -1)), dim=-1)  # [B, L, H, nope+rope]
+        q = pad_queries(torch.cat((q_nope, q_pe), dim=-1), meta)
+        return unpad_queries(sdpa_paged(q, k, v, meta, self.scale, causal_fresh=meta.fresh), meta)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head into its key part [H, nope, r] and value part [H, v, r] (kept once made)."""
+        proj = self.kv_b_proj
+        w = proj.dequantized_weight() if hasattr(proj, "dequantized_weight") else proj.weight
+        if getattr(self, "_absorbed", None) is None or self._absorbed[0].device != w.device:
+            a = self.a
+            w = w.detach().view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+            self._absorbed = (w[:, : a.qk_nope_head_dim].contiguous(), w[:, a.qk_nope_head_dim :].contiguous())
+        return self._absorbed
+
+    def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, buf: torch.Tensor, meta) -> torch.Tensor:
+        """Attention in the latent space: q_nope·(W_uk c) = (W_ukᵀ q_nope)·c, so keys and values are the cached
+        latents c themselves (one shared head) and W_uv applies once to the output."""
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk.to(q_nope.dtype))  # [N, H, r]
+        q = pad_queries(torch.cat((q_lat, q_pe), dim=-1), meta)  # [B, Q, H, r+rope]
+        keys = gather_pages(buf, meta).to(q.dtype)[:, :, None, :]  # [B, L, 1, r+rope]
+        out = sdpa_paged(q, keys, keys[..., : self.a.kv_lora_rank], meta, self.scale, causal_fresh=False)
+        return torch.einsum("nhr,hvr->nhv", unpad_queries(out, meta), w_uv.to(q.dtype))  # [N, H, v]
 
 
 def build(a: ModelArgs) -> CausalLM:
