@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -73,7 +74,8 @@ class LLM:
         if ids.numel() == 0:
             raise ValueError("logits() needs at least one token id")
         batch = Batch.single(ids.numel())
-        return self.model.compute_logits(self.model(ids, batch.positions(), batch)).cpu()
+        ids = ids.to(self.engine.device)  # where the embedding lives
+        return self.model.compute_logits(self.model(ids, batch.positions(ids.device), batch)).cpu()
 
     # ------------------------------------------------------------------ generation
 
@@ -134,13 +136,17 @@ class LLM:
 
 
 def load(path: str | Path, rules: str | None = None, dtype: str | torch.dtype | None = None,
-         device: str = "cpu", engine_config: EngineConfig | None = None, progress: bool = True) -> LLM:
+         device: str = "cpu", engine_config: EngineConfig | None = None, progress: bool = True,
+         cuda_graphs: bool | None = None) -> LLM:
     """Load a model (a Hugging Face directory) and return an LLM ready to generate.
 
     rules: None (everything on `device`), a rule file (YAML), a preset name ("deepseek-v3/1gpu", see
     `tandem rules list`; "cpu" / "1gpu" / "2gpu" alone: the model family's), or "auto" (issue [F]).
     Rules are validated before any weight is read.
+    cuda_graphs: False decodes eagerly on a GPU (default: engine_config's, on; see tandem/engine/graphs.py).
     """
+    if cuda_graphs is not None:
+        engine_config = dataclasses.replace(engine_config or EngineConfig(), cuda_graphs=cuda_graphs)
     ckpt = open_checkpoint(path)
     ruleset = None
     if rules is not None:
