@@ -178,14 +178,22 @@ def sdpa_paged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMet
 
     causal_fresh: k/v are this step's tokens only (no history), so a plain causal mask is exact (flash kernel).
     """
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = k.shape[1] != q.shape[1]
+    b, nq, h, d = q.shape
+    hkv = k.shape[2]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
     if causal_fresh:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
-        mask = paged_mask(meta, k.shape[2])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=scale,
+                                             enable_gqa=hkv != h)
+        return out.transpose(1, 2)
+    # the G query heads sharing a kv head become G query rows of it (head h = kv * G + g, as Hugging Face's
+    # repeat_kv): equal head counts let the fused kernels take the mask instead of expanding K/V G times
+    g = h // hkv
+    qf = q.view(b, nq, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, nq * g, d)
+    mask = paged_mask(meta, k.shape[2])  # [B, 1, Q, L]
+    if g > 1:
+        mask = mask.repeat_interleave(g, dim=2)
+    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, Q * G, dv]
+    return out.view(b, hkv, nq, g, -1).permute(0, 2, 1, 3, 4).reshape(b, nq, h, -1)
 
 
 def write_pages(bufs: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...], meta: PagedMeta) -> None:

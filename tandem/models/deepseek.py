@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.models.attention import Batch, attend, gather_pages, pad_queries, sdpa_paged, unpad_queries, write_pages
+from tandem.models.attention import (
+    Batch,
+    attend,
+    gather_pages,
+    pad_queries,
+    paged_mask,
+    sdpa_paged,
+    unpad_queries,
+    write_pages,
+)
 from tandem.models.base import ConfigError, check_positive, from_dict, rope_parameters
 from tandem.models.layers import Experts, GatedMLP, RMSNorm, RotaryEmbedding, yarn_mscale
 from tandem.models.transformer import CausalLM, DecoderLayer, DecoderModel, SparseMoE
@@ -201,12 +210,19 @@ class MLAttention(nn.Module):
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, buf: torch.Tensor, meta) -> torch.Tensor:
         """Attention in the latent space: q_nope·(W_uk c) = (W_ukᵀ q_nope)·c, so keys and values are the cached
-        latents c themselves (one shared head) and W_uv applies once to the output."""
+        latents c themselves (one head shared by all H) and W_uv applies once to the output.
+
+        Plain einsums, not SDPA: with one kv head and a mask SDPA falls back to expanding c to all H heads.
+        """
         w_uk, w_uv = self.absorbed_weights()
+        r = self.a.kv_lora_rank
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk.to(q_nope.dtype))  # [N, H, r]
         q = pad_queries(torch.cat((q_lat, q_pe), dim=-1), meta)  # [B, Q, H, r+rope]
-        keys = gather_pages(buf, meta).to(q.dtype)[:, :, None, :]  # [B, L, 1, r+rope]
-        out = sdpa_paged(q, keys, keys[..., : self.a.kv_lora_rank], meta, self.scale, causal_fresh=False)
+        c = gather_pages(buf, meta).to(q.dtype)  # [B, L, r+rope]
+        scores = torch.einsum("bqhc,blc->bhql", q, c).float() * self.scale  # [B, H, Q, L]
+        scores = scores.masked_fill(~paged_mask(meta, c.shape[1]), float("-inf"))
+        p = scores.softmax(dim=-1).to(q.dtype)
+        out = torch.einsum("bhql,blr->bqhr", p, c[..., :r])  # [B, Q, H, r]
         return torch.einsum("nhr,hvr->nhv", unpad_queries(out, meta), w_uv.to(q.dtype))  # [N, H, v]
 
 
