@@ -56,7 +56,10 @@ def test_cpu_rules_keep_logits(tiny_dir, tmp_path, rules):
         (tmp_path / "all.yaml").write_text(ALL_OPS)
         rules = str(tmp_path / "all.yaml")
     llm = tandem.load(tiny_dir, rules=rules, dtype="float32", progress=False)
-    assert torch.equal(llm.logits(IDS), ref.logits(IDS))
+    got, want = llm.logits(IDS), ref.logits(IDS)
+    # routed experts run on experts.cpu (the C++ kernel, fp32 weights here), which sums in another order than
+    # torch: equal up to float32 rounding (measured ~3e-7 relative)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
     # decode steps (generate phase, one token per sequence) through the KV cache as well
     assert llm.generate(IDS, max_new_tokens=6).token_ids == ref.generate(IDS, max_new_tokens=6).token_ids
     ops = {p.op for p in llm.placement.values()}
