@@ -1,6 +1,6 @@
 """Weight sources: name -> lazily materialized tensor, memory-mapped from the checkpoint files."""
 
 from tandem.weights.loader import materialize
-from tandem.weights.safetensors import SafetensorsSource, TensorInfo, WeightError
+from tandem.weights.safetensors import MissingTensorError, SafetensorsSource, TensorInfo, WeightError
 
-__all__ = ["SafetensorsSource", "TensorInfo", "WeightError", "materialize"]
+__all__ = ["MissingTensorError", "SafetensorsSource", "TensorInfo", "WeightError", "materialize"]

@@ -19,7 +19,7 @@ import torch
 from tandem.models.base import ConfigError
 from tandem.weights.gguf_file import GGUFFile, GGUFTensor, open_gguf
 from tandem.weights.gguf_quants import TYPES, dequantize
-from tandem.weights.safetensors import WeightError
+from tandem.weights.safetensors import MissingTensorError, WeightError
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,34 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
+@dataclass(frozen=True, slots=True)
+class StoredExperts:
+    """One projection of a layer's routed experts as the file stores it: the blocks of [E, out, in], back to back.
+
+    `data` is a zero-copy view of the mapping for a stacked tensor (blk.N.ffn_gate_exps), or one copy of the
+    per-expert tensors (blk.N.ffn_gate.E) joined; either way the blocks are the file's, never requantized.
+    """
+
+    ggml_type: int
+    data: torch.Tensor  # uint8 [E * out * in / block * block bytes]
+    shape: tuple[int, int, int]  # [E, out, in]
+    file: Path
+
+    @property
+    def type_name(self) -> str:
+        return TYPES[self.ggml_type].name
+
+    @property
+    def bits_per_weight(self) -> float:
+        qt = TYPES[self.ggml_type]
+        return qt.bytes * 8 / qt.block
+
+    def expert(self, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Expert e's weight [out, in], dequantized to `dtype`."""
+        per = self.data.numel() // self.shape[0]
+        return dequantize(self.data[e * per : (e + 1) * per], self.ggml_type, self.shape[1:], dtype)
+
+
 class _StackedExperts:
     """A quantized [E, out, in] tensor that dequantizes one expert at a time when indexed."""
 
@@ -120,6 +148,7 @@ class GGUFSource:
 
     def __init__(self, files: list[GGUFFile], model_type: str, n_heads: int, n_kv_heads: int):
         self.files = files
+        self.path = files[0].path  # the first part of a split model
         self.metadata = files[0].metadata
         self._maps: dict[Path, mmap.mmap] = {f.path: f.map for f in files}
         stored: dict[str, GGUFTensor] = {}
@@ -185,6 +214,33 @@ class GGUFSource:
         t = e.parts[0]
         return t.ggml_type, self.bytes_of(t), t.shape
 
+    def expert_blocks(self, prefix: str, proj_names: tuple[str, str, str], n_experts: int
+                      ) -> tuple[StoredExperts, StoredExperts, StoredExperts] | None:
+        """The stored blocks of the routed experts under `prefix` (model.layers.3.mlp.experts), per projection
+        (gate, up, down), for kernels that run them as they are; None if they are not all stored plainly.
+
+        Takes llama.cpp's stacked tensors (ffn_gate_exps [E, I, H], named `{prefix}.gate_proj` here) and the
+        older per-expert ones (`{prefix}.{e}.{proj}.weight`, proj_names being the family's spelling).
+        """
+        out = []
+        for role, proj in zip(STACKED.values(), proj_names):
+            stacked = self.entries.get(f"{prefix}.{role}")
+            if stacked is not None and stacked.transform is None and stacked.shape[0] == n_experts:
+                t = stacked.parts[0]
+                out.append(StoredExperts(t.ggml_type, self.bytes_of(t), t.shape, t.file))
+                continue
+            parts = [self.entries.get(f"{prefix}.{e}.{proj}.weight") for e in range(n_experts)]
+            if any(p is None or p.transform is not None or len(p.shape) != 2 for p in parts):
+                return None
+            tensors = [p.parts[0] for p in parts]
+            if len({(t.ggml_type, t.shape) for t in tensors}) != 1:
+                return None
+            data = torch.cat([self.bytes_of(t) for t in tensors])  # one copy of the blocks, as they are
+            for t in tensors:
+                self._release(t)
+            out.append(StoredExperts(tensors[0].ggml_type, data, (n_experts, *tensors[0].shape), tensors[0].file))
+        return tuple(out)
+
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """Tensor `name` as a fresh tensor in `dtype` (default: float32 for quantized ones) on `device`."""
         e = self._entry(name)
@@ -223,7 +279,7 @@ class GGUFSource:
 
     def _entry(self, name: str) -> Entry:
         if name not in self.entries:
-            raise WeightError(f"{self.files[0].path}: tensor {name} is not in the checkpoint")
+            raise MissingTensorError(self.path, name)
         return self.entries[name]
 
     def _read(self, t: GGUFTensor, dtype: torch.dtype, device) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tandem.weights.safetensors import WeightError
+from tandem.weights.safetensors import MissingTensorError, WeightError
 
 EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
 # fused tensor name -> which per-expert projections it holds, in order along its fused dim
@@ -112,7 +112,7 @@ def load_tensor(source, name: str, shape: tuple, dtype, device, fused: FusedCach
         if t is not None:
             break
     else:
-        raise WeightError(f"tensor {name} (shape {list(shape)}) is missing from the checkpoint")
+        raise MissingTensorError(getattr(source, "path", "checkpoint"), name, f" (shape {list(shape)})")
     if tuple(t.shape) != tuple(shape):
         where = _origin(source, name if name in source else tied.get(name, name))
         raise WeightError(f"{where}: tensor {name} has shape {list(t.shape)}, the config implies {list(shape)}")

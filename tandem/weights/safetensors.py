@@ -28,6 +28,17 @@ class WeightError(ValueError):
     """A checkpoint that cannot be read as the model needs it; the message names the file and tensor."""
 
 
+class MissingTensorError(WeightError, KeyError):
+    """A tensor the model needs is not in the checkpoint at `path` (a KeyError too: a failed lookup by name)."""
+
+    def __init__(self, path: Path | str, tensor: str, detail: str = ""):
+        self.path, self.tensor = Path(path), tensor
+        super().__init__(f"{path}: tensor {tensor}{detail} is missing from the checkpoint")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
     name: str
@@ -59,7 +70,8 @@ def read_header(path: Path) -> tuple[dict, int]:
 class SafetensorsSource:
     """name -> tensor over one or more .safetensors files; `get` materializes a tensor where it is asked."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], path: Path | None = None):
+        self.path = path or (files[0] if len(files) == 1 else files[0].parent)  # what the user pointed at
         self.infos: dict[str, TensorInfo] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         for path in files:
@@ -91,11 +103,11 @@ class SafetensorsSource:
             missing = [f for f in files if not f.exists()]
             if missing:
                 raise WeightError(f"{index}: names shard {missing[0].name}, which is not in {path}")
-            return cls(files)
+            return cls(files, path)
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise WeightError(f"{path}: no *.safetensors files")
-        return cls(files)
+        return cls(files, path)
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -141,7 +153,7 @@ class SafetensorsSource:
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """Tensor `name` as a fresh tensor in `dtype` (default: as stored) on `device`."""
         if name not in self.infos:
-            raise WeightError(f"tensor {name} is not in the checkpoint")
+            raise MissingTensorError(self.path, name)
         info = self.infos[name]
         scale_name = name + "_scale_inv"
         if info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and scale_name in self.infos:
