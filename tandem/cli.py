@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # modules exporting add_parser(subparsers); each parser sets `func(args) -> int`
@@ -18,8 +19,15 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, KeyError, NotImplementedError)
 
 
+def configure_logging(quiet: bool = False) -> None:
+    """tandem's INFO lines (where experts run, what was converted at load) on stderr; quiet: warnings only."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tandem").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Run huge MoE LLMs across CPU and GPU.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only (no INFO lines on stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(name).add_parser(sub)
@@ -28,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.quiet)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
