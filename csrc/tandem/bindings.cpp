@@ -60,6 +60,11 @@ NB_MODULE(_tandem_cpu, m) {
   });
   m.def("set_num_threads", &tandem::set_num_threads, nb::call_guard<nb::gil_scoped_release>());
   m.def("num_threads", &tandem::num_threads);
+  m.def("set_numa_nodes", &tandem::set_numa_nodes, nb::call_guard<nb::gil_scoped_release>());
+  m.def("numa_nodes", &tandem::numa_nodes);
+  m.def("set_gemm_min_tokens", &tandem::set_gemm_min_tokens);
+  m.def("gemm_min_tokens", &tandem::gemm_min_tokens);
+  m.def("has_gemm", [] { return kernels()->gemm_bf16 != nullptr; });
   m.def("physical_cores", &tandem::physical_cores);
   m.def("block_info", [](int type) {
     WTypeInfo i{};
@@ -92,12 +97,16 @@ NB_MODULE(_tandem_cpu, m) {
       .def_prop_ro("address", [](HostJob& h) { return (uintptr_t)&h; });
 
   nb::class_<Experts>(m, "Experts")
-      .def(nb::init<int, int, int, int, int, int>())
+      .def(nb::init<int, int, int, int, int, int, int>())
+      .def_prop_ro("n_shards", [](const Experts& e) { return (int)e.shards().size(); })
+      .def("shard_range", [](const Experts& e, int s) {
+        return std::make_tuple(e.shards().at(s).i0, e.shards().at(s).i1, e.shards().at(s).node);
+      })
       .def_prop_ro("E", &Experts::E)
       .def_prop_ro("I", &Experts::I)
       .def_prop_ro("H", &Experts::H)
-      .def("type", [](const Experts& e, int p) { return e.mat(p).type; })
-      .def("nbytes", [](const Experts& e, int p) { return e.mat(p).bytes(); })
+      .def("type", &Experts::type)
+      .def("nbytes", &Experts::nbytes)
       .def("quantize_from", [](Experts& e, int proj, uintptr_t src, int dtype, int64_t row0, int64_t nrows) {
         e.quantize_from(proj, (const void*)src, dtype, row0, nrows);
       }, nb::call_guard<nb::gil_scoped_release>())

@@ -8,6 +8,8 @@
 
 #if defined(TANDEM_X86)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace tandem {
@@ -16,6 +18,8 @@ namespace tandem {
 const KernelTable* kernels_avx2() { return nullptr; }
 const KernelTable* kernels_avx512() { return nullptr; }
 const KernelTable* kernels_avx512_vnni() { return nullptr; }
+const KernelTable* kernels_avx512_bf16() { return nullptr; }
+const KernelTable* kernels_amx() { return nullptr; }
 #endif
 
 namespace {
@@ -58,12 +62,26 @@ Features detect() {
   return f;
 }
 
+// Linux hands out AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA);
+// the grant covers the whole process, so every pool thread may then load a tile config.
+bool amx_permission() {
+#if defined(TANDEM_X86) && defined(__linux__)
+  static const bool ok = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 const Features& features() {
   static const Features f = detect();
   return f;
 }
 
-const char* const kNames[ISA_COUNT] = {"generic", "avx2", "avx512", "avx512_vnni", "amx"};
+const char* const kNames[ISA_COUNT] = {"generic", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"};
 
 std::atomic<int> g_isa{-1};
 
@@ -83,7 +101,9 @@ static const KernelTable* table_of(int isa) {
     case ISA_AVX2: return kernels_avx2();
     case ISA_AVX512: return kernels_avx512();
     case ISA_AVX512_VNNI: return kernels_avx512_vnni();
-    default: return nullptr;  // ISA_AMX: not implemented yet
+    case ISA_AVX512_BF16: return kernels_avx512_bf16();
+    case ISA_AMX: return kernels_amx();
+    default: return nullptr;
   }
 }
 
@@ -96,8 +116,9 @@ bool isa_supported(int isa) {
     case ISA_GENERIC: return true;
     case ISA_AVX2: return avx2;
     case ISA_AVX512: return avx512;
-    case ISA_AVX512_VNNI: return avx512 && f.avx512vnni && f.avx512bf16;
-    case ISA_AMX: return avx512 && f.avx512vnni && f.amx_tile && f.amx_int8 && f.amx_bf16;
+    case ISA_AVX512_VNNI: return avx512 && f.avx512vnni;
+    case ISA_AVX512_BF16: return avx512 && f.avx512vnni && f.avx512bf16;
+    case ISA_AMX: return avx512 && f.avx512vnni && f.avx512bf16 && f.amx_tile && f.amx_bf16 && amx_permission();
     default: return false;
   }
 }

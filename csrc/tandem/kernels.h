@@ -17,7 +17,32 @@ void quantize_act(const float* x, int n, int B, uint8_t* row, int n_total, int i
 // out[j] = dot(weight row w of n values, activation row a[j]) for j < na (na <= 4).
 typedef void (*vec_dot_fn)(int n, const void* w, const ActRow* a, int na, float* out);
 
-enum Isa : int { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_VNNI = 3, ISA_AMX = 4, ISA_COUNT = 5 };
+// ---- prefill GEMM (bf16 operands, fp32 accumulation) ---------------------------------------------------
+// A weight row of n values (a multiple of 32) -> n bf16 values (round to nearest even), per format.
+typedef void (*dequant_bf16_fn)(const void* w, int n, bf16_t* dst);
+
+// Activations of one expert's tokens, packed in groups of kGemmTokens tokens: group g of a K-long row set
+// lives at base + g * K * 16, element (token t, index k) at [(k / 2) * 32 + t * 2 + (k & 1)] -- the pair
+// layout both vdpbf16ps (one 64-byte row per k pair) and AMX B tiles (16 rows of 16 token pairs) read.
+constexpr int kGemmTokens = 16;
+constexpr int kGemmRows = 32;  // weight rows per GEMM call (two AMX A tiles)
+static inline size_t packed_index(int K, int t, int k) {
+  return (size_t)(t / kGemmTokens) * K * kGemmTokens + (size_t)(k / 2) * 32 + (t % kGemmTokens) * 2 + (k & 1);
+}
+
+// C[r][t] = sum_k A[r][k] * X[t][k] for r < kGemmRows, t < 16 * ntg: A = kGemmRows bf16 rows of K values
+// (row stride lda elements), X packed as above (ntg token groups), C row stride ldc floats. K % 32 == 0.
+typedef void (*gemm_bf16_fn)(int K, const bf16_t* A, int lda, const bf16_t* Xp, int ntg, float* C, int ldc);
+
+enum Isa : int {
+  ISA_GENERIC = 0,
+  ISA_AVX2 = 1,
+  ISA_AVX512 = 2,
+  ISA_AVX512_VNNI = 3,
+  ISA_AVX512_BF16 = 4,
+  ISA_AMX = 5,
+  ISA_COUNT = 6
+};
 
 // Dense index of a WType in the table (-1 if unknown).
 static inline int wtype_slot(int t) {
@@ -39,6 +64,8 @@ constexpr int N_WSLOTS = 9;
 struct KernelTable {
   const char* name;
   vec_dot_fn dot[N_WSLOTS];
+  dequant_bf16_fn dequant_bf16[N_WSLOTS];  // nullptr: this format stays on the per-row path (fp32)
+  gemm_bf16_fn gemm_bf16;                  // nullptr: no prefill GEMM on this path
 };
 
 // One per ISA file; each returns nullptr when that ISA was not compiled in.
@@ -46,5 +73,7 @@ const KernelTable* kernels_generic();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx512_vnni();
+const KernelTable* kernels_avx512_bf16();
+const KernelTable* kernels_amx();
 
 }  // namespace tandem

@@ -1,13 +1,16 @@
 // Fused MoE layer: out[t] = sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t,k].
 //
-// One job on the pool, three phases split by barriers:
-//   0. every thread quantizes some rows of x to the gate/up activation format; thread 0 groups the
-//      (token, k) slots by expert;
-//   1. items = (active expert, chunk of I rows): gate and up rows are dotted against every token of that
-//      expert while the rows sit in L1, silu(g) * u goes to an fp32 buffer, and the chunk is quantized at
-//      once to the down activation format (chunks are whole activation blocks, so no extra barrier);
-//   2. items = chunks of H rows over all active experts: each thread owns its output rows, so the weighted
-//      sum needs no atomics.
+// One job on the pool, phases split by barriers:
+//   0. thread 0 groups the (token, k) slots by expert, marks each active expert decode (few tokens: per-row
+//      dot kernels on int8 activations) or GEMM (>= gemm_min_tokens: bf16 panels on AMX / AVX512-BF16), and
+//      lays out the work; then every thread quantizes x rows (decode experts) or packs them as bf16 token
+//      groups (GEMM experts);
+//   1. items = (shard, active expert, chunk of that shard's intermediate rows): gate and up for every token of
+//      the expert, silu(g) * u stored as the down projection's input (int8 blocks or packed bf16);
+//   2. items = (shard, chunk of H rows) over all active experts: each thread owns its output rows, so the
+//      weighted sum needs no atomics. With several NUMA shards each writes a partial sum ...
+//   3. ... which one more pass adds up.
+// Threads take items of their own node's shard first, then help the others.
 #include "tandem/moe.h"
 
 #include <algorithm>
@@ -22,17 +25,6 @@
 namespace tandem {
 
 namespace {
-
-struct Buf {  // 64-byte aligned scratch
-  uint8_t* p = nullptr;
-  Buf() = default;
-  explicit Buf(size_t n) {
-    if (n && posix_memalign((void**)&p, 64, n) != 0) throw std::bad_alloc();
-  }
-  ~Buf() { free(p); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-};
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }  // gated activation: swap here for others
 
@@ -49,58 +41,96 @@ inline void load_row_f32(const void* src, int dtype, int64_t row, int n, float* 
   }
 }
 
-int act_blck(int type) {
+WTypeInfo info_of(int type) {
   WTypeInfo info;
   if (!wtype_info(type, &info)) throw std::invalid_argument("unknown weight type " + std::to_string(type));
-  return info.act_blck;
+  return info;
 }
 
-constexpr int kTokenTile = 64;  // tokens per pass over a chunk of weight rows (their activations stay in L2)
-constexpr int kNT = 4;          // tokens per kernel call (register blocking)
+inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+
+ActRow shifted(ActRow a, int i0, int B) {  // the view of values i0.. of a row (i0 a multiple of B and 16)
+  if (B == 0) {
+    a.f += i0;
+  } else {
+    a.qs += i0;
+    a.d += i0 / B;
+    a.isum += i0 / B;
+    a.bsum16 += i0 / 16;
+  }
+  return a;
+}
+
+std::atomic<int> g_gemm_min{-1};
+
+constexpr int kTokenTile = 64;  // decode: tokens per pass over a chunk of weight rows (activations stay in L2)
+constexpr int kNT = 4;          // decode: tokens per kernel call (register blocking)
+
+struct Item {
+  int shard, ai, r0, r1;
+};
 
 class MoEJob : public Job {
  public:
-  MoEJob(const Experts& ex, const ForwardArgs& a, const KernelTable* kt, int nthreads)
-      : ex_(ex), a_(a), kt_(kt), bar_(nthreads), nthreads_(nthreads) {
-    const int H = ex.H(), I = ex.I();
-    Bx_ = act_blck(ex.mat(0).type);
-    Bd_ = act_blck(ex.mat(2).type);
-    xrow_ = act_row_bytes(H, Bx_);
-    hrow_ = act_row_bytes(I, Bd_);
-    const size_t S = (size_t)a.T * a.K;
-    xact_ = std::make_unique<Buf>(std::max<size_t>(1, xrow_ * a.T));
-    hact_ = std::make_unique<Buf>(std::max<size_t>(1, hrow_ * S));
-    hbuf_ = std::make_unique<Buf>(std::max<size_t>(1, S * I * 4));
-    if (a.out_dtype != DT_F32) acc_ = std::make_unique<Buf>(std::max<size_t>(1, (size_t)a.T * H * 4));
+  MoEJob(const Experts& ex, const ForwardArgs& a, const KernelTable* kt, ThreadPool& pool)
+      : ex_(ex), a_(a), kt_(kt), P_(pool), bar_(pool.size()), nthreads_(pool.size()), S_((int)ex.shards().size()) {
+    Bx_ = info_of(ex.type(0)).act_blck;
+    Bd_ = info_of(ex.type(2)).act_blck;
+    xrow_ = act_row_bytes(ex.H(), Bx_);
+    hrow_ = act_row_bytes(ex.I(), Bd_);
+    bool gemm = kt->gemm_bf16 && ex.H() % 32 == 0;
+    for (const Shard& s : ex.shards()) gemm = gemm && (s.i1 - s.i0) % 32 == 0;
+    for (int p = 0; p < 3; p++) gemm = gemm && kt->dequant_bf16[wtype_slot(ex.type(p))];
+    gemm_ok_ = gemm;
+    for (int s = 0; s < S_; s++) next1_[s] = next2_[s] = 0;
   }
 
-  void run(int tid, int nthreads) override {
-    const int H = ex_.H();
-    const int T = a_.T_ptr ? std::clamp(*a_.T_ptr, 0, a_.T) : a_.T;
-    {  // phase 0
-      std::vector<float> row(H);
-      for (int t = tid; t < T; t += nthreads) {
-        load_row_f32(a_.x, a_.x_dtype, t, H, row.data());
-        quantize_act(row.data(), H, Bx_, xact_->p + (size_t)t * xrow_, H, 0);
-      }
-      if (tid == 0) group(T);
+  void run(int tid, int) override {
+    tls_tid_ = tid;
+    if (tid == 0) plan();
+    bar_.arrive_and_wait();
+    for (int it; (it = next0_.fetch_add(1)) < n_items0_;) prepare(it);
+    bar_.arrive_and_wait();
+    const int home = P_.thread_node(tid) % S_;
+    for (int s, it; take(next1_, items1_, home, &s, &it);) gate_up(items1_[s][it]);
+    bar_.arrive_and_wait();
+    for (int s, it; take(next2_, n_items2_, home, &s, &it);) down(s, it);
+    if (S_ > 1 || a_.out_dtype != DT_F32) {
+      bar_.arrive_and_wait();
+      for (int it; (it = next3_.fetch_add(1)) < n_items3_;) finish(it);
     }
-    bar_.arrive_and_wait();
-    for (int it; (it = next1_.fetch_add(1)) < n_items1_;) gate_up(it);
-    bar_.arrive_and_wait();
-    for (int it; (it = next2_.fetch_add(1)) < n_items2_;) down(it, T);
   }
 
  private:
-  void group(int T) {
-    const int E = ex_.E(), K = a_.K, I = ex_.I(), H = ex_.H();
+  static constexpr int kMaxShards = 16;
+
+  template <typename Sizes>
+  bool take(std::atomic<int>* next, const Sizes& sizes, int home, int* s, int* it) {
+    for (int k = 0; k < S_; k++) {
+      const int sh = (home + k) % S_;
+      if (next[sh].load(std::memory_order_relaxed) >= size_of(sizes, sh)) continue;
+      const int i = next[sh].fetch_add(1);
+      if (i < size_of(sizes, sh)) {
+        *s = sh;
+        *it = i;
+        return true;
+      }
+    }
+    return false;
+  }
+  static int size_of(const std::vector<std::vector<Item>>& v, int s) { return (int)v[s].size(); }
+  static int size_of(const std::vector<int>& v, int s) { return v[s]; }
+
+  // Thread 0: routing, decode/GEMM choice, work items, scratch buffers.
+  void plan() {
+    T_ = a_.T_ptr ? std::clamp(*a_.T_ptr, 0, a_.T) : a_.T;
+    const int E = ex_.E(), K = a_.K, I = ex_.I(), H = ex_.H(), T = T_;
     std::vector<int> count(E + 1, 0);
     for (int64_t i = 0; i < (int64_t)T * K; i++) {
       const int64_t e = read_id(a_.ids, a_.ids_dtype, i);
       if (e >= 0 && e < E) count[e]++;
     }
     off_.assign(1, 0);
-    active_.clear();
     std::vector<int> pos(E, 0);
     for (int e = 0; e < E; e++)
       if (count[e]) {
@@ -108,37 +138,126 @@ class MoEJob : public Job {
         active_.push_back(e);
         off_.push_back(off_.back() + count[e]);
       }
-    slot_tok_.resize(off_.back());
-    slot_w_.resize(off_.back());
+    const int n_slots = off_.back();
+    slot_tok_.resize(n_slots);
+    slot_w_.resize(n_slots);
     for (int64_t i = 0; i < (int64_t)T * K; i++) {
       const int64_t e = read_id(a_.ids, a_.ids_dtype, i);
       if (e < 0 || e >= E) continue;
       slot_tok_[pos[e]] = (int)(i / K);
       slot_w_[pos[e]++] = a_.weights[i];
     }
-    // Phase 1 items: about 4 per thread in all, chunks a whole number of down-activation blocks.
-    const int n_act = (int)active_.size();
-    const int unit = Bd_ > 0 ? Bd_ : 16;
-    int per_e = std::max(1, (4 * nthreads_ + n_act - 1) / std::max(1, n_act));
-    chunk1_ = std::min(I, (((I + per_e - 1) / per_e + unit - 1) / unit) * unit);
-    per_e_ = (I + chunk1_ - 1) / chunk1_;
-    n_items1_ = n_act * per_e_;
-    // Phase 2 items: chunks of H rows, 16-row multiples, about 8 per thread.
-    chunk2_ = std::max(16, ((H / (8 * nthreads_) + 15) / 16) * 16);
-    n_items2_ = T > 0 ? (H + chunk2_ - 1) / chunk2_ : 0;  // also when no expert is active: zero the output
+    // Decode or GEMM per expert; buffers: decode slots get compact rows, GEMM experts packed token groups.
+    const int n_act = (int)active_.size(), min_tok = gemm_min_tokens();
+    gemm_.assign(n_act, 0);
+    dpos_.assign(n_act, -1);
+    xp_off_.assign(n_act, 0);
+    hp_off_.assign(n_act, 0);
+    need_x_.assign(T, 0);
+    int n_dec_slots = 0, max_ntg = 0;
+    size_t xp = 0, hp = 0;
+    for (int ai = 0; ai < n_act; ai++) {
+      const int n = off_[ai + 1] - off_[ai];
+      if (gemm_ok_ && n >= min_tok) {
+        gemm_[ai] = 1;
+        const int ntg = (n + kGemmTokens - 1) / kGemmTokens;
+        max_ntg = std::max(max_ntg, ntg);
+        xp_off_[ai] = xp;
+        hp_off_[ai] = hp;
+        xp += (size_t)ntg * kGemmTokens * H;
+        hp += (size_t)ntg * kGemmTokens * I;  // every shard's rows: shard s at columns i0.. of a K = I-i0 view
+        for (int g = 0; g < ntg; g++) pack_items_.push_back({ai, g});
+      } else {
+        dpos_[ai] = n_dec_slots;
+        n_dec_slots += n;
+        for (int s = off_[ai]; s < off_[ai + 1]; s++) need_x_[slot_tok_[s]] = 1;
+      }
+    }
+    ThreadPool& P = P_;
+    size_t need = 0;
+    auto carve = [&need](size_t bytes) { const size_t at = need; need += round_up(bytes, 64); return at; };
+    const size_t o_xact = carve(xrow_ * T), o_hact = carve(hrow_ * n_dec_slots),
+                 o_hbuf = carve((size_t)n_dec_slots * I * 4), o_xp = carve(xp * 2), o_hp = carve(hp * 2);
+    const size_t o_part = carve(S_ > 1 || a_.out_dtype != DT_F32 ? (size_t)S_ * T * H * 4 : 0);
+    panel_stride_ = round_up((size_t)kGemmRows * std::max(H, I) * 2 + 2 * (size_t)kGemmRows * max_ntg * kGemmTokens * 4,
+                             64);
+    const size_t o_thr = carve(max_ntg ? panel_stride_ * nthreads_ : 0);
+    uint8_t* base = P.scratch(0).get(std::max<size_t>(need, 64));
+    xact_ = base + o_xact;
+    hact_ = base + o_hact;
+    hbuf_ = (float*)(base + o_hbuf);
+    xp_ = (bf16_t*)(base + o_xp);
+    hp_ = (bf16_t*)(base + o_hp);
+    part_ = (float*)(base + o_part);
+    thr_ = base + o_thr;
+    n_items0_ = T + (int)pack_items_.size();
+    // Phase 1 items per shard: GEMM experts in kGemmRows-row chunks; decode experts in chunks of whole down
+    // activation blocks, sized for ~8 items per thread of the shard's share.
+    const int unit = std::max(Bd_ > 0 ? Bd_ : 16, 16);
+    const int per_shard_threads = std::max(1, nthreads_ / S_);
+    items1_.assign(S_, {});
+    for (int s = 0; s < S_; s++) {
+      const Shard& sh = ex_.shards()[s];
+      const int In = sh.i1 - sh.i0;
+      int n_dec = 0;
+      for (int ai = 0; ai < n_act; ai++) {
+        if (gemm_[ai])
+          for (int r = 0; r < In; r += kGemmRows) items1_[s].push_back({s, ai, r, r + kGemmRows});
+        else
+          n_dec++;
+      }
+      if (!n_dec) continue;
+      const size_t rows = (size_t)n_dec * In, want = (size_t)8 * per_shard_threads;
+      const int chunk = (int)std::min<size_t>(round_up(In, unit), round_up((rows + want - 1) / want, unit));
+      for (int ai = 0; ai < n_act; ai++)
+        if (!gemm_[ai])
+          for (int r = 0; r < In; r += chunk) items1_[s].push_back({s, ai, r, std::min(In, r + chunk)});
+    }
+    // Phase 2 items: chunks of H rows (whole GEMM panels), about 8 per thread of the shard.
+    const int hunit = H % kGemmRows == 0 ? kGemmRows : 16;
+    chunk2_ = (int)std::max<size_t>(hunit, round_up(H / (8 * per_shard_threads), hunit));
+    n_items2_.assign(S_, T > 0 ? (H + chunk2_ - 1) / chunk2_ : 0);  // also with no active expert: zero out
+    chunk3_ = 256;
+    n_items3_ = T > 0 ? (int)(((size_t)T * H + chunk3_ - 1) / chunk3_) : 0;
   }
 
-  ActRow xview(int t) const { return act_row_view(xact_->p + (size_t)t * xrow_, ex_.H(), Bx_); }
-  ActRow hview(int s) const { return act_row_view(hact_->p + (size_t)s * hrow_, ex_.I(), Bd_); }
+  ActRow xview(int t) const { return act_row_view(xact_ + (size_t)t * xrow_, ex_.H(), Bx_); }
+  ActRow hview(int c) const { return act_row_view(hact_ + (size_t)c * hrow_, ex_.I(), Bd_); }
 
-  void gate_up(int it) {
+  // Phase 0 item: quantize token row `it` (if a decode expert reads it), or pack one GEMM token group.
+  void prepare(int it) {
+    const int H = ex_.H();
+    std::vector<float> row(H);
+    if (it < T_) {
+      if (!need_x_[it]) return;
+      load_row_f32(a_.x, a_.x_dtype, it, H, row.data());
+      quantize_act(row.data(), H, Bx_, xact_ + (size_t)it * xrow_, H, 0);
+      return;
+    }
+    const auto [ai, g] = pack_items_[it - T_];
+    const int s0 = off_[ai] + g * kGemmTokens, n = std::min(kGemmTokens, off_[ai + 1] - s0);
+    uint32_t* dst = (uint32_t*)(xp_ + xp_off_[ai] + (size_t)g * kGemmTokens * H);  // [H/2][16] bf16 pairs
+    for (int t = 0; t < kGemmTokens; t++) {
+      if (t >= n) {
+        for (int kk = 0; kk < H / 2; kk++) dst[kk * kGemmTokens + t] = 0;
+        continue;
+      }
+      load_row_f32(a_.x, a_.x_dtype, slot_tok_[s0 + t], H, row.data());
+      for (int kk = 0; kk < H / 2; kk++)
+        dst[kk * kGemmTokens + t] = f32_to_bf16(row[2 * kk]) | ((uint32_t)f32_to_bf16(row[2 * kk + 1]) << 16);
+    }
+  }
+
+  uint8_t* thread_scratch(int tid) const { return thr_ + panel_stride_ * tid; }
+
+  void gate_up(const Item& item) {
+    if (gemm_[item.ai]) return gate_up_gemm(item);
     const int I = ex_.I(), H = ex_.H();
-    const int ai = it / per_e_, c = it % per_e_, e = active_[ai];
-    const int r0 = c * chunk1_, r1 = std::min(I, r0 + chunk1_);
-    const int s0 = off_[ai], s1 = off_[ai + 1];
-    const ExpertMatrix &G = ex_.mat(0), &U = ex_.mat(1);
+    const Shard& sh = ex_.shards()[item.shard];
+    const int e = active_[item.ai], r0 = item.r0, r1 = item.r1;
+    const int s0 = off_[item.ai], s1 = off_[item.ai + 1], c0 = dpos_[item.ai];
+    const ExpertMatrix &G = sh.m[0], &U = sh.m[1];
     const vec_dot_fn dg = kt_->dot[wtype_slot(G.type)], du = kt_->dot[wtype_slot(U.type)];
-    float* hb = (float*)hbuf_->p;
     ActRow acts[kTokenTile];
     for (int st = s0; st < s1; st += kTokenTile) {
       const int ns = std::min(kTokenTile, s1 - st);
@@ -150,147 +269,300 @@ class MoEJob : public Job {
           float g[kNT], u[kNT];
           dg(H, wg, acts + j, m, g);
           du(H, wu, acts + j, m, u);
-          for (int l = 0; l < m; l++) hb[(size_t)(st + j + l) * I + r] = silu(g[l]) * u[l];
+          for (int l = 0; l < m; l++) hbuf_[(size_t)(c0 + st - s0 + j + l) * I + sh.i0 + r] = silu(g[l]) * u[l];
         }
       }
     }
-    for (int s = s0; s < s1; s++)
-      quantize_act(hb + (size_t)s * I + r0, r1 - r0, Bd_, hact_->p + (size_t)s * hrow_, I, r0);
+    for (int c = c0; c < c0 + s1 - s0; c++)
+      quantize_act(hbuf_ + (size_t)c * I + sh.i0 + r0, r1 - r0, Bd_, hact_ + (size_t)c * hrow_, I, sh.i0 + r0);
   }
 
-  void down(int it, int T) {
-    const int H = ex_.H(), I = ex_.I();
+  // kGemmRows rows of gate and up for all tokens of a GEMM expert: bf16 panels, two GEMMs, h packed as bf16.
+  void gate_up_gemm(const Item& item) {
+    const int H = ex_.H(), tid = my_tid();
+    const Shard& sh = ex_.shards()[item.shard];
+    const int In = sh.i1 - sh.i0, e = active_[item.ai];
+    const int n = off_[item.ai + 1] - off_[item.ai], ntg = (n + kGemmTokens - 1) / kGemmTokens, ldc = ntg * kGemmTokens;
+    bf16_t* A = (bf16_t*)thread_scratch(tid);
+    float* Cg = (float*)(thread_scratch(tid) + round_up((size_t)kGemmRows * std::max(H, ex_.I()) * 2, 64));
+    float* Cu = Cg + (size_t)kGemmRows * ldc;
+    const bf16_t* X = xp_ + xp_off_[item.ai];
+    for (int p = 0; p < 2; p++) {
+      const ExpertMatrix& W = sh.m[p];
+      const dequant_bf16_fn deq = kt_->dequant_bf16[wtype_slot(W.type)];
+      for (int r = 0; r < kGemmRows; r++) deq(W.row(e, item.r0 + r), H, A + (size_t)r * H);
+      kt_->gemm_bf16(H, A, H, X, ntg, p == 0 ? Cg : Cu, ldc);
+    }
+    bf16_t* hp = hp_ + hp_off_[item.ai] + (size_t)ntg * kGemmTokens * sh.i0;  // this shard's [ntg][In] groups
+    for (int r = 0; r < kGemmRows; r++)
+      for (int t = 0; t < ldc; t++) {
+        const float h = t < n ? silu(Cg[(size_t)r * ldc + t]) * Cu[(size_t)r * ldc + t] : 0.f;
+        hp[packed_index(In, t, item.r0 + r)] = f32_to_bf16(h);
+      }
+  }
+
+  int my_tid() const { return tls_tid_; }
+
+  // Phase 2: rows [h0, h1) of the output (or of shard s's partial sum) over every active expert.
+  void down(int s, int it) {
+    const int tid = my_tid(), H = ex_.H(), T = T_;
+    const Shard& sh = ex_.shards()[s];
+    const int In = sh.i1 - sh.i0;
     const int h0 = it * chunk2_, h1 = std::min(H, h0 + chunk2_);
-    float* o = a_.out_dtype == DT_F32 ? (float*)a_.out : (float*)acc_->p;
+    float* o = S_ == 1 && a_.out_dtype == DT_F32 ? (float*)a_.out : part_ + (size_t)s * T * H;
     for (int t = 0; t < T; t++) std::fill(o + (size_t)t * H + h0, o + (size_t)t * H + h1, 0.f);
-    const ExpertMatrix& D = ex_.mat(2);
+    const ExpertMatrix& D = sh.m[2];
     const vec_dot_fn dd = kt_->dot[wtype_slot(D.type)];
     ActRow acts[kTokenTile];
     for (size_t ai = 0; ai < active_.size(); ai++) {
       const int e = active_[ai], s0 = off_[ai], s1 = off_[ai + 1];
+      if (gemm_[ai]) {
+        const int n = s1 - s0, ntg = (n + kGemmTokens - 1) / kGemmTokens, ldc = ntg * kGemmTokens;
+        bf16_t* A = (bf16_t*)thread_scratch(tid);
+        float* C = (float*)(thread_scratch(tid) + round_up((size_t)kGemmRows * std::max(H, ex_.I()) * 2, 64));
+        const dequant_bf16_fn deq = kt_->dequant_bf16[wtype_slot(D.type)];
+        const bf16_t* X = hp_ + hp_off_[ai] + (size_t)ntg * kGemmTokens * sh.i0;
+        for (int hb = h0; hb < h1; hb += kGemmRows) {
+          for (int r = 0; r < kGemmRows; r++) deq(D.row(e, hb + r), In, A + (size_t)r * In);
+          kt_->gemm_bf16(In, A, In, X, ntg, C, ldc);
+          for (int t = 0; t < n; t++) {
+            float* orow = o + (size_t)slot_tok_[s0 + t] * H + hb;
+            const float w = slot_w_[s0 + t];
+            for (int r = 0; r < kGemmRows; r++) orow[r] += w * C[(size_t)r * ldc + t];
+          }
+        }
+        continue;
+      }
+      const int c0 = dpos_[ai];
       for (int st = s0; st < s1; st += kTokenTile) {
         const int ns = std::min(kTokenTile, s1 - st);
-        for (int j = 0; j < ns; j++) acts[j] = hview(st + j);
+        for (int j = 0; j < ns; j++) acts[j] = shifted(hview(c0 + st - s0 + j), sh.i0, Bd_);
         for (int h = h0; h < h1; h++) {
           const uint8_t* wd = D.row(e, h);
           for (int j = 0; j < ns; j += kNT) {
             const int m = std::min(kNT, ns - j);
             float r[kNT];
-            dd(I, wd, acts + j, m, r);
+            dd(In, wd, acts + j, m, r);
             for (int l = 0; l < m; l++) o[(size_t)slot_tok_[st + j + l] * H + h] += slot_w_[st + j + l] * r[l];
           }
         }
       }
     }
-    if (a_.out_dtype == DT_BF16) {
-      bf16_t* ob = (bf16_t*)a_.out;
-      for (int t = 0; t < T; t++)
-        for (int h = h0; h < h1; h++) ob[(size_t)t * H + h] = f32_to_bf16(o[(size_t)t * H + h]);
+  }
+
+  // Phase 3: out = sum of the shards' partial sums, in the output dtype.
+  void finish(int it) {
+    const size_t n = (size_t)T_ * ex_.H(), i0 = (size_t)it * chunk3_, i1 = std::min(n, i0 + chunk3_);
+    for (size_t i = i0; i < i1; i++) {
+      float v = part_[i];
+      for (int s = 1; s < S_; s++) v += part_[(size_t)s * n + i];
+      if (a_.out_dtype == DT_F32) ((float*)a_.out)[i] = v;
+      else ((bf16_t*)a_.out)[i] = f32_to_bf16(v);
     }
   }
 
   const Experts& ex_;
   ForwardArgs a_;
   const KernelTable* kt_;
+  ThreadPool& P_;
   Barrier bar_;
-  int nthreads_;
-  int Bx_, Bd_;
+  int nthreads_, S_;
+  int Bx_, Bd_, T_ = 0;
   size_t xrow_, hrow_;
-  std::unique_ptr<Buf> xact_, hact_, hbuf_, acc_;
-  std::vector<int> active_, off_, slot_tok_;
+  bool gemm_ok_ = false;
+  std::vector<int> active_, off_, slot_tok_, gemm_, dpos_, need_x_;
   std::vector<float> slot_w_;
-  std::atomic<int> next1_{0}, next2_{0};
-  int n_items1_ = 0, n_items2_ = 0, chunk1_ = 1, per_e_ = 1, chunk2_ = 16;
+  std::vector<size_t> xp_off_, hp_off_;
+  std::vector<std::pair<int, int>> pack_items_;  // (active expert, token group)
+  std::vector<std::vector<Item>> items1_;
+  std::vector<int> n_items2_;
+  uint8_t *xact_ = nullptr, *hact_ = nullptr, *thr_ = nullptr;
+  float *hbuf_ = nullptr, *part_ = nullptr;
+  bf16_t *xp_ = nullptr, *hp_ = nullptr;
+  size_t panel_stride_ = 0;
+  std::atomic<int> next0_{0}, next3_{0};
+  std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
+  int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256;
+  static thread_local int tls_tid_;
 };
 
-// Weight conversion from fp32/bf16 rows: 16-row items shared by the pool threads.
+thread_local int MoEJob::tls_tid_ = 0;
+
+// Weight conversion from fp32/bf16 rows into every shard: 16-row items shared by the pool threads.
 class QuantJob : public Job {
  public:
-  QuantJob(ExpertMatrix& m, const void* src, int dtype, int64_t row0, int64_t nrows)
-      : m_(m), src_(src), dtype_(dtype), row0_(row0), nrows_(nrows) {}
+  QuantJob(Experts& ex, int proj, const void* src, int dtype, int64_t row0, int64_t nrows, bool quantize)
+      : ex_(ex), proj_(proj), src_(src), dtype_(dtype), row0_(row0), nrows_(nrows), quantize_(quantize) {}
   void run(int, int) override {
-    std::vector<float> row(m_.cols);
+    const int cols = proj_ < 2 ? ex_.H() : ex_.I(), rows = proj_ < 2 ? ex_.I() : ex_.H();
+    const WTypeInfo info = info_of(ex_.type(proj_));
+    const size_t rb = (size_t)(cols / info.blck) * info.bytes;
+    std::vector<float> row(quantize_ ? cols : 0);
+    std::vector<uint8_t> q(rb);
     const int64_t n_items = (nrows_ + 15) / 16;
     for (int64_t it; (it = next_.fetch_add(1)) < n_items;)
       for (int64_t r = it * 16; r < std::min(nrows_, it * 16 + 16); r++) {
-        load_row_f32(src_, dtype_, r, m_.cols, row.data());
-        quantize_row(m_.type, row.data(), (uint8_t*)m_.data + (row0_ + r) * m_.row_bytes, m_.cols);
+        const uint8_t* bytes;
+        if (quantize_) {
+          load_row_f32(src_, dtype_, r, cols, row.data());
+          quantize_row(ex_.type(proj_), row.data(), q.data(), cols);
+          bytes = q.data();
+        } else {
+          bytes = (const uint8_t*)src_ + r * rb;
+        }
+        const int64_t R = row0_ + r;
+        const int e = (int)(R / rows), rr = (int)(R % rows);
+        for (const Shard& sh : ex_.shards()) {
+          const ExpertMatrix& m = sh.m[proj_];
+          if (proj_ < 2) {
+            if (rr >= sh.i0 && rr < sh.i1) std::memcpy((uint8_t*)m.row(e, rr - sh.i0), bytes, rb);
+          } else {  // down: the shard's columns, whole blocks
+            std::memcpy((uint8_t*)m.row(e, rr), bytes + (size_t)(sh.i0 / info.blck) * info.bytes, m.row_bytes);
+          }
+        }
       }
   }
 
  private:
-  ExpertMatrix& m_;
+  Experts& ex_;
+  int proj_;
   const void* src_;
   int dtype_;
   int64_t row0_, nrows_;
+  bool quantize_;
   std::atomic<int64_t> next_{0};
 };
 
 }  // namespace
 
-Experts::Experts(int E, int I, int H, int gate_type, int up_type, int down_type) : E_(E), I_(I), H_(H) {
+void set_gemm_min_tokens(int n) { g_gemm_min.store(std::max(1, n)); }
+
+int gemm_min_tokens() {
+  int n = g_gemm_min.load();
+  if (n > 0) return n;
+  const char* env = std::getenv("TANDEM_CPU_GEMM_MIN_TOKENS");
+  n = env && *env ? std::max(1, (int)std::strtol(env, nullptr, 10)) : 16;
+  g_gemm_min.store(n);
+  return n;
+}
+
+Experts::Experts(int E, int I, int H, int gate_type, int up_type, int down_type, int numa_nodes)
+    : E_(E), I_(I), H_(H), types_{gate_type, up_type, down_type} {
   if (E <= 0 || I <= 0 || H <= 0) throw std::invalid_argument("E, I, H must be positive");
-  const int types[3] = {gate_type, up_type, down_type};
-  const int rows[3] = {I, I, H}, cols[3] = {H, H, I};
+  const int cols[3] = {H, H, I};
   for (int p = 0; p < 3; p++) {
     WTypeInfo info;
-    if (!wtype_info(types[p], &info) || wtype_slot(types[p]) < 0)
-      throw std::invalid_argument("unsupported weight type " + std::to_string(types[p]));
+    if (!wtype_info(types_[p], &info) || wtype_slot(types_[p]) < 0)
+      throw std::invalid_argument("unsupported weight type " + std::to_string(types_[p]));
     if (cols[p] % info.blck)
       throw std::invalid_argument("dimension " + std::to_string(cols[p]) + " is not a multiple of the block size " +
                                   std::to_string(info.blck));
-    ExpertMatrix& m = m_[p];
-    m.type = types[p];
-    m.E = E;
-    m.rows = rows[p];
-    m.cols = cols[p];
-    m.row_bytes = (size_t)(cols[p] / info.blck) * info.bytes;
   }
-  if (act_blck(gate_type) != act_blck(up_type))
+  if (info_of(gate_type).act_blck != info_of(up_type).act_blck)
     throw std::invalid_argument("gate and up formats need the same activation block size");
+  // NUMA split of I: whole down blocks / activation blocks / GEMM panels (multiples of `unit`) per node.
+  ThreadPool& P = pool();
+  int n = numa_nodes > 0 ? numa_nodes : P.nodes();
+  const WTypeInfo di = info_of(down_type);
+  const int unit = std::max({32, di.blck, di.act_blck});
+  n = std::max(1, std::min(n, I % unit == 0 ? I / unit : 1));
+  for (int s = 0; s < n; s++) {
+    Shard sh;
+    sh.i0 = (int)((int64_t)I / unit * s / n) * unit;
+    sh.i1 = s + 1 == n ? I : (int)((int64_t)I / unit * (s + 1) / n) * unit;
+    sh.node = n == P.nodes() ? P.node_os_id(s) : -1;
+    const int In = sh.i1 - sh.i0;
+    const int srows[3] = {In, In, H}, scols[3] = {H, H, In};
+    for (int p = 0; p < 3; p++) {
+      const WTypeInfo info = info_of(types_[p]);
+      ExpertMatrix& m = sh.m[p];
+      m.type = types_[p];
+      m.E = E;
+      m.rows = srows[p];
+      m.cols = scols[p];
+      m.row_bytes = (size_t)(scols[p] / info.blck) * info.bytes;
+    }
+    shards_.push_back(std::move(sh));
+  }
 }
 
-ExpertMatrix& Experts::mat(int proj) {
+int Experts::type(int proj) const {
   if (proj < 0 || proj > 2) throw std::invalid_argument("proj must be 0 (gate), 1 (up) or 2 (down)");
-  return m_[proj];
+  return types_[proj];
+}
+
+size_t Experts::nbytes(int proj) const {
+  type(proj);
+  size_t n = 0;
+  for (const Shard& s : shards_) n += s.m[proj].bytes();
+  return n;
+}
+
+void Experts::own(int proj) {
+  for (Shard& s : shards_) {
+    ExpertMatrix& m = s.m[proj];
+    if (m.owned) continue;
+    m.owned = std::make_unique<NodeMemory>(std::max<size_t>(64, m.bytes()), s.node);
+    m.data = m.owned->p;
+  }
 }
 
 void Experts::quantize_from(int proj, const void* src, int src_dtype, int64_t row0, int64_t nrows) {
-  ExpertMatrix& m = mat(proj);
-  if (row0 < 0 || nrows < 0 || row0 + nrows > (int64_t)m.E * m.rows) throw std::out_of_range("rows out of range");
+  const int rows = proj < 2 ? I_ : H_;
+  if (type(proj) < 0 || row0 < 0 || nrows < 0 || row0 + nrows > (int64_t)E_ * rows)
+    throw std::out_of_range("rows out of range");
   if (src_dtype != DT_F32 && src_dtype != DT_BF16) throw std::invalid_argument("source must be fp32 or bf16");
-  if (!m.owned) {
-    void* p = nullptr;
-    if (posix_memalign(&p, 64, std::max<size_t>(64, m.bytes())) != 0) throw std::bad_alloc();
-    m.owned = std::unique_ptr<uint8_t, void (*)(void*)>((uint8_t*)p, free);
-    m.data = m.owned.get();
-  }
-  if (!has_quantizer(m.type))
-    throw std::invalid_argument("no converter to weight type " + std::to_string(m.type) +
+  if (!has_quantizer(types_[proj]))
+    throw std::invalid_argument("no converter to weight type " + std::to_string(types_[proj]) +
                                 " (GGUF block formats are loaded as-is)");
-  auto job = std::make_shared<QuantJob>(m, src, src_dtype, row0, nrows);
+  own(proj);
+  auto job = std::make_shared<QuantJob>(*this, proj, src, src_dtype, row0, nrows, true);
   pool().submit(job);
   job->wait();
 }
 
 void Experts::map_blocks(int proj, const void* data, size_t nbytes) {
-  ExpertMatrix& m = mat(proj);
-  if (nbytes != m.bytes())
-    throw std::invalid_argument("expected " + std::to_string(m.bytes()) + " bytes, got " + std::to_string(nbytes));
-  m.owned.reset();
-  m.data = (const uint8_t*)data;
+  const size_t want = nbytes_of_full(proj);
+  if (nbytes != want)
+    throw std::invalid_argument("expected " + std::to_string(want) + " bytes, got " + std::to_string(nbytes));
+  if (shards_.size() == 1) {
+    ExpertMatrix& m = shards_[0].m[proj];
+    m.owned.reset();
+    m.data = (const uint8_t*)data;
+    return;
+  }
+  own(proj);  // several nodes: each shard's slice is copied into its node's memory
+  const int64_t rows = (int64_t)E_ * (proj < 2 ? I_ : H_);
+  auto job = std::make_shared<QuantJob>(*this, proj, data, DT_F32, 0, rows, false);
+  pool().submit(job);
+  job->wait();
+}
+
+size_t Experts::nbytes_of_full(int proj) const {
+  const WTypeInfo info = info_of(type(proj));
+  const int rows = proj < 2 ? I_ : H_, cols = proj < 2 ? H_ : I_;
+  return (size_t)E_ * rows * (cols / info.blck) * info.bytes;
 }
 
 void Experts::dequantize(int proj, int e, float* dst) const {
-  const ExpertMatrix& m = mat(proj);
-  if (!m.data) throw std::runtime_error("weights not set");
-  if (e < 0 || e >= m.E) throw std::out_of_range("expert out of range");
-  for (int r = 0; r < m.rows; r++) dequantize_row(m.type, m.row(e, r), dst + (size_t)r * m.cols, m.cols);
+  type(proj);
+  for (const Shard& s : shards_)
+    if (!s.m[proj].data) throw std::runtime_error("weights not set");
+  if (e < 0 || e >= E_) throw std::out_of_range("expert out of range");
+  for (const Shard& s : shards_) {
+    const ExpertMatrix& m = s.m[proj];
+    if (proj < 2) {
+      for (int r = 0; r < m.rows; r++) dequantize_row(m.type, m.row(e, r), dst + (size_t)(s.i0 + r) * H_, H_);
+    } else {
+      for (int h = 0; h < H_; h++) dequantize_row(m.type, m.row(e, h), dst + (size_t)h * I_ + s.i0, m.cols);
+    }
+  }
 }
 
 static void check_args(const Experts& ex, const ForwardArgs& a) {
-  for (int p = 0; p < 3; p++)
-    if (!ex.mat(p).data) throw std::runtime_error("expert weights not set");
+  for (const Shard& s : ex.shards())
+    for (int p = 0; p < 3; p++)
+      if (!s.m[p].data) throw std::runtime_error("expert weights not set");
   if (a.T < 0 || a.K <= 0) throw std::invalid_argument("bad T or K");
   if (a.x_dtype != DT_F32 && a.x_dtype != DT_BF16) throw std::invalid_argument("x must be fp32 or bf16");
   if (a.out_dtype != DT_F32 && a.out_dtype != DT_BF16) throw std::invalid_argument("out must be fp32 or bf16");
@@ -304,7 +576,7 @@ static void check_args(const Experts& ex, const ForwardArgs& a) {
 std::shared_ptr<Job> Experts::submit(const ForwardArgs& a) const {
   check_args(*this, a);
   ThreadPool& p = pool();
-  auto job = std::make_shared<MoEJob>(*this, a, kernels(), p.size());
+  auto job = std::make_shared<MoEJob>(*this, a, kernels(), p);
   p.submit(job);
   return job;
 }

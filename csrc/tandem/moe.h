@@ -14,10 +14,18 @@ enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_I32 = 2, DT_I64 = 3 };
 struct ExpertMatrix {
   int type = 0, E = 0, rows = 0, cols = 0;
   size_t row_bytes = 0;
-  const uint8_t* data = nullptr;  // owned_ or a caller's buffer (mapped GGUF blocks), kept alive by Python
-  std::unique_ptr<uint8_t, void (*)(void*)> owned{nullptr, nullptr};
+  const uint8_t* data = nullptr;      // owned's pages or a caller's buffer (mapped GGUF blocks), kept alive by Python
+  std::unique_ptr<NodeMemory> owned;  // set when the kernel holds the weights itself
   const uint8_t* row(int e, int r) const { return data + ((size_t)e * rows + r) * row_bytes; }
   size_t bytes() const { return (size_t)E * rows * row_bytes; }
+};
+
+// The intermediate rows [i0, i1) of every expert, in memory of one NUMA node: gate/up [E, i1-i0, H] and
+// down [E, H, i1-i0] (its columns i0..i1). One shard holding everything on a single-node machine.
+struct Shard {
+  int i0 = 0, i1 = 0;
+  int node = -1;  // OS node the pages were placed on (-1: none)
+  ExpertMatrix m[3];
 };
 
 struct ForwardArgs {
@@ -34,27 +42,39 @@ struct ForwardArgs {
 
 class Experts {
  public:
-  // gate, up: [E, I, H]; down: [E, H, I] (nn.Linear orientation).
-  Experts(int E, int I, int H, int gate_type, int up_type, int down_type);
+  // gate, up: [E, I, H]; down: [E, H, I] (nn.Linear orientation). numa_nodes <= 0: the pool's node count.
+  Experts(int E, int I, int H, int gate_type, int up_type, int down_type, int numa_nodes = 0);
+  Experts(const Experts&) = delete;
+  Experts& operator=(const Experts&) = delete;
   int E() const { return E_; }
   int I() const { return I_; }
   int H() const { return H_; }
-  ExpertMatrix& mat(int proj);  // 0 gate, 1 up, 2 down
-  const ExpertMatrix& mat(int proj) const { return const_cast<Experts*>(this)->mat(proj); }
+  int type(int proj) const;
+  size_t nbytes(int proj) const;
+  const std::vector<Shard>& shards() const { return shards_; }
 
   // Convert float rows [row0, row0 + nrows) of the stacked [E*rows, cols] matrix, multi-threaded.
   void quantize_from(int proj, const void* src, int src_dtype, int64_t row0, int64_t nrows);
-  void map_blocks(int proj, const void* data, size_t nbytes);  // use a caller's buffer as-is
-  void dequantize(int proj, int e, float* dst) const;           // [rows, cols] fp32
+  // Use a caller's buffer as-is (one shard), or copy it into the shards' node memory (several).
+  void map_blocks(int proj, const void* data, size_t nbytes);
+  void dequantize(int proj, int e, float* dst) const;  // [rows, cols] fp32
 
   // Whole MoE layer. Validates ids (throws on an id >= E; ids < 0 are skipped as padding).
   void forward(const ForwardArgs& a) const;
   std::shared_ptr<Job> submit(const ForwardArgs& a) const;  // returns at once; Job::wait() to sync
 
  private:
+  void own(int proj);  // allocate every shard's matrix `proj` on its node
+  size_t nbytes_of_full(int proj) const;  // bytes of the stacked matrix in its file layout
   int E_, I_, H_;
-  ExpertMatrix m_[3];
+  int types_[3];
+  std::vector<Shard> shards_;
 };
+
+// Experts with at least this many tokens in a call take the prefill GEMM path (where the kernel path has one:
+// avx512_bf16, amx); the others the per-row decode path. TANDEM_CPU_GEMM_MIN_TOKENS sets it at first use.
+void set_gemm_min_tokens(int n);
+int gemm_min_tokens();
 
 // C entry point for cudaLaunchHostFunc: arg is a HostJob*; runs the forward on the pool and returns when done.
 struct HostJob {

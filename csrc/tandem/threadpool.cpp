@@ -1,9 +1,19 @@
 #include "tandem/threadpool.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <pthread.h>
-#include <unistd.h>
 #include <sched.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <map>
+#include <new>
 
 #include <chrono>
 #include <cstdlib>
@@ -34,14 +44,68 @@ void Job::wait() {
   cv_.wait(lk, [&] { return done(); });
 }
 
+static long futex(std::atomic<int>* addr, int op, int val) {
+  return syscall(SYS_futex, reinterpret_cast<int*>(addr), op, val, nullptr, nullptr, 0);
+}
+
 void Barrier::arrive_and_wait() {
   const int phase = phase_.load(std::memory_order_acquire);
   if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
     count_.store(0, std::memory_order_relaxed);
-    phase_.fetch_add(1, std::memory_order_release);
+    phase_.fetch_add(1);                // seq_cst: ordered against the sleepers_ load below
+    if (sleepers_.load() > 0) futex(&phase_, FUTEX_WAKE_PRIVATE, INT_MAX);
     return;
   }
-  while (phase_.load(std::memory_order_acquire) == phase) cpu_relax();
+  // ~50-100 us of pause: a balanced phase ends well within it; past it, another thread is probably descheduled
+  for (int i = 0; i < 2048; i++) {
+    if (phase_.load(std::memory_order_acquire) != phase) return;
+    cpu_relax();
+  }
+  for (int i = 0; i < 4; i++) {
+    if (phase_.load(std::memory_order_acquire) != phase) return;
+    sched_yield();
+  }
+  sleepers_.fetch_add(1);
+  while (phase_.load() == phase) futex(&phase_, FUTEX_WAIT_PRIVATE, phase);  // returns at once if it moved
+  sleepers_.fetch_sub(1);
+}
+
+Scratch::~Scratch() {
+  if (p_) munmap(p_, n_);
+}
+
+uint8_t* Scratch::get(size_t bytes) {
+  if (bytes <= n_) return p_;
+  if (p_) munmap(p_, n_);
+  const size_t huge = (size_t)2 << 20;
+  n_ = std::max(huge, (bytes + huge - 1) / huge * huge);
+  void* p = mmap(nullptr, n_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) {
+    p_ = nullptr;
+    n_ = 0;
+    throw std::bad_alloc();
+  }
+  madvise(p, n_, MADV_HUGEPAGE);
+  p_ = (uint8_t*)p;
+  return p_;
+}
+
+NodeMemory::NodeMemory(size_t bytes, int node) {
+  const size_t huge = (size_t)2 << 20;
+  n = std::max(huge, (bytes + huge - 1) / huge * huge);
+  void* q = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (q == MAP_FAILED) throw std::bad_alloc();
+  madvise(q, n, MADV_HUGEPAGE);
+  if (node >= 0 && node < 64) {  // MPOL_PREFERRED: this node while it has memory; failure leaves first touch
+    const unsigned long mask = 1ul << node;
+    constexpr int kMpolPreferred = 1;
+    syscall(SYS_mbind, q, n, kMpolPreferred, &mask, 64, 0);
+  }
+  p = (uint8_t*)q;
+}
+
+NodeMemory::~NodeMemory() {
+  if (p) munmap(p, n);
 }
 
 // Plain POSIX reads: iostreams here crashed inside a process that had loaded torch first (two libstdc++
@@ -74,8 +138,40 @@ std::vector<int> core_cpu_list() {
 
 int physical_cores() { return (int)core_cpu_list().size(); }
 
-ThreadPool::ThreadPool(int nthreads) : cpus_(core_cpu_list()) {
+int cpu_numa_node(int cpu) {  // /sys/devices/system/cpu/cpuN/ holds a link "nodeK"
+  const std::string dir = "/sys/devices/system/cpu/cpu" + std::to_string(cpu);
+  DIR* d = opendir(dir.c_str());
+  if (!d) return 0;
+  int node = 0;
+  while (dirent* e = readdir(d))
+    if (std::strncmp(e->d_name, "node", 4) == 0 && e->d_name[4] >= '0' && e->d_name[4] <= '9') {
+      node = (int)std::strtol(e->d_name + 4, nullptr, 10);
+      break;
+    }
+  closedir(d);
+  return node;
+}
+
+ThreadPool::ThreadPool(int nthreads, int numa_nodes) : cpus_(core_cpu_list()) {
   if (nthreads <= 0) nthreads = (int)cpus_.size();
+  std::map<int, int> dense;  // OS node -> 0..n-1, in order of the threads' cores
+  std::vector<int> os_of_thread(nthreads);
+  for (int t = 0; t < nthreads; t++) {
+    os_of_thread[t] = cpu_numa_node(cpus_[t % cpus_.size()]);
+    if (!dense.count(os_of_thread[t])) {
+      const int k = (int)dense.size();
+      dense[os_of_thread[t]] = k;
+      node_os_.push_back(os_of_thread[t]);
+    }
+  }
+  thread_node_.resize(nthreads);
+  if (numa_nodes <= 0 || numa_nodes == (int)node_os_.size()) {
+    for (int t = 0; t < nthreads; t++) thread_node_[t] = dense[os_of_thread[t]];
+  } else {  // forced split (tests on a one-node machine, or a chosen grouping): no placement
+    numa_nodes = std::min(numa_nodes, nthreads);
+    node_os_.assign(numa_nodes, -1);
+    for (int t = 0; t < nthreads; t++) thread_node_[t] = t * numa_nodes / nthreads;
+  }
   for (int t = 0; t < nthreads; t++) workers_.emplace_back([this, t] { loop(t); });
 }
 
@@ -150,19 +246,37 @@ void ThreadPool::loop(int tid) {
 
 static std::mutex g_pool_mu;
 static std::unique_ptr<ThreadPool> g_pool;
+static int g_threads = 0, g_numa = -1;  // -1: not read from TANDEM_NUMA_NODES yet
+
+static void make_pool() {
+  if (g_numa < 0) {
+    const char* env = std::getenv("TANDEM_NUMA_NODES");
+    g_numa = env && *env ? std::max(0, (int)std::strtol(env, nullptr, 10)) : 0;
+  }
+  g_pool.reset();  // joins the old threads after their queued jobs... callers must sync first
+  g_pool = std::make_unique<ThreadPool>(g_threads, g_numa);
+}
 
 ThreadPool& pool() {
   std::lock_guard<std::mutex> lk(g_pool_mu);
-  if (!g_pool) g_pool = std::make_unique<ThreadPool>(0);
+  if (!g_pool) make_pool();
   return *g_pool;
 }
 
 void set_num_threads(int n) {
   std::lock_guard<std::mutex> lk(g_pool_mu);
-  g_pool.reset();  // joins the old threads after their queued jobs... callers must sync first
-  g_pool = std::make_unique<ThreadPool>(n);
+  g_threads = std::max(0, n);
+  make_pool();
 }
 
 int num_threads() { return pool().size(); }
+
+void set_numa_nodes(int n) {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  g_numa = std::max(0, n);
+  make_pool();
+}
+
+int numa_nodes() { return pool().nodes(); }
 
 }  // namespace tandem

@@ -2,6 +2,8 @@
 // together (each calls run(tid)); jobs queue in FIFO order; submit() returns at once, Job::wait() blocks.
 #pragma once
 #include <atomic>
+#include <cstddef>
+#include <cstdint>
 #include <condition_variable>
 #include <deque>
 #include <memory>
@@ -27,7 +29,8 @@ class Job {
   std::condition_variable cv_;
 };
 
-// Spin barrier for the threads of one job.
+// Barrier for the threads of one job: spins a bounded while (phases are short), then sleeps on a futex, so an
+// oversubscribed machine (more runnable threads than cores) does not burn the time slices it needs.
 class Barrier {
  public:
   explicit Barrier(int n) : n_(n) {}
@@ -37,19 +40,55 @@ class Barrier {
   const int n_;
   std::atomic<int> count_{0};
   std::atomic<int> phase_{0};
+  std::atomic<int> sleepers_{0};
+};
+
+// A growing, reused buffer (2 MB aligned, transparent huge pages asked for): per-call scratch of the kernels
+// without page faults on every call. Only used from inside a running job (jobs run one at a time).
+class Scratch {
+ public:
+  Scratch() = default;
+  ~Scratch();
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  uint8_t* get(size_t bytes);
+
+ private:
+  uint8_t* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// Memory for weights: anonymous pages, huge pages asked for, placed on NUMA node `node` (OS id; -1: no
+// placement, first touch decides). Freed by the destructor.
+struct NodeMemory {
+  uint8_t* p = nullptr;
+  size_t n = 0;
+  NodeMemory(size_t bytes, int node);
+  ~NodeMemory();
+  NodeMemory(const NodeMemory&) = delete;
+  NodeMemory& operator=(const NodeMemory&) = delete;
 };
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int nthreads);
+  // nthreads <= 0: one per physical core. numa_nodes <= 0: the NUMA nodes of the pinned cores (from /sys);
+  // otherwise that many groups of threads (contiguous), placed on real nodes only if the count matches.
+  ThreadPool(int nthreads, int numa_nodes);
   ~ThreadPool();
   int size() const { return (int)workers_.size(); }
   void submit(std::shared_ptr<Job> job);
+  int nodes() const { return (int)node_os_.size(); }
+  int thread_node(int tid) const { return thread_node_[tid]; }  // 0 .. nodes() - 1
+  int node_os_id(int node) const { return node_os_[node]; }     // OS node id, -1 when the split is virtual
+  Scratch& scratch(int slot) { return scratch_[slot]; }          // slot < kScratchSlots
+  static constexpr int kScratchSlots = 8;
 
  private:
   void loop(int tid);
   std::vector<std::thread> workers_;
   std::vector<int> cpus_;
+  std::vector<int> thread_node_, node_os_;
+  Scratch scratch_[kScratchSlots];
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> queue_;
@@ -61,8 +100,13 @@ class ThreadPool {
 
 int physical_cores();             // physical cores in this process's CPU affinity set
 std::vector<int> core_cpu_list();  // one logical CPU per physical core, in the affinity set
+int cpu_numa_node(int cpu);        // OS NUMA node of a logical CPU (0 if /sys does not say)
 ThreadPool& pool();                // the shared pool (created on first use)
 void set_num_threads(int n);       // recreate the shared pool (n <= 0: physical cores)
 int num_threads();
+// NUMA groups of the shared pool: n <= 0 detects (TANDEM_NUMA_NODES overrides at first use); recreates the
+// pool. Expert layers built afterwards split their intermediate dimension over this many nodes.
+void set_numa_nodes(int n);
+int numa_nodes();
 
 }  // namespace tandem

@@ -10,9 +10,14 @@ Shapes: T tokens, K experts per token, E experts, H hidden size, I expert interm
 orientation is nn.Linear's: gate/up [I, H], down [H, I] per expert; out = sum_k w_k * down(silu(gate x) * up x).
 Formats: "bf16", "fp32", "int8" (= GGUF Q8_0 layout: one fp16 scale per 32), "int4_g32" / "int4_g128"
 (fp16 scale and min per group), and the GGUF blocks "q8_0", "q4_0", "q4_k", "q5_k", "q6_k". Integer formats
-quantize activations to int8 per block (32, 128 or 256 values, as the format's act block).
-The kernel path is chosen from CPUID; ``TANDEM_CPU_ISA=generic|avx2|avx512|avx512_vnni`` or ``set_isa``
-forces one. The thread pool is persistent, one thread pinned per physical core (``set_num_threads``).
+quantize activations to int8 per block (32, 128 or 256 values, as the format's act block) on the decode path.
+Experts that receive at least ``gemm_min_tokens()`` tokens in a call (prefill) take a GEMM path instead where
+the kernel path has one (``avx512_bf16``: vdpbf16ps, ``amx``: AMX-BF16 tiles): weight rows dequantized to bf16
+panels on the fly, activations and silu(g)*u rounded to bf16, fp32 accumulation (fp32 weights stay per-row).
+The kernel path is chosen from CPUID; ``TANDEM_CPU_ISA=generic|avx2|avx512|avx512_vnni|avx512_bf16|amx`` or
+``set_isa`` forces one. The thread pool is persistent, one thread pinned per physical core (``set_num_threads``).
+NUMA: with several nodes each expert's intermediate dimension is split over them, each node's slice in its
+own memory and computed by its threads (``TANDEM_NUMA_NODES`` / ``set_numa_nodes`` override the detection).
 """
 
 from __future__ import annotations
@@ -32,12 +37,17 @@ __all__ = [
     "all_isas",
     "current_isa",
     "dequantize",
+    "gemm_min_tokens",
+    "has_gemm",
     "host_entry",
     "num_threads",
+    "numa_nodes",
     "physical_cores",
     "quantize",
+    "set_gemm_min_tokens",
     "set_isa",
     "set_num_threads",
+    "set_numa_nodes",
 ]
 
 # Format name -> weight type id (GGUF ones are ggml's type ids).
@@ -96,6 +106,32 @@ def num_threads() -> int:
 
 def physical_cores() -> int:
     return _C.physical_cores()
+
+
+def set_numa_nodes(n: int | None = None) -> None:
+    """Split the thread pool into n NUMA groups (None: the nodes of its cores, from /sys). Recreates the pool;
+    layers built afterwards split their experts' intermediate dimension over the groups."""
+    _C.set_numa_nodes(0 if n is None else int(n))
+
+
+def numa_nodes() -> int:
+    return _C.numa_nodes()
+
+
+def set_gemm_min_tokens(n: int) -> None:
+    """Experts receiving >= n tokens in a call use the prefill GEMM path (if the kernel path has one)."""
+    if int(n) < 1:
+        raise ValueError("gemm_min_tokens must be >= 1")
+    _C.set_gemm_min_tokens(int(n))
+
+
+def gemm_min_tokens() -> int:
+    return _C.gemm_min_tokens()
+
+
+def has_gemm() -> bool:
+    """Whether the current kernel path has the prefill GEMM (avx512_bf16, amx)."""
+    return _C.has_gemm()
 
 
 def host_entry() -> int:
@@ -202,13 +238,14 @@ class HostJob:
 class MoEExperts:
     """The routed experts of one MoE layer, in the CPU kernel's layout."""
 
-    def __init__(self, E: int, I: int, H: int, fmt: str | int | tuple = "int4_g32"):  # noqa: E741
+    def __init__(self, E: int, I: int, H: int, fmt: str | int | tuple = "int4_g32",  # noqa: E741
+                 numa_nodes: int | None = None):
         fmts = tuple(fmt) if isinstance(fmt, (tuple, list)) else (fmt,) * 3
         if len(fmts) != 3:
             raise ValueError("fmt: one format or a (gate, up, down) triple")
         self.types = tuple(_fmt_id(f) for f in fmts)
         self.E, self.I, self.H = int(E), int(I), int(H)
-        self._x = _C.Experts(self.E, self.I, self.H, *self.types)
+        self._x = _C.Experts(self.E, self.I, self.H, *self.types, int(numa_nodes or 0))
         self._keep: list = []  # mapped GGUF buffers
 
     @property
@@ -219,12 +256,17 @@ class MoEExperts:
     def nbytes(self) -> int:
         return sum(self._x.nbytes(p) for p in range(3))
 
+    @property
+    def shards(self) -> list[tuple[int, int, int]]:
+        """(i0, i1, OS node or -1) per NUMA shard: the intermediate rows each node holds and computes."""
+        return [tuple(self._x.shard_range(s)) for s in range(self._x.n_shards)]
+
     @classmethod
     def from_weights(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                     fmt: str | int | tuple = "int4_g32") -> MoEExperts:
+                     fmt: str | int | tuple = "int4_g32", numa_nodes: int | None = None) -> MoEExperts:
         """Convert stacked float weights (fp32/bf16) gate [E,I,H], up [E,I,H], down [E,H,I] (multi-threaded)."""
         E, I, H = gate.shape  # noqa: E741
-        self = cls(E, I, H, fmt)
+        self = cls(E, I, H, fmt, numa_nodes)
         for p, (w, shape) in enumerate(((gate, (E, I, H)), (up, (E, I, H)), (down, (E, H, I)))):
             self._set(p, w, shape, 0)
         return self
@@ -243,8 +285,10 @@ class MoEExperts:
         self._x.quantize_from(p, w.data_ptr(), _DT[w.dtype], e * shape[-2], rows)
 
     @classmethod
-    def from_gguf_blocks(cls, gate, up, down, ggml_type: int | tuple, E: int, I: int, H: int) -> MoEExperts:  # noqa: E741
-        """Use GGUF block bytes as they are (zero copy; the buffers are kept alive by this object).
+    def from_gguf_blocks(cls, gate, up, down, ggml_type: int | tuple, E: int, I: int, H: int,  # noqa: E741
+                         numa_nodes: int | None = None) -> MoEExperts:
+        """Use GGUF block bytes as they are (zero copy on one NUMA node; the buffers are kept alive by this
+        object; with several nodes each node's slice is copied into its memory).
 
         gate/up/down: bytes of the stacked [E, I, H] / [E, I, H] / [E, H, I] tensors in a GGUF file (torch
         uint8 tensor, numpy array, memoryview, mmap...). ggml_type: one ggml type id (Q4_0 2, Q8_0 8, Q4_K 12,
@@ -253,7 +297,7 @@ class MoEExperts:
         for t in types:
             if t not in GGML_TYPES and t not in BLOCKS:
                 raise ValueError(f"ggml type {t} not supported by the CPU kernels (have {sorted(GGML_TYPES)})")
-        self = cls(E, I, H, types)
+        self = cls(E, I, H, types, numa_nodes)
         for p, buf in enumerate((gate, up, down)):
             addr, nbytes, keep = _buffer_address(buf)
             self._x.map_blocks(p, addr, nbytes)  # checks the size
@@ -261,10 +305,11 @@ class MoEExperts:
         return self
 
     @classmethod
-    def from_blocks(cls, gate, up, down, fmt: str | int | tuple, E: int, I: int, H: int) -> MoEExperts:  # noqa: E741
+    def from_blocks(cls, gate, up, down, fmt: str | int | tuple, E: int, I: int, H: int,  # noqa: E741
+                    numa_nodes: int | None = None) -> MoEExperts:
         """Like from_gguf_blocks, for any format name (e.g. int4_g32 blocks saved from ``block_bytes``)."""
         fmts = tuple(fmt) if isinstance(fmt, (tuple, list)) else (fmt,) * 3
-        return cls.from_gguf_blocks(gate, up, down, tuple(_fmt_id(f) for f in fmts), E, I, H)
+        return cls.from_gguf_blocks(gate, up, down, tuple(_fmt_id(f) for f in fmts), E, I, H, numa_nodes)
 
     def dequantize(self, proj: str, e: int) -> torch.Tensor:
         """Expert e's weight as the kernel holds it, in fp32: gate/up [I, H], down [H, I]."""
