@@ -11,7 +11,8 @@ import logging
 import sys
 
 # modules exporting add_parser(subparsers); each parser sets `func(args) -> int`
-SUBCOMMANDS = ["tandem.cli_generate", "tandem.synth", "tandem.serve.cli", "tandem.upcycle", "tandem.rules.cli"]
+SUBCOMMANDS = ["tandem.cli_generate", "tandem.synth", "tandem.serve.cli", "tandem.upcycle", "tandem.rules.cli",
+               "tandem.plan.cli", "tandem.plan.profile"]
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:

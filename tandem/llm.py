@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -141,15 +142,23 @@ def load(path: str | Path, rules: str | None = None, dtype: str | torch.dtype | 
     """Load a model (a Hugging Face directory) and return an LLM ready to generate.
 
     rules: None (everything on `device`), a rule file (YAML), a preset name ("deepseek-v3/1gpu", see
-    `tandem rules list`; "cpu" / "1gpu" / "2gpu" alone: the model family's), or "auto" (issue [F]).
+    `tandem rules list`; "cpu" / "1gpu" / "2gpu" alone: the model family's), or "auto" (planned for this
+    machine's devices by tandem.plan; engine_config, if given, is the workload it plans for).
     Rules are validated before any weight is read.
     cuda_graphs: False decodes eagerly on a GPU (default: engine_config's, on; see tandem/engine/graphs.py).
     """
     if cuda_graphs is not None:
         engine_config = dataclasses.replace(engine_config or EngineConfig(), cuda_graphs=cuda_graphs)
     ckpt = open_checkpoint(path)
-    ruleset = None
-    if rules is not None:
+    ruleset = plan = None
+    if rules == "auto":
+        from tandem.plan.auto import describe, plan_for_load
+
+        # planned for this machine's devices; a request that cannot fit fails here, saying what would
+        plan, engine_config = plan_for_load(path, dtype, engine_config)
+        ruleset = plan.ruleset()
+        logging.getLogger("tandem.plan").info("%s", describe(plan))
+    elif rules is not None:
         from tandem.rules import load_rules
 
         # a bad rule file fails here, before any weight is read
@@ -166,4 +175,8 @@ def load(path: str | Path, rules: str | None = None, dtype: str | torch.dtype | 
         placement = inject(model, ruleset, ckpt.source, ckpt.config["model_type"], parse_dtype(dtype, ckpt.config),
                            tied=tied, aliases=model.checkpoint_aliases)
     model.eval()
+    if plan is not None:
+        from tandem.plan.auto import check_allocations
+
+        check_allocations(plan)  # more than 5% over the plan on a device: a warning with the numbers
     return LLM(model, ckpt.tokenizer, ckpt.config, ckpt.eos_ids, placement, engine_config)
