@@ -8,8 +8,9 @@ Real rows are copied in; padded rows write to the cache's sink block and attend 
 
 A model is captured only when every module under the layers is on the graph's CUDA device or says it is
 capturable (`graph_capturable = True`, e.g. CPU experts run as host nodes); a module with
-`graph_capturable = False`, a tensor elsewhere, a host sync in the eager warm-up step, or a failed capture
-turn graphs off for good (logged once) and decode runs eagerly. The contract operators follow is in
+`graph_capturable = False`, a tensor elsewhere, a host sync in the eager warm-up step (checked unless a module
+vouches for itself: its eager path may wait for the CPU), or a failed capture turn graphs off for good (logged
+once) and decode runs eagerly. The contract operators follow is in
 the README section on GPUs.
 """
 
@@ -63,6 +64,8 @@ def run_layers(decoder: nn.Module, h: torch.Tensor, positions: torch.Tensor, bat
     state = getattr(decoder, "run_state", None)
     if state is not None:
         state.phase = "generate"
+    if hasattr(decoder, "forward_layers"):  # the model operator: layers + norm, transfer_map applied
+        return decoder.forward_layers(h, positions, batch)
     transfers = transfer_map(decoder)
     for i, layer in enumerate(decoder.layers):
         if i in transfers:
@@ -78,6 +81,11 @@ def graph_device(decoder: nn.Module) -> torch.device | None:
     if start is not None:
         return torch.device(start)
     return next((t.device for t in decoder.layers[0].parameters()), None)
+
+
+def vouching(decoder: nn.Module) -> list[str]:
+    """Modules under the layers that say they are capturable (`graph_capturable = True`)."""
+    return [n for n, m in decoder.layers.named_modules() if getattr(m, "graph_capturable", None) is True]
 
 
 def capture_blockers(decoder: nn.Module, device: torch.device) -> list[str]:
@@ -120,6 +128,7 @@ class GraphRunner:
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.disabled: str | None = None  # why graphs are off, once found
         self.device: torch.device | None = None
+        self.strict = True  # warm-up under sync checks; off when a module vouches (its eager path may sync)
         self.pool = None
         self.replays = 0  # decode steps served by a graph (tests and benchmarks read it)
 
@@ -136,7 +145,7 @@ class GraphRunner:
                     more = f" (+{len(blockers) - 3} more)" if len(blockers) > 3 else ""
                     self.off("; ".join(blockers[:3]) + more)
                 else:
-                    self.device = dev
+                    self.device, self.strict = dev, not vouching(decoder)
         return self.disabled is None
 
     def off(self, why: str) -> None:
@@ -183,7 +192,7 @@ class GraphRunner:
         mode = torch.cuda.get_sync_debug_mode()
         try:
             with torch.cuda.device(dev):
-                torch.cuda.set_sync_debug_mode("error")
+                torch.cuda.set_sync_debug_mode("error" if self.strict else mode)
                 try:
                     result = run_layers(decoder, h_in, static.positions, batch).clone()
                 finally:

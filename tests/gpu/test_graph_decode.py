@@ -86,3 +86,20 @@ def test_cuda_graphs_can_be_turned_off(tmp_path):
     path = save_hf(make_hf("llama"), tmp_path)
     assert tandem.load(path, dtype="float32", device="cuda", progress=False, cuda_graphs=False).engine.graphs is None
     assert tandem.load(path, dtype="float32", device="cuda", progress=False).engine.graphs is not None
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_hybrid_preset_graphs_equal_eager_and_cpu(name, tmp_path):
+    """The family's 1gpu preset (routed experts on the CPU): graphs (host nodes where the MoE operator vouches
+    for them, else the eager fallback) give the eager and the CPU tokens."""
+    path = save_hf(make_hf(name), tmp_path)
+    cpu = tandem.load(path, dtype="float32", progress=False)
+    outs = []
+    for graphs in (False, True):
+        llm = tandem.load(path, rules="1gpu", dtype="float32", progress=False, cuda_graphs=graphs)
+        out, engine = run(llm, graphs=graphs)
+        outs.append(out)
+        if graphs:
+            print(f"{name} 1gpu: graph replays {engine.graphs.replays}, off because: {engine.graphs.disabled}")
+    assert outs[0] == outs[1]
+    assert outs[1] == [cpu.generate(p, max_new_tokens=n, ignore_eos=True).token_ids for p, n in zip(PROMPTS, NEW)]
