@@ -1,4 +1,12 @@
-"""The linear operator: y = x Wᵀ + b on its device, in its backend's weight layout (torch: the checkpoint's)."""
+"""The linear operator: y = x Wᵀ + b on its device, in its backends' weight layout.
+
+Backends (registry names): `linear.torch` (F.linear on the checkpoint's float weight), `linear.marlin`
+(KTransformers' KLinearMarlin: weight-only int4 / int8 blocks, a Triton kernel, bf16 or fp32 activations, fp32
+accumulation). When either phase runs linear.marlin the weight is held once, quantized (`weight_format`: int4_g128
+by default, int4_g32, q4_0, int8; see tandem.gpu.blocks); a linear.torch phase then computes with the same
+dequantized values, so prefill and decode agree. A GGUF tensor's blocks are converted on the GPU, never through a
+float copy on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.gpu import blocks as B
 from tandem.ops.base import LoadContext, OpConfig
 from tandem.ops.registry import BACKENDS, resolve
 
+QUANTIZED = ("linear.marlin",)
 
-def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+
+def torch_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear.torch`: F.linear; a quantized weight is dequantized for the call (same values as the kernel)."""
+    if isinstance(weight, B.QuantTensor):
+        weight = weight.dequantize(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def marlin_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear.marlin`: the Triton weight-only quantized matmul."""
+    from tandem.gpu.quant_matmul import quant_linear  # Triton: imported where a GPU runs it
+
+    if not isinstance(weight, B.QuantTensor):
+        weight = B.QuantTensor(B.canonical(str(weight.dtype).removeprefix("torch.")), weight, tuple(weight.shape))
+    return quant_linear(x, weight, bias)
+
+
+def linear_format(k: int, weight_format, group_size, name: str) -> str:
+    """The block format of a quantized linear with k input features (int4_g128 unless asked or impossible)."""
+    if weight_format is not None:
+        fmt = B.canonical(str(weight_format), group_size)
+        B.check_shape(fmt, k, name)
+        return fmt
+    for fmt in ("int4_g128", "q4_0"):
+        if k % B.BLOCK_FORMATS[fmt][0] == 0:
+            return fmt
+    return "float"  # no block fits the row: the model's float weight, read by the same kernel
+
+
+def load_quantized(ctx: LoadContext, name: str, shape: tuple[int, int], device: str, fmt: str) -> B.QuantTensor:
+    """Weight `name` in `fmt` on `device`: GGUF blocks converted there, or the float weight quantized there."""
+    raw = getattr(ctx.source, "raw", None)
+    if raw is not None and name in ctx.source and fmt != "float":
+        try:
+            ggml_type, data, stored = raw(name)
+        except ValueError:  # stored transformed (permuted q/k): no raw form, go through floats
+            pass
+        else:
+            if tuple(stored) == tuple(shape):
+                return B.from_gguf(data, ggml_type, shape, fmt, device, ctx.dtype)
+    w = ctx.load(name, shape, device)
+    if fmt == "float":
+        return B.QuantTensor(B.canonical(str(w.dtype).removeprefix("torch.")), w, tuple(shape))
+    return B.from_float(w, fmt)
 
 
 class Linear(nn.Module):
@@ -21,23 +73,36 @@ class Linear(nn.Module):
         super().__init__()
         self.op_config, self.run_state = cfg, ctx.state
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        dev = cfg.generate_device
-        self.weight = nn.Parameter(ctx.load(f"{cfg.name}.weight", tuple(linear.weight.shape), dev),
-                                   requires_grad=False)
+        dev, shape = cfg.generate_device, tuple(linear.weight.shape)
+        self.qweight: B.QuantTensor | None = None
+        if cfg.generate_op in QUANTIZED or cfg.prefill_op in QUANTIZED:
+            fmt = linear_format(self.in_features, cfg.kwargs.get("weight_format"), cfg.kwargs.get("group_size"),
+                                cfg.name)
+            self.qweight = load_quantized(ctx, f"{cfg.name}.weight", shape, dev, fmt)
+            # `weight` is the blocks (uint8): its device is right for callers that ask, its values are not floats
+            self.register_buffer("weight", self.qweight.data, persistent=False)
+        else:
+            self.weight = nn.Parameter(ctx.load(f"{cfg.name}.weight", shape, dev), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(
             ctx.load(f"{cfg.name}.bias", tuple(linear.bias.shape), dev), requires_grad=False)
         self.kernels = {phase: resolve(BACKENDS[name].impl) for phase, name in
                         (("generate", cfg.generate_op), ("prefill", cfg.prefill_op))}
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight [out, in] as the kernels compute with it, float32 (MLA absorption reads kv_b_proj so)."""
+        return self.weight.float() if self.qweight is None else self.qweight.dequantize()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, phase = self.op_config, self.run_state.phase
         dev = c.prefill_device if phase == "prefill" else c.generate_device
-        w, b = self.weight.to(dev), None if self.bias is None else self.bias.to(dev)
+        w = self.weight if self.qweight is None else self.qweight
+        w, b = w.to(dev), None if self.bias is None else self.bias.to(dev)
         return self.kernels[phase](x.to(dev), w, b).to(c.out_device)
 
     def extra_repr(self) -> str:
         c = self.op_config
-        return f"{self.in_features} -> {self.out_features}, {c.generate_op}@{c.generate_device}"
+        fmt = f", {self.qweight.fmt}" if self.qweight is not None else ""
+        return f"{self.in_features} -> {self.out_features}, {c.generate_op}@{c.generate_device}{fmt}"
 
 
 def build(module: nn.Linear, cfg: OpConfig, ctx: LoadContext) -> nn.Module:

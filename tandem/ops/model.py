@@ -1,14 +1,29 @@
-"""The model-level operator: runs the decoder stack with the hidden state moved between devices
-(`transfer_map` {layer: device}: before that layer), and tells every operator the batch's phase."""
+"""The model-level operator: runs the decoder stack with the hidden state moved between devices, tells every
+operator the batch's phase, wires the hybrid MoE blocks, and runs long prefills layer by layer on the GPU.
+
+- `transfer_map` {layer: device} (KTransformers' KDeepseekV2Model): before that layer the hidden state (and the
+  positions) move to that device; each layer's operators, and so its KV cache, live where its rule put them.
+- `per_layer_prefill_intput_threshold` (KTransformers' spelling): a prefill of at least this many tokens streams
+  every layer's CPU-resident experts to the GPU (tandem.gpu.transfer, double-buffered) and computes them there;
+  0 turns it off; unset: chosen at the first long prefill from the measured host-to-device bandwidth and the CPU
+  kernel's speed (tandem.gpu.transfer.layerwise_threshold).
+"""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 from tandem.models.attention import Batch
-from tandem.models.transformer import DecoderModel
-from tandem.ops.base import LoadContext, OpConfig, load_own_tensors, swap_class
+from tandem.models.transformer import DecoderModel, SparseMoE
+from tandem.ops.base import DeviceOp, LoadContext, OpConfig, load_own_tensors, swap_class
+from tandem.ops.moe import HybridMoE, PinnedPool, hybridize
+
+log = logging.getLogger(__name__)
+
+MIN_LAYERWISE = 256  # below this many tokens no threshold is measured: the CPU is always the better choice
 
 
 def first_param_device(module: nn.Module, fallback: str) -> torch.device | str:
@@ -20,18 +35,116 @@ def first_param_device(module: nn.Module, fallback: str) -> torch.device | str:
 class ModelOp(nn.Module):
     op_config: OpConfig
     run_state: object
+    _threshold: int | None = None
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
         self.run_state.phase = "prefill" if max(batch.qlens) > 1 else "generate"
-        transfers: dict[int, str] = self.op_config.kwargs["transfer_map"]  # effective, includes layer 0
         h = self.embed_tokens(ids)  # [N, D]
-        for i, layer in enumerate(self.layers):
-            if i in transfers:
-                h, positions = h.to(transfers[i]), positions.to(transfers[i])
-            h = layer(h, positions, batch)
+        return self.forward_layers(h, positions, batch)
+
+    def forward_layers(self, h: torch.Tensor, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The layers and the final norm from hidden states [N, D] (no embedding), transfer_map applied."""
+        transfers: dict[int, str] = self.op_config.kwargs["transfer_map"]  # effective, includes layer 0
+        streamer, order = self._layerwise(h.shape[0])
+        try:
+            for i, layer in enumerate(self.layers):
+                if i in transfers:
+                    h, positions = h.to(transfers[i]), positions.to(transfers[i])
+                moe = order.get(i)
+                if moe is not None:
+                    idx = list(order).index(i)
+                    moe.streamed = streamer.take(idx)
+                    streamer.prefetch(idx + 1)
+                h = layer(h, positions, batch)
+                if moe is not None:
+                    moe.streamed = None
+                    streamer.done(idx)
+        finally:
+            if streamer is not None:
+                for moe in order.values():
+                    moe.streamed = None
+                streamer.close()
         return self.norm(h.to(first_param_device(self.norm, h.device)))
+
+    # ------------------------------------------------------------------ layer-wise GPU prefill
+
+    def hybrid_layers(self) -> dict[int, HybridMoE]:
+        """layer index -> its MoE block, for the layers whose routed experts run on the CPU kernel."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for m in layer.modules():
+                if isinstance(m, HybridMoE) and m.cpu_kernel() is not None:
+                    out[i] = m
+        return out
+
+    def _layerwise(self, n_tokens: int):
+        """(LayerStreamer, {layer: block}) when this prefill streams experts to the GPU, else (None, {})."""
+        if self.run_state.phase != "prefill" or not torch.cuda.is_available():
+            return None, {}
+        given = self.op_config.kwargs.get("per_layer_prefill_intput_threshold")
+        if given is not None and (int(given) <= 0 or n_tokens < int(given)):
+            return None, {}
+        if given is None and n_tokens < MIN_LAYERWISE:
+            return None, {}
+        from tandem.gpu.transfer import LayerStreamer, cpu_blocks
+
+        hybrid = self.hybrid_layers()
+        blocks = {i: cpu_blocks(m.experts.backends["prefill"]) for i, m in hybrid.items()}
+        order = {i: hybrid[i] for i in sorted(hybrid) if blocks[i] is not None}
+        if not order:
+            return None, {}
+        if given is None and n_tokens < self.threshold(order, blocks):
+            return None, {}
+        first = order[next(iter(order))]
+        device = torch.device(first.op_config.generate_device)
+        # one streamer, one GPU: layers placed on another GPU (transfer_map) keep their CPU experts
+        order = {i: m for i, m in order.items() if torch.device(m.op_config.generate_device) == device}
+        streamer = LayerStreamer([blocks[i] for i in order], device, _act(first))
+        streamer.prefetch(0)
+        return streamer, order
+
+    def threshold(self, order: dict[int, HybridMoE], blocks: dict) -> int:
+        """The measured prompt length from which a layer-wise prefill is faster (once per model)."""
+        if self._threshold is None:
+            from tandem.gpu.transfer import layerwise_threshold, measure_cpu_tokens_per_s, measure_h2d
+
+            i = next(iter(order))
+            moe = order[i]
+            h2d = measure_h2d(torch.device(moe.op_config.generate_device))
+            top_k = getattr(moe.gate, "top_k", None) or moe.gate.a.num_experts_per_tok
+            cpu = measure_cpu_tokens_per_s(moe.experts.backends["prefill"].kernel, top_k=top_k)
+            self._threshold = layerwise_threshold(blocks[i].nbytes(), h2d, cpu)
+            log.info("layer-wise GPU prefill from %d tokens (host-to-device %.1f GB/s, CPU experts %.0f tok/s "
+                     "per layer, %.0f MiB of experts per layer)", self._threshold, h2d / 1e9, cpu,
+                     blocks[i].nbytes() / 2**20)
+        return self._threshold
+
+
+def _act(moe: HybridMoE):
+    return getattr(moe.experts, "act", torch.nn.functional.silu)  # experts.cpu computes SiLU experts only
+
+
+def wire_moe_blocks(model: nn.Module, ctx: LoadContext) -> None:
+    """Every SparseMoE of the stack becomes a HybridMoE sharing one pinned pool (also those a `default` rule
+    placed, which the `moe` operator's build did not see)."""
+    pool = PinnedPool()
+    for name, m in model.named_modules(prefix="model.layers"):
+        if not isinstance(m, SparseMoE):
+            continue
+        if isinstance(m, HybridMoE):
+            m.pool = pool
+            continue
+        cfg = getattr(m, "op_config", None)
+        if cfg is None or not isinstance(m, DeviceOp):
+            gate = m.gate
+            dev = str(gate.op_config.generate_device if hasattr(gate, "op_config") else first_param_device(gate,
+                                                                                                           "cpu"))
+            cfg = OpConfig(name, "moe", dev, dev, dev)
+        hybridize(m, cfg, ctx.state, pool)
 
 
 def build(module: DecoderModel, cfg: OpConfig, ctx: LoadContext) -> nn.Module:
     load_own_tensors(module, cfg.name, cfg.generate_device, ctx)
-    return swap_class(module, ModelOp, cfg, ctx)
+    op = swap_class(module, ModelOp, cfg, ctx)
+    wire_moe_blocks(op.layers, ctx)
+    return op

@@ -79,10 +79,11 @@ GPU_LATER = "GPU kernels arrive with issue [E]"
 for _b in (
     Backend("experts.cpu", ("cpu",), "tandem.ops.experts:CpuExperts"),
     Backend("experts.torch", ("cpu", "cuda"), "tandem.ops.experts:TorchExperts"),
-    Backend("experts.marlin", ("cuda",), pending=GPU_LATER),
+    Backend("experts.marlin", ("cuda",), "tandem.ops.experts_gpu:GpuExperts"),
     Backend("linear.torch", ("cpu", "cuda"), "tandem.ops.linear:torch_linear"),
-    Backend("linear.marlin", ("cuda",), pending=GPU_LATER),
-    Backend("linear.fp8", ("cuda",), pending=GPU_LATER),
+    Backend("linear.marlin", ("cuda",), "tandem.ops.linear:marlin_linear"),
+    Backend("linear.fp8", ("cuda",), pending="FP8 block-scaled weights are not run natively yet: the loader "
+            "dequantizes them, so use linear.marlin (int4/int8) or linear.torch (bf16)"),
 ):
     register_backend(_b)
 
@@ -102,7 +103,7 @@ for _spec in (
     OpSpec("gate", (MoEGate, TopKRouter), "an MoE router (mlp.gate)", "tandem.ops.gate:build"),
     OpSpec("rope", (RotaryEmbedding,), "a rotary embedding (self_attn.rotary_emb)", "tandem.ops.rope:build"),
     OpSpec("norm", (RMSNorm,), "an RMSNorm", "tandem.ops.norm:build"),
-    OpSpec("moe", (SparseMoE,), "an MoE block (mlp / block_sparse_moe)", "tandem.ops.base:build_device_op"),
+    OpSpec("moe", (SparseMoE,), "an MoE block (mlp / block_sparse_moe)", "tandem.ops.moe:build"),
     OpSpec("mlp", (GatedMLP, MixtralExpert), "a gated MLP (dense mlp, shared expert)",
            "tandem.ops.base:build_device_op"),
     OpSpec("model", (DecoderModel,), "the decoder stack (module `model`)", "tandem.ops.model:build",

@@ -43,15 +43,15 @@ def test_every_op_declares_devices_and_targets():
 
 
 def test_a_registered_gpu_kernel_needs_no_rule_change():
-    """[E] replaces a pending backend by registering it; rules naming it then load."""
+    """A pending backend becomes runnable by registering it; rules naming it then load."""
     rules = parse_rules('- match: {class: torch.nn.Linear}\n  replace: {class: KTransformersLinear, kwargs: '
-                        '{generate_device: "cuda", generate_op: "KLinearMarlin"}}\n')
-    assert rules.rules[0].kwargs["generate_op"] == "linear.marlin"
-    old = BACKENDS["linear.marlin"]
+                        '{generate_device: "cuda", generate_op: "KLinearFP8"}}\n')
+    assert rules.rules[0].kwargs["generate_op"] == "linear.fp8"
+    old = BACKENDS["linear.fp8"]
     assert old.pending
     try:
-        register_backend(Backend("linear.marlin", ("cuda",), "tandem.ops.linear:torch_linear"))
-        assert not BACKENDS["linear.marlin"].pending
+        register_backend(Backend("linear.fp8", ("cuda",), "tandem.ops.linear:torch_linear"))
+        assert not BACKENDS["linear.fp8"].pending
         assert OPS["linear"].default_backend("cuda:0") == "linear.torch"  # first runnable in declared order
     finally:
         register_backend(old)

@@ -1,0 +1,193 @@
+"""Streaming CPU-resident experts to the GPU for a layer-wise prefill: pinned staging, two slots, a side stream.
+
+While layer i computes on the GPU with the experts in slot i % 2, a worker thread copies layer i+1's blocks from
+the CPU kernel's memory into pinned staging and the side stream uploads them into the other slot: the transfer
+of the next layer overlaps the compute of this one. The CPU kernel's blocks move as they are (the GPU kernels
+read the same layouts); GGUF types the GPU kernel does not read (Q4_K, Q5_K, Q6_K) are converted on the GPU.
+
+Legend: E experts, I expert intermediate size, D hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from tandem.gpu import blocks as B
+
+# CPU kernel weight type id (tandem.kernels.cpu.FORMATS / ggml ids) -> the GPU format that reads it as is
+DIRECT = {0: "fp32", 30: "bf16", 8: "q8_0", 2: "q4_0", 1001: "int4_g32", 1002: "int4_g128"}
+
+
+@dataclass
+class LayerBlocks:
+    """One layer's CPU experts as bytes: gate / up [E, I, gate_row_bytes], down [E, D, down_row_bytes]."""
+
+    types: tuple[int, int, int]  # weight type id per projection (gate, up, down)
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    shape: tuple[int, int, int]  # E, I, D
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+
+def _as_tensor(keep) -> torch.Tensor:
+    """A buffer the CPU kernel keeps alive (torch tensor, or (buffer, numpy array)) as a flat uint8 tensor."""
+    if isinstance(keep, torch.Tensor):
+        return keep.reshape(-1).view(torch.uint8) if keep.dtype != torch.uint8 else keep.reshape(-1)
+    arr = keep[1] if isinstance(keep, tuple) else keep
+    return torch.frombuffer(arr, dtype=torch.uint8)
+
+
+def cpu_blocks(backend) -> LayerBlocks | None:
+    """The blocks of an experts.cpu backend (tandem.ops.experts.CpuExperts), no copy; None if not that."""
+    kernel = getattr(backend, "kernel", None)
+    if kernel is None:
+        return None
+    if hasattr(backend, "blocks"):  # the backend says itself
+        types, gate, up, down = backend.blocks()
+    else:  # the MoEExperts keeps the buffers it maps (from_gguf_blocks / from_blocks), one per projection
+        keep = getattr(kernel, "_keep", [])
+        if len(keep) != 3:
+            return None
+        types, (gate, up, down) = kernel.types, (_as_tensor(k) for k in keep)
+    e, i, d = kernel.E, kernel.I, kernel.H
+    return LayerBlocks(tuple(types), gate.view(e, i, -1), up.view(e, i, -1), down.view(e, d, -1), (e, i, d))
+
+
+def gpu_format(type_id: int, k: int) -> str:
+    """The format a CPU weight type becomes on the GPU (as is where the GPU kernel reads it)."""
+    if type_id in DIRECT:
+        return DIRECT[type_id]
+    return B.gguf_natural_format(type_id, k)
+
+
+def to_gpu_experts(w13_raw: torch.Tensor, down_raw: torch.Tensor, blocks: LayerBlocks):
+    """Raw bytes already on the device -> (w13 [E, 2I, D], w2 [E, D, I]) QuantTensors, converting if needed."""
+    e, i, d = blocks.shape
+    tg, tu, td = blocks.types
+    if tg != tu:
+        raise ValueError("layer-wise prefill: gate and up experts in different formats are not supported")
+    return (_convert(w13_raw, tg, (e, 2 * i, d)), _convert(down_raw, td, (e, d, i)))
+
+
+def _convert(raw: torch.Tensor, type_id: int, shape: tuple[int, int, int]) -> B.QuantTensor:
+    if type_id in DIRECT:
+        fmt = DIRECT[type_id]
+        if fmt in B.FLOAT_FORMATS:
+            return B.QuantTensor(fmt, raw.view(B.FLOAT_FORMATS[fmt]).view(shape), shape)
+        return B.QuantTensor(fmt, raw.view(*shape[:2], -1), shape)
+    return B.from_gguf(raw.reshape(-1), type_id, shape, None, raw.device)  # Q4_K/Q5_K/Q6_K: on the GPU
+
+
+@dataclass
+class Slot:
+    staging13: torch.Tensor  # pinned [E, 2I, rb]
+    staging2: torch.Tensor  # pinned [E, D, rb]
+    gpu13: torch.Tensor
+    gpu2: torch.Tensor
+    ready: torch.cuda.Event  # upload done (staging reusable, GPU weights readable)
+    free: torch.cuda.Event  # compute with the GPU weights done (slot reusable)
+
+
+class LayerStreamer:
+    """Double-buffered upload of a sequence of layers' CPU experts (see the module docstring)."""
+
+    def __init__(self, layers: list[LayerBlocks], device: torch.device, act):
+        self.layers, self.device, self.act = layers, torch.device(device), act
+        big13 = max(lb.gate.nbytes + lb.up.nbytes for lb in layers)
+        big2 = max(lb.down.nbytes for lb in layers)
+        self.side = torch.cuda.Stream(self.device)
+        self.slots = [Slot(torch.empty(big13, dtype=torch.uint8, pin_memory=True),
+                           torch.empty(big2, dtype=torch.uint8, pin_memory=True),
+                           torch.empty(big13, dtype=torch.uint8, device=self.device),
+                           torch.empty(big2, dtype=torch.uint8, device=self.device),
+                           torch.cuda.Event(), torch.cuda.Event()) for _ in range(2)]
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="tandem-stream")
+        self.pending: dict[int, Future] = {}
+
+    def prefetch(self, idx: int) -> None:
+        if 0 <= idx < len(self.layers) and idx not in self.pending:
+            self.pending[idx] = self.worker.submit(self._upload, idx)
+
+    def _upload(self, idx: int):
+        lb, slot = self.layers[idx], self.slots[idx % 2]
+        e, i, _ = lb.shape
+        n13, n2 = lb.gate.nbytes + lb.up.nbytes, lb.down.nbytes
+        slot.ready.synchronize()  # the previous upload from this staging is done
+        st13 = slot.staging13[:n13].view(e, 2 * i, -1)
+        st13[:, :i].copy_(lb.gate)  # gate rows then up rows: the joined layout of GpuExperts
+        st13[:, i:].copy_(lb.up)
+        slot.staging2[:n2].copy_(lb.down.reshape(-1))
+        with torch.cuda.stream(self.side):
+            self.side.wait_event(slot.free)  # the layer that used this slot is done with it
+            slot.gpu13[:n13].copy_(slot.staging13[:n13], non_blocking=True)
+            slot.gpu2[:n2].copy_(slot.staging2[:n2], non_blocking=True)
+            w13, w2 = to_gpu_experts(slot.gpu13[:n13], slot.gpu2[:n2], lb)
+            slot.ready.record(self.side)
+        return w13, w2
+
+    def take(self, idx: int):
+        """Layer idx's experts on the GPU (GpuExperts), ordered after their upload on the current stream."""
+        from tandem.ops.experts_gpu import GpuExperts
+
+        w13, w2 = self.pending.pop(idx).result()
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_event(self.slots[idx % 2].ready)
+        for t in (w13.data, w2.data):
+            t.record_stream(cur)  # converted on the side stream, read on this one: not reused before
+        return GpuExperts(w13, w2, self.act, self.device, "streamed for a layer-wise prefill")
+
+    def done(self, idx: int) -> None:
+        """Layer idx's compute is queued; its slot is free once the stream passes this point."""
+        self.slots[idx % 2].free.record(torch.cuda.current_stream(self.device))
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------- when to stream
+
+
+def layerwise_threshold(layer_bytes: int, h2d_bytes_per_s: float, cpu_tokens_per_s: float) -> int:
+    """The prompt length from which streaming a layer's experts (layer_bytes / h2d) costs less than computing
+    them on the CPU (tokens / cpu_tokens_per_s, one layer's routed experts at prefill batch sizes); the GPU's
+    own compute is far faster than both and is left out."""
+    if h2d_bytes_per_s <= 0 or cpu_tokens_per_s <= 0:
+        raise ValueError("layer-wise prefill threshold: measured rates must be positive")
+    return max(1, math.ceil(layer_bytes / h2d_bytes_per_s * cpu_tokens_per_s))
+
+
+def measure_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Host-to-device bandwidth from pinned memory, bytes/s (best of 3)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return nbytes / best
+
+
+def measure_cpu_tokens_per_s(kernel, tokens: int = 128, top_k: int = 8) -> float:
+    """Tokens per second of one layer's CPU experts kernel at a prefill-like batch (random routing)."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, kernel.H, generator=g).to(torch.bfloat16)
+    k = min(top_k, kernel.E)
+    ids = torch.stack([torch.randperm(kernel.E, generator=g)[:k] for _ in range(tokens)])
+    w = torch.full((tokens, k), 1.0 / k)
+    kernel.forward(x, ids, w)  # warm
+    start = time.perf_counter()
+    kernel.forward(x, ids, w)
+    return tokens / (time.perf_counter() - start)

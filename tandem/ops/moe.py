@@ -1,0 +1,234 @@
+"""The MoE block operator: router and shared experts on the GPU, routed experts wherever their rule put them.
+
+When the routed experts run on the CPU kernel and the block on a GPU, one layer is (KTransformers' hybrid MoE):
+
+    router (GPU) -> x, ids, weights copied to pinned host buffers (non_blocking, one event)
+    shared experts queued on the GPU          | CPU experts: the C++ kernel, GIL released
+    [hot experts: the Triton grouped GEMM]    |
+    wait -> the result copied back (pinned, non_blocking) -> added on the GPU, handed to out_device
+
+Under CUDA-graph capture the same layer is stream work only: the copies, the C++ kernel as a host node
+(cudaLaunchHostFunc with MoEExperts.host_job), the shared experts on a forked side stream joined after; so a
+decode graph replays the whole layer with no Python. During a layer-wise GPU prefill (ops/model.py) the model
+operator hands the layer its experts streamed to the GPU (`streamed`) and the block runs there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tandem.models.transformer import SparseMoE
+from tandem.ops.base import DeviceOp, LoadContext, OpConfig, load_own_tensors
+
+GRAPH_TOKENS = 512  # tokens the graph buffers hold: the largest decode batch a captured graph may have
+
+
+@dataclass
+class Staging:
+    """Pinned host buffers for `cap` tokens: the layer's input, routing and the CPU experts' output."""
+
+    x: torch.Tensor  # [cap, D] bf16 / fp32
+    ids: torch.Tensor  # [cap, K] int64
+    weights: torch.Tensor  # [cap, K] fp32
+    out: torch.Tensor  # [cap, D], x's dtype
+    jobs: dict = field(default_factory=dict)  # (kernel id, n) -> HostJob bound to these buffers
+
+    @classmethod
+    def allocate(cls, cap: int, d: int, k: int, dtype: torch.dtype) -> Staging:
+        def pinned(*shape, dt):
+            return torch.empty(*shape, dtype=dt, pin_memory=True)
+
+        return cls(pinned(cap, d, dt=dtype), pinned(cap, k, dt=torch.long), pinned(cap, k, dt=torch.float32),
+                   pinned(cap, d, dt=dtype))
+
+    @property
+    def cap(self) -> int:
+        return self.x.shape[0]
+
+
+class PinnedPool:
+    """The staging buffers every hybrid MoE layer of one model shares: layers run one after another in stream
+    order, so a layer's copies are done before the next layer's kernel writes the buffers again.
+
+    Eager calls use buffers that grow with the batch; graphs use buffers allocated once for GRAPH_TOKENS tokens
+    and never moved, since a captured host node holds their addresses."""
+
+    def __init__(self):
+        self.eager: dict[tuple, Staging] = {}
+        self.graph: dict[tuple, Staging] = {}
+
+    def get(self, n: int, d: int, k: int, dtype: torch.dtype, for_graph: bool) -> Staging:
+        key = (d, k, dtype)
+        pool = self.graph if for_graph else self.eager
+        st = pool.get(key)
+        if for_graph:
+            if st is None:
+                st = pool[key] = Staging.allocate(GRAPH_TOKENS, d, k, dtype)
+            if n > st.cap:
+                raise ValueError(f"a CUDA graph of {n} tokens exceeds the hybrid MoE's graph buffers ({st.cap})")
+            return st
+        if st is None or st.cap < n:
+            st = pool[key] = Staging.allocate(max(n, 2 * st.cap if st else 64), d, k, dtype)
+        return st
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype the CPU kernel takes for a model dtype (bf16 as is, others through fp32)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+class HybridMoE(DeviceOp):
+    """Mixed under SparseMoE (see the module docstring). `pool` is set by the model operator."""
+
+    pool: PinnedPool
+    streamed = None  # GpuExperts for the current layer-wise prefill, set and cleared by the model operator
+    _side: torch.cuda.Stream | None = None
+    _hot_gpu = None
+
+    # ------------------------------------------------------------------ what runs where
+
+    def cpu_kernel(self):
+        """The C++ MoEExperts of the current phase if this layer runs hybrid (GPU block, CPU experts)."""
+        experts = self.experts
+        backends = getattr(experts, "backends", None)
+        if backends is None or self.streamed is not None:
+            return None
+        kernel = getattr(backends[self.run_state.phase], "kernel", None)
+        dev = torch.device(self.op_config.generate_device)
+        return kernel if kernel is not None and dev.type == "cuda" and hasattr(kernel, "submit") else None
+
+    @property
+    def graph_capturable(self) -> bool:
+        """True when a decode step of this layer is stream work only (E1's contract, tandem/engine/graphs.py)."""
+        experts = self.experts
+        backends = getattr(experts, "backends", None)
+        if backends is None or torch.device(self.op_config.generate_device).type != "cuda":
+            return False
+        return hasattr(getattr(backends["generate"], "kernel", None), "host_job")
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.shared_name is None:
+            return None
+        s = getattr(self, self.shared_name)(x)
+        if hasattr(self, "shared_expert_gate"):
+            s = torch.sigmoid(self.shared_expert_gate(x)) * s
+        return s
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.streamed is not None:
+            return self._on_gpu(x.to(self.op_config.generate_device), self.streamed)
+        kernel = self.cpu_kernel()
+        if kernel is None:
+            return super().forward(x)  # DeviceOp: SparseMoE.forward on the block's device
+        x = x.to(self.op_config.generate_device)
+        with torch.cuda.device(x.device):
+            if torch.cuda.is_current_stream_capturing():
+                y = self._captured(x, kernel)
+            else:
+                y = self._hybrid(x, kernel)
+        return y.to(self.op_config.out_device)
+
+    def _on_gpu(self, x: torch.Tensor, experts) -> torch.Tensor:
+        ids, w = self.gate(x)
+        y = experts.forward(x, ids, w)
+        s = self.shared(x)
+        return (y if s is None else y + s).to(self.op_config.out_device)
+
+    def _route(self, x: torch.Tensor):
+        """Router on the GPU; the ids the CPU kernel gets (hot ones masked) and the hot experts' own."""
+        ids, w = self.gate(x)
+        hot = getattr(self.experts, "hot", None)
+        if hot is None:
+            return ids, w, None
+        main, local = hot.split(ids)
+        return main, w, local
+
+    def _hot(self, x: torch.Tensor, local: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None:
+        """The hot experts on the GPU, with the Triton grouped GEMM (capturable; no per-expert Python loop)."""
+        if local is None:
+            return None
+        if self._hot_gpu is None:
+            from tandem.ops.experts_gpu import GpuExperts
+
+            b = self.experts.hot.backend  # TorchExperts holding the hot experts' float weights on the GPU
+            fmt = str(b.gate.dtype).removeprefix("torch.")
+            self._hot_gpu = GpuExperts.from_weights(b.gate, b.up, b.down, b.act, x.device, weight_format=fmt)
+        return self._hot_gpu.forward(x, local, w)
+
+    def _stage(self, x, ids, w, for_graph: bool) -> Staging:
+        n = x.shape[0]
+        st = self.pool.get(n, x.shape[1], ids.shape[1], kernel_dtype(x.dtype), for_graph)
+        st.x[:n].copy_(x.to(st.x.dtype), non_blocking=True)
+        st.ids[:n].copy_(ids, non_blocking=True)
+        st.weights[:n].copy_(w.float(), non_blocking=True)
+        return st
+
+    def _hybrid(self, x: torch.Tensor, kernel) -> torch.Tensor:
+        n = x.shape[0]
+        ids, w, local = self._route(x)
+        st = self._stage(x, ids, w, for_graph=False)
+        copied = torch.cuda.Event()
+        copied.record()
+        shared = self.shared(x)  # queued: the GPU runs it while the CPU computes the routed experts
+        copied.synchronize()
+        handle = kernel.submit(st.x[:n], st.ids[:n], st.weights[:n], out=st.out[:n])
+        hot = self._hot(x, local, w)
+        handle.sync()
+        y = st.out[:n].to(x.device, non_blocking=True).to(x.dtype)
+        if hot is not None:
+            y = y + hot
+        return y if shared is None else y + shared
+
+    def _captured(self, x: torch.Tensor, kernel) -> torch.Tensor:
+        from tandem.gpu.host_func import launch_host_func
+
+        n = x.shape[0]
+        cur = torch.cuda.current_stream()
+        ids, w, local = self._route(x)
+        st = self._stage(x, ids, w, for_graph=True)
+        if self._side is None:
+            self._side = torch.cuda.Stream(x.device)
+        self._side.wait_stream(cur)
+        with torch.cuda.stream(self._side):  # a parallel branch of the graph, next to the host node
+            shared = self.shared(x)
+            hot = self._hot(x, local, w)
+        job = st.jobs.get((id(kernel), n))
+        if job is None:
+            job = st.jobs[id(kernel), n] = kernel.host_job(st.x[:n], st.ids[:n], st.weights[:n], st.out[:n])
+        launch_host_func(job.fn, job.arg, cur)
+        y = st.out[:n].to(x.device, non_blocking=True).to(x.dtype)
+        cur.wait_stream(self._side)
+        for t in (shared, hot):
+            if t is not None:
+                y = y + t
+        return y
+
+    def warm_graph_buffers(self, n: int, dtype: torch.dtype) -> None:
+        """Allocate the graph buffers before a capture (the engine's eager warm-up does it too)."""
+        d = self.gate.weight.shape[1]
+        k = getattr(self.gate, "top_k", None) or self.gate.a.num_experts_per_tok
+        self.pool.get(n, d, k, kernel_dtype(dtype), for_graph=True)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def hybridize(module: nn.Module, cfg: OpConfig, ctx_state, pool: PinnedPool) -> nn.Module:
+    """Put HybridMoE in front of the SparseMoE class of `module` (also one already placed by DeviceOp)."""
+    base = next(c for c in type(module).__mro__ if issubclass(c, SparseMoE) and not issubclass(c, DeviceOp))
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"HybridMoE[{base.__name__}]", (HybridMoE, base), {})
+    module.__class__ = _CLASSES[base]
+    module.op_config, module.run_state, module.pool = cfg, ctx_state, pool
+    return module
+
+
+def build(module: SparseMoE, cfg: OpConfig, ctx: LoadContext) -> nn.Module:
+    """The `moe` operator (KDeepseekV2MoE, KQwen3MoeSparseMoeBlock, ...): the block placed by its rule."""
+    load_own_tensors(module, cfg.name, cfg.generate_device, ctx)
+    return hybridize(module, cfg, ctx.state, PinnedPool())  # the model operator hands all blocks one pool
