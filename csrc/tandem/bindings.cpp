@@ -110,7 +110,9 @@ NB_MODULE(_tandem_cpu, m) {
       .def("quantize_from", [](Experts& e, int proj, uintptr_t src, int dtype, int64_t row0, int64_t nrows) {
         e.quantize_from(proj, (const void*)src, dtype, row0, nrows);
       }, nb::call_guard<nb::gil_scoped_release>())
-      .def("map_blocks", [](Experts& e, int proj, uintptr_t p, size_t n) { e.map_blocks(proj, (const void*)p, n); })
+      .def("map_blocks", [](Experts& e, int proj, uintptr_t p, size_t n, bool copy) {
+        e.map_blocks(proj, (const void*)p, n, copy);
+      }, nb::arg("proj"), nb::arg("p"), nb::arg("n"), nb::arg("copy") = false, nb::call_guard<nb::gil_scoped_release>())
       .def("dequantize", [](const Experts& e, int proj, int ex, uintptr_t dst) {
         e.dequantize(proj, ex, (float*)dst);
       }, nb::call_guard<nb::gil_scoped_release>())

@@ -63,6 +63,20 @@ ActRow shifted(ActRow a, int i0, int B) {  // the view of values i0.. of a row (
 
 std::atomic<int> g_gemm_min{-1};
 
+// Decode streams each weight row once: ask for the next rows ahead (into L2), across the 4 KB page edges where
+// the hardware streamer stops. TANDEM_CPU_PREFETCH=0 turns it off (for measuring).
+bool prefetch_on() {
+  static const bool on = [] {
+    const char* env = std::getenv("TANDEM_CPU_PREFETCH");
+    return !(env && env[0] == '0');
+  }();
+  return on;
+}
+
+inline void prefetch_row(const uint8_t* p, size_t n) {
+  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(p + o, 0, 2);
+}
+
 constexpr int kTokenTile = 64;  // decode: tokens per pass over a chunk of weight rows (activations stay in L2)
 constexpr int kNT = 4;          // decode: tokens per kernel call (register blocking)
 
@@ -259,11 +273,16 @@ class MoEJob : public Job {
     const ExpertMatrix &G = sh.m[0], &U = sh.m[1];
     const vec_dot_fn dg = kt_->dot[wtype_slot(G.type)], du = kt_->dot[wtype_slot(U.type)];
     ActRow acts[kTokenTile];
+    const bool pf = prefetch_on();
     for (int st = s0; st < s1; st += kTokenTile) {
       const int ns = std::min(kTokenTile, s1 - st);
       for (int j = 0; j < ns; j++) acts[j] = xview(slot_tok_[st + j]);
       for (int r = r0; r < r1; r++) {
         const uint8_t *wg = G.row(e, r), *wu = U.row(e, r);
+        if (pf && st == s0 && r + 1 < r1) {
+          prefetch_row(G.row(e, r + 1), G.row_bytes);
+          prefetch_row(U.row(e, r + 1), U.row_bytes);
+        }
         for (int j = 0; j < ns; j += kNT) {
           const int m = std::min(kNT, ns - j);
           float g[kNT], u[kNT];
@@ -334,11 +353,14 @@ class MoEJob : public Job {
         continue;
       }
       const int c0 = dpos_[ai];
+      const bool pf = prefetch_on();
       for (int st = s0; st < s1; st += kTokenTile) {
         const int ns = std::min(kTokenTile, s1 - st);
         for (int j = 0; j < ns; j++) acts[j] = shifted(hview(c0 + st - s0 + j), sh.i0, Bd_);
+        if (pf && st == s0) prefetch_row(D.row(e, h0), D.row_bytes * std::min(2, h1 - h0));
         for (int h = h0; h < h1; h++) {
           const uint8_t* wd = D.row(e, h);
+          if (pf && st == s0 && h + 2 < h1) prefetch_row(D.row(e, h + 2), D.row_bytes);
           for (int j = 0; j < ns; j += kNT) {
             const int m = std::min(kNT, ns - j);
             float r[kNT];
@@ -521,17 +543,17 @@ void Experts::quantize_from(int proj, const void* src, int src_dtype, int64_t ro
   job->wait();
 }
 
-void Experts::map_blocks(int proj, const void* data, size_t nbytes) {
+void Experts::map_blocks(int proj, const void* data, size_t nbytes, bool copy) {
   const size_t want = nbytes_of_full(proj);
   if (nbytes != want)
     throw std::invalid_argument("expected " + std::to_string(want) + " bytes, got " + std::to_string(nbytes));
-  if (shards_.size() == 1) {
+  if (shards_.size() == 1 && !copy) {
     ExpertMatrix& m = shards_[0].m[proj];
     m.owned.reset();
     m.data = (const uint8_t*)data;
     return;
   }
-  own(proj);  // several nodes: each shard's slice is copied into its node's memory
+  own(proj);  // each shard's slice is copied into its node's memory
   const int64_t rows = (int64_t)E_ * (proj < 2 ? I_ : H_);
   auto job = std::make_shared<QuantJob>(*this, proj, data, DT_F32, 0, rows, false);
   pool().submit(job);

@@ -55,8 +55,8 @@ class Experts {
 
   // Convert float rows [row0, row0 + nrows) of the stacked [E*rows, cols] matrix, multi-threaded.
   void quantize_from(int proj, const void* src, int src_dtype, int64_t row0, int64_t nrows);
-  // Use a caller's buffer as-is (one shard), or copy it into the shards' node memory (several).
-  void map_blocks(int proj, const void* data, size_t nbytes);
+  // Use a caller's buffer as-is (one shard, copy false), or copy it into the shards' node memory (huge pages).
+  void map_blocks(int proj, const void* data, size_t nbytes, bool copy = false);
   void dequantize(int proj, int e, float* dst) const;  // [rows, cols] fp32
 
   // Whole MoE layer. Validates ids (throws on an id >= E; ids < 0 are skipped as padding).

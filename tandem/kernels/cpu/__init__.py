@@ -286,9 +286,10 @@ class MoEExperts:
 
     @classmethod
     def from_gguf_blocks(cls, gate, up, down, ggml_type: int | tuple, E: int, I: int, H: int,  # noqa: E741
-                         numa_nodes: int | None = None) -> MoEExperts:
+                         numa_nodes: int | None = None, copy: bool = False) -> MoEExperts:
         """Use GGUF block bytes as they are (zero copy on one NUMA node; the buffers are kept alive by this
-        object; with several nodes each node's slice is copied into its memory).
+        object; with several nodes, or copy=True, each node's slice is copied into kernel-owned memory on that
+        node, with huge pages asked for).
 
         gate/up/down: bytes of the stacked [E, I, H] / [E, I, H] / [E, H, I] tensors in a GGUF file (torch
         uint8 tensor, numpy array, memoryview, mmap...). ggml_type: one ggml type id (Q4_0 2, Q8_0 8, Q4_K 12,
@@ -300,16 +301,17 @@ class MoEExperts:
         self = cls(E, I, H, types, numa_nodes)
         for p, buf in enumerate((gate, up, down)):
             addr, nbytes, keep = _buffer_address(buf)
-            self._x.map_blocks(p, addr, nbytes)  # checks the size
-            self._keep.append(keep)
+            self._x.map_blocks(p, addr, nbytes, copy)  # checks the size
+            if not copy and self._x.n_shards == 1:
+                self._keep.append(keep)
         return self
 
     @classmethod
     def from_blocks(cls, gate, up, down, fmt: str | int | tuple, E: int, I: int, H: int,  # noqa: E741
-                    numa_nodes: int | None = None) -> MoEExperts:
+                    numa_nodes: int | None = None, copy: bool = False) -> MoEExperts:
         """Like from_gguf_blocks, for any format name (e.g. int4_g32 blocks saved from ``block_bytes``)."""
         fmts = tuple(fmt) if isinstance(fmt, (tuple, list)) else (fmt,) * 3
-        return cls.from_gguf_blocks(gate, up, down, tuple(_fmt_id(f) for f in fmts), E, I, H, numa_nodes)
+        return cls.from_gguf_blocks(gate, up, down, tuple(_fmt_id(f) for f in fmts), E, I, H, numa_nodes, copy)
 
     def dequantize(self, proj: str, e: int) -> torch.Tensor:
         """Expert e's weight as the kernel holds it, in fp32: gate/up [I, H], down [H, I]."""
