@@ -33,6 +33,8 @@ GPU_OVERHEAD_ESTIMATE = 640 << 20  # CUDA context + cuBLAS/cuDNN modules (lazy l
 LIBRARY_WORKSPACE = 32 << 20  # cuBLAS workspace (held by torch's allocator) per GPU
 HOST_OVERHEAD = 1 << 30  # the Python process with torch and tandem imported (CUDA libraries mapped)
 PINNED_TOKENS = 256  # tokens of the pinned host buffers a CPU-experts layer keeps (hybrid MoE operator)
+# GGUF block types experts.cpu runs as the file stores them (mapped, never converted)
+KERNEL_GGUF_TYPES = {"F32", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,8 @@ class LayerInfo:
 
     index: int
     core: int  # bytes of everything but the routed experts (attention, norms, router, shared/dense MLP)
-    experts: int  # bytes of the routed experts (0: a dense layer)
+    experts: int  # bytes of the routed experts in the model dtype (0: a dense layer): on a GPU, or hot
+    experts_cpu: int  # bytes experts.cpu holds: the GGUF blocks as stored, else the dtype it computes in
     n_experts: int
     top_k: int
     kv_token: int  # bytes one cached token takes in this layer
@@ -124,10 +127,20 @@ class MemoryModel:
             k = getattr(mlp.gate, "top_k", None) or getattr(getattr(mlp.gate, "a", None), "num_experts_per_tok", 0) \
                 if experts is not None else 0
             kind = f"{type(layer.self_attn).__name__}/{type(mlp).__name__}"
-            out.append(LayerInfo(i, own_bytes(layer, self.w.dtype) - eb, eb, len(experts) if experts else 0, k,
+            name = f"model.layers.{i}.{mlp_name}.experts"
+            out.append(LayerInfo(i, own_bytes(layer, self.w.dtype) - eb, eb, self.cpu_experts_bytes(name, eb),
+                                 len(experts) if experts else 0, k,
                                  kv_per_token(layer.self_attn) * self.w.kv_dtype.itemsize, kind,
                                  f"model.layers.{i}.{mlp_name}.experts" if experts is not None else None))
         return out
+
+    def cpu_experts_bytes(self, name: str, in_dtype: int) -> int:
+        """What experts.cpu holds for experts `name`: a GGUF file's blocks when it runs them (mapped), else the
+        weights in the dtype it computes in (fp16 is held as fp32, exactly)."""
+        stored = [t for n, t in self.src.tensors.items() if n.startswith(name + ".")]
+        if self.src.kind == "gguf" and stored and all(t.format in KERNEL_GGUF_TYPES for t in stored):
+            return sum(t.nbytes for t in stored)
+        return in_dtype * 2 if self.w.dtype == torch.float16 else in_dtype
 
     @cached_property
     def globals(self) -> dict[str, int]:

@@ -79,11 +79,13 @@ def ledger(mm: MemoryModel, a: Assignment, devices: list[Device], ov: dict[str, 
         act.setdefault(dev, [0, 0])
         act[dev] = [max(act[dev][0], pre), max(act[dev][1], dec)]
         if info.n_experts:
-            out[a.experts[i]]["weights"] += info.experts
+            out[a.experts[i]]["weights"] += info.experts_cpu if a.experts[i] == "cpu" else info.experts
             for d in {a.experts[i], a.experts_prefill[i]}:
                 work[d] = max(work.get(d, 0), mm.experts_workspace(i))
             if a.experts_prefill[i] != a.experts[i]:  # layer-wise prefill: one expert staged at a time
                 work[a.experts_prefill[i]] += mm.expert_bytes(i)
+                if a.experts[i] == "cpu" and info.experts_cpu != info.experts:  # the torch prefill's float copy
+                    out["cpu"]["weights"] += info.experts
             if a.hot.get(i):
                 out[dev]["weights"] += len(a.hot[i]) * mm.expert_bytes(i)
                 work[dev] = max(work.get(dev, 0), mm.experts_workspace(i))
@@ -233,7 +235,7 @@ class _Filler:
             if i in cons.experts:
                 gen, pre, _ = cons.experts[i]
                 a.experts[i], a.experts_prefill[i] = gen, pre
-                self.take(gen, info.experts)
+                self.take(gen, info.experts_cpu if gen == "cpu" else info.experts)
                 continue
             a.experts[i] = "cpu"
             gpu = a.layers[i] if a.layers[i] != "cpu" else None
@@ -348,7 +350,8 @@ def estimate(mm: MemoryModel, a: Assignment, rates: Rates, stats: dict[int, list
             decode += cold_bytes * touched(frac_cold * info.n_experts / max(info.n_experts - len(hot), 1), b) / \
                 rates.ram_bw + len(hot) * mm.expert_bytes(i) * touched(frac, b) / rates.gpu_bw
         else:
-            decode += info.experts * touched(frac, b) / bw.get(e_dev, rates.gpu_bw)
+            held = info.experts_cpu if e_dev == "cpu" else info.experts
+            decode += held * touched(frac, b) / bw.get(e_dev, rates.gpu_bw)
         if e_dev != dev:
             decode += 2 * rates.hop_s + 2 * b * mm.hidden * w.dtype.itemsize / rates.pcie_bw
         active = info.experts * frac / w.dtype.itemsize  # parameters each token runs through

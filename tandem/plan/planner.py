@@ -106,7 +106,7 @@ def constraints(src: ModelSource, spec: str, devices: list[Device]) -> tuple[Con
         elif i is not None and OPS[p.op].isolated:
             cons.experts[i] = (p.generate_device, p.prefill_device, why)
             pin_layer(i, p.out_device, why, f"{name} out_device")
-        elif i is not None and (p.own_tensors or p.op != "default" or not p.recursive):
+        elif i is not None:  # a container too: the rule layer adds its children's results on its device
             pin_layer(i, p.generate_device, why, name)
     return cons, text
 
