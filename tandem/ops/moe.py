@@ -172,6 +172,8 @@ class HybridMoE(DeviceOp):
         n = x.shape[0]
         ids, w, local = self._route(x)
         st = self._stage(x, ids, w, for_graph=False)
+        if self._side is None:
+            self._side = torch.cuda.Stream(x.device)  # made before any capture, used by the captured variant
         copied = torch.cuda.Event()
         copied.record()
         shared = self.shared(x)  # queued: the GPU runs it while the CPU computes the routed experts

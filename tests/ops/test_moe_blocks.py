@@ -1,0 +1,165 @@
+"""CPU-side logic of GPU execution: block formats (quantize / dequantize / GGUF conversions in torch, as the GPU
+runs them at load), sorted routing for the grouped GEMM, the layer-wise prefill's buffer layout and threshold.
+No GPU needed: every function here is device-agnostic torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tandem.kernels.cpu as K
+from tandem.gpu import blocks as B
+from tandem.gpu.routing import moe_align
+from tandem.gpu.transfer import LayerBlocks, cpu_blocks, layerwise_threshold, to_gpu_experts
+from tandem.weights import gguf_quants as gq
+
+
+def _weights(rows=48, cols=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[3, :32] = 0.0  # an all-zero group: scale 0 must not divide by zero
+    w[5, 40] = 2.0  # an outlier
+    return w
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "int4_g32", "int4_g128"])
+def test_torch_quantizer_writes_the_cpu_kernels_bytes(fmt):
+    """The GPU quantizes safetensors weights at load with this code; the bytes equal the C++ quantizer's, so
+    CPU and GPU hold one layout and stream between each other without conversion."""
+    w = _weights()
+    ours = B.quantize(w, fmt)
+    assert torch.equal(ours, K.quantize(w, fmt))
+    assert torch.equal(B.dequantize(ours, fmt, tuple(w.shape)), K.dequantize(ours, fmt, *w.shape))
+
+
+def test_q4_0_is_ggml_q4_0():
+    gguf = pytest.importorskip("gguf")
+    w = _weights(seed=1)
+    ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0)
+    assert np.array_equal(B.quantize(w, "q4_0").numpy(), ref.reshape(w.shape[0], -1))
+    deq = gguf.quants.dequantize(ref, gguf.GGMLQuantizationType.Q4_0)
+    assert torch.equal(B.dequantize(B.quantize(w, "q4_0"), "q4_0", tuple(w.shape)), torch.from_numpy(deq))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "int4_g32", "int4_g128"])
+def test_quantization_error_is_within_half_a_step(fmt):
+    w = _weights(seed=2)
+    blk = B.BLOCK_FORMATS[fmt][0]
+    group = 32 if fmt in ("q8_0", "q4_0", "int4_g32") else 128
+    err = (B.dequantize(B.quantize(w, fmt), fmt, tuple(w.shape)) - w).abs().view(w.shape[0], -1, group)
+    span = w.view(w.shape[0], -1, group)
+    levels = {"q8_0": 254, "q4_0": 16, "int4_g32": 15, "int4_g128": 15}[fmt]
+    rng = 2 * span.abs().amax(-1) if fmt in ("q8_0", "q4_0") else span.amax(-1) - span.amin(-1)
+    step = rng / levels
+    # half a step (q4_0: a whole one, ggml clamps the end opposite its largest value to 7 of its 8 steps),
+    # plus the fp16 rounding of scale and min (2^-11 relative, times up to 15 steps)
+    half = 1.0 if fmt == "q4_0" else 0.5
+    bound = step * (half + 16 * 2**-11) + span.abs().amax(-1) * 2**-10
+    assert (err.amax(-1) <= bound + 1e-7).all(), (fmt, blk)
+
+
+def _random_blocks(ggml_type: int, n_blocks: int, seed: int = 0) -> torch.Tensor:
+    """Random bytes as blocks of a GGUF type, with sane fp16 scales (random bits would give inf/nan)."""
+    qt = gq.TYPES[ggml_type]
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randint(0, 256, (n_blocks, qt.bytes), dtype=torch.uint8, generator=g)
+    scales = {2: [0], 3: [0, 2], 8: [0], 12: [0, 2], 14: [208]}[ggml_type]
+    for at in scales:
+        val = torch.rand(n_blocks, generator=g) * 0.02 + 0.001
+        b[:, at : at + 2] = val.half().view(torch.uint8).view(n_blocks, 2)
+    return b
+
+
+@pytest.mark.parametrize("ggml_type,fmt,exact", [(8, "q8_0", True), (2, "q4_0", True), (3, "int4_g32", True),
+                                                 (12, "int4_g32", False), (14, "q8_0", False)])
+def test_gguf_blocks_convert_to_the_kernel_layout(ggml_type, fmt, exact):
+    """GGUF tensors become kernel blocks on the device that loads them: Q8_0/Q4_0 as they are, Q4_1 relaid
+    exactly, Q4_K relaid with its sub-block scales d*sc and mins dmin*m rounded to fp16 (relative 2^-11 of
+    each term), 5/6-bit types through 8 bits (half an int8 step)."""
+    rows, cols = 16, 512
+    qt = gq.TYPES[ggml_type]
+    raw = _random_blocks(ggml_type, rows * cols // qt.block).reshape(-1)
+    ref = gq.dequantize(raw, ggml_type, (rows, cols))
+    got = B.from_gguf(raw, ggml_type, (rows, cols), None, "cpu")
+    assert got.fmt == fmt
+    deq = got.dequantize()
+    if exact:
+        assert torch.equal(deq, ref)
+    elif ggml_type == 12:
+        assert (deq - ref).abs().max() <= ref.abs().max() * 2**-10
+    else:
+        step = ref.view(rows, -1, 32).abs().amax(-1, keepdim=True) / 127
+        assert ((deq - ref).view(rows, -1, 32).abs() <= step * 0.51 + 1e-7).all()
+
+
+def test_routing_sorts_slots_by_expert_with_padding():
+    ids = torch.tensor([[0, 2], [2, 3], [-1, 0], [3, 3], [1, 9]])  # -1 and 9 (>= E) are dropped
+    r = moe_align(ids, 4, 4)
+    assert r.slots.numel() % 4 == 0 and r.block_expert.numel() == r.slots.numel() // 4
+    seen = []
+    for b, e in enumerate(r.block_expert.tolist()):
+        block = r.slots[4 * b : 4 * b + 4].tolist()
+        if e < 0:
+            assert block == [-1] * 4
+            continue
+        for s in block:
+            if s >= 0:
+                assert ids.view(-1)[s] == e
+                seen.append(s)
+    valid = [s for s, e in enumerate(ids.view(-1).tolist()) if 0 <= e < 4]
+    assert sorted(seen) == valid
+
+
+def test_routing_has_static_sizes():
+    """Sizes depend on T, K, E, block only: a CUDA graph replays it for any routing."""
+    a = moe_align(torch.zeros(8, 2, dtype=torch.long), 16, 16)
+    b = moe_align(torch.arange(16).view(8, 2), 16, 16)
+    assert a.slots.shape == b.slots.shape and a.block_expert.shape == b.block_expert.shape
+
+
+@pytest.mark.parametrize("fmt", ["int4_g32", "int8", "bf16"])
+def test_cpu_experts_stream_to_the_gpu_layout_as_they_are(fmt):
+    """Layer-wise prefill uploads the CPU kernel's bytes; on the GPU they read as the same weights."""
+    E, I, D = 3, 128, 256  # noqa: E741
+    g = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(E, I, D, generator=g) / 16, torch.randn(E, I, D, generator=g) / 16
+    down = torch.randn(E, D, I, generator=g) / 11
+    if fmt == "bf16":
+        parts = [t.bfloat16().contiguous() for t in (gate, up, down)]
+    else:
+        parts = [K.quantize(t.reshape(-1, t.shape[-1]), fmt) for t in (gate, up, down)]
+    kernel = K.MoEExperts.from_blocks(*parts, fmt, E, I, D)
+
+    class Backend:  # what experts.cpu exposes: its MoEExperts as .kernel
+        pass
+
+    backend = Backend()
+    backend.kernel = kernel
+    lb = cpu_blocks(backend)
+    assert isinstance(lb, LayerBlocks) and lb.shape == (E, I, D)
+    w13_raw = torch.cat((lb.gate, lb.up), 1).reshape(-1)  # what the streamer uploads
+    w13, w2 = to_gpu_experts(w13_raw, lb.down.reshape(-1), lb)
+    g13, d2 = w13.dequantize(), w2.dequantize()
+    for e in range(E):
+        assert torch.equal(g13[e, :I], kernel.dequantize("gate", e))
+        assert torch.equal(g13[e, I:], kernel.dequantize("up", e))
+        assert torch.equal(d2[e], kernel.dequantize("down", e))
+
+
+def test_layerwise_threshold_from_measured_rates():
+    # DeepSeek-V3 layer, int4_g32: 7.4 GB of experts; 55 GB/s over PCIe; the CPU computes 2000 tokens/s per layer
+    t = layerwise_threshold(7_400_000_000, 55e9, 2000.0)
+    assert t == 270  # streaming takes 134.5 ms, the CPU does 269.1 tokens in that time
+    assert layerwise_threshold(1, 1e12, 1.0) == 1
+    with pytest.raises(ValueError, match="positive"):
+        layerwise_threshold(1, 0.0, 1.0)
+
+
+def test_format_names_and_bad_shapes():
+    assert B.canonical("int8") == "q8_0" and B.canonical("int4", 128) == "int4_g128"
+    assert B.canonical("int4_sym") == "q4_0"
+    with pytest.raises(ValueError, match="not a GPU weight format"):
+        B.canonical("int3")
+    with pytest.raises(ValueError, match="multiple of int4_g32's block of 128"):
+        B.quantize(torch.zeros(4, 96), "int4_g32")
