@@ -13,22 +13,24 @@ Backends (registry names):
 
 A backend takes the weights once at load, either `load(weights: ExpertWeights, device, **kwargs)` or, for plain
 float kernels, `from_weights(gate [E, I, D], up [E, I, D], down [E, D, I], act, device, **kwargs)`; then
-`forward(x [N, D], topk_ids [N, K], topk_weights [N, K]) -> [N, D]`, and optionally `submit(...)` returning a
-handle with `wait()`. Negative ids are padding: that slot is skipped.
+`forward(x [N, D], topk_ids [N, K], topk_weights [N, K]) -> [N, D]`, and optionally `submit(x, ids, w, out=None)`
+returning a handle with `wait()`. Negative ids are padding: that slot is skipped.
 
 Contract for hybrid operators (router and shared experts on the GPU while the CPU computes the routed ones):
 
     handle = op.submit(x, topk_ids, topk_weights)   # x [N, D], topk_ids [N, K] int, topk_weights [N, K]; any device
     ...                                             # GPU work here overlaps the CPU experts
     y = handle.wait()                               # [N, D], x's dtype, on out_device; forward() = submit + wait
+    op.submit(x, ids, w, out=buf).wait()            # or into `buf` (e.g. pinned CPU [N, D], fp32/bf16), in place
 
-With `experts.cpu`, submit copies x, ids and weights to the CPU (a blocking copy from a GPU) and returns while
-the kernel's pool computes with the GIL released; the inputs may be reused at once, the result is read only by
-wait(). Torch backends compute inside submit. For CUDA graphs, `op.backends[phase].kernel` is the
-tandem.kernels.cpu.MoEExperts (host_job / host_entry). `hot_experts` (a list of expert ids for every layer the
-rule places, or a mapping layer index -> ids) keeps those experts in the model dtype on `hot_device` (default
-out_device), computed there by the torch backend during the same call: routing is split by id, the main backend
-gets the others (hot slots as padding), and the two results are summed.
+With `experts.cpu`, submit copies x, ids and weights to the CPU (a blocking copy from a GPU; none for CPU
+tensors already fp32/bf16 and contiguous, which must then stay unmodified until wait) and returns while the
+kernel's pool computes with the GIL released; the result is read only by wait(). Torch backends compute inside
+submit. For host functions in CUDA graphs, `op.backends[phase].kernel` is the tandem.kernels.cpu.MoEExperts
+(host_job / host_entry), and `op.backends[phase].blocks()` the weights as the kernel reads them. `hot_experts`
+(a list of expert ids for every layer the rule places, or a mapping layer index -> ids) keeps those experts in
+the model dtype on `hot_device` (default out_device), computed there by the torch backend during the same call:
+routing is split by id, the main backend gets the others (hot slots as padding), and the results are summed.
 """
 
 from __future__ import annotations
@@ -108,22 +110,31 @@ class Ready:
 
 
 class ExpertsHandle:
-    """An ExpertsOp.submit in flight: wait() -> [N, D] in x's dtype on out_device."""
+    """An ExpertsOp.submit in flight: wait() -> [N, D] in x's dtype on out_device (or the `out` it was given)."""
 
-    def __init__(self, main, hot: torch.Tensor | None, dtype: torch.dtype, out_device: str):
-        self.main, self.hot, self.dtype, self.out_device = main, hot, dtype, out_device
+    def __init__(self, main, hot: torch.Tensor | None, dtype: torch.dtype, out_device: str,
+                 out: torch.Tensor | None = None):
+        self.main, self.hot, self.dtype, self.out_device, self.out = main, hot, dtype, out_device, out
 
     def wait(self) -> torch.Tensor:
-        y = self.main.wait().to(self.out_device, self.dtype)
+        y = self.main.wait()
+        if self.out is not None:
+            if y is not self.out:
+                self.out.copy_(y)
+            if self.hot is not None:
+                self.out.add_(self.hot.to(self.out.device, self.out.dtype))
+            return self.out
+        y = y.to(self.out_device, self.dtype)
         if self.hot is not None:
             y = y + self.hot.to(self.out_device, self.dtype)
         return y
 
 
-def submit(backend, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-    """backend.submit if it has one, else its forward now."""
+def submit(backend, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+           out: torch.Tensor | None = None):
+    """backend.submit(x, ids, w, out=...) if it has one, else its forward now."""
     if hasattr(backend, "submit"):
-        return backend.submit(x, topk_ids, topk_weights)
+        return backend.submit(x, topk_ids, topk_weights, out=out)
     return Ready(backend.forward(x, topk_ids, topk_weights))
 
 
@@ -207,20 +218,22 @@ def convert_target(stored, cols: int, dtype: torch.dtype) -> str:
 
 
 class KernelHandle:
-    """A kernel submit in flight."""
+    """A kernel submit in flight; wait() syncs (GIL released) and returns its output in `dtype`."""
 
-    def __init__(self, handle, dtype: torch.dtype):
+    def __init__(self, handle, dtype: torch.dtype | None):
         self.handle, self.dtype = handle, dtype
 
     def wait(self) -> torch.Tensor:
-        return self.handle.sync().to(self.dtype)
+        y = self.handle.sync()
+        return y if self.dtype is None else y.to(self.dtype)
 
 
 class CpuExperts:
     """`experts.cpu`: the C++ kernel, weights mapped or converted once at load (see the module docstring)."""
 
-    def __init__(self, kernel, dtype: torch.dtype, origin: str):
+    def __init__(self, kernel, dtype: torch.dtype, origin: str, buffers: tuple = ()):
         self.kernel, self.dtype, self.origin = kernel, dtype, origin
+        self.buffers = buffers  # what the kernel reads, per projection (it maps them, no copy)
         self.device = "cpu"
 
     @property
@@ -263,7 +276,17 @@ class CpuExperts:
         (I, D) = w.shapes[0]  # noqa: E741
         types = tuple(t for t, _ in parts)
         kernel = cpu.MoEExperts.from_gguf_blocks(*(b for _, b in parts), types, w.n_experts, I, D)
-        return cls(kernel, w.dtype, ", ".join(dict.fromkeys(origins)))
+        return cls(kernel, w.dtype, ", ".join(dict.fromkeys(origins)), tuple(b for _, b in parts))
+
+    def blocks(self) -> tuple:
+        """(format, gate [E, I, row_bytes], up [E, I, row_bytes], down [E, D, row_bytes]): uint8 views of the
+        weights as the kernel reads them (layouts of csrc/tandem/quants.h), for streaming them to a GPU.
+        format is one name (kernels.cpu.FORMATS), or a (gate, up, down) triple when they differ."""
+        k = self.kernel
+        shapes = ((k.E, k.I), (k.E, k.I), (k.E, k.H))
+        views = tuple(b.view(torch.uint8).reshape(*s, -1) for b, s in zip(self.buffers, shapes))
+        fmt = self.fmt
+        return (fmt[0] if len(set(fmt)) == 1 else fmt, *views)
 
     @staticmethod
     def _from_float(stack: torch.Tensor, fmt: str, name: str, role: str) -> torch.Tensor:
@@ -293,13 +316,18 @@ class CpuExperts:
             out[e * rows : (e + 1) * rows] = cpu.quantize(stored.expert(e), fmt)
         return out
 
-    def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+    def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               out: torch.Tensor | None = None):
+        """Start the kernel and return at once; `out` (CPU [N, D], fp32/bf16, contiguous): written in place."""
         if x.shape[0] == 0:
-            return Ready(torch.zeros_like(x))
+            return Ready(torch.zeros_like(x) if out is None else out)
         xk = x.to("cpu", torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32).contiguous()
         ids = topk_ids.to("cpu").contiguous()
         w = topk_weights.to("cpu", torch.float32).contiguous()
-        return KernelHandle(self.kernel.submit(xk, ids, w), x.dtype)
+        direct = out is not None and out.device.type == "cpu" and out.dtype in (torch.float32, torch.bfloat16) \
+            and out.is_contiguous()
+        h = self.kernel.submit(xk, ids, w, out if direct else None)
+        return KernelHandle(h, None if direct else x.dtype)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return self.submit(x, topk_ids, topk_weights).wait()
@@ -403,17 +431,19 @@ class ExpertsOp(nn.Module):
             text += f", {len(self.hot.ids)} hot experts on {self.hot.device}"
         return text
 
-    def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> ExpertsHandle:
-        """Start the layer's experts: x [N, D], topk_ids [N, K], topk_weights [N, K]; wait() gives [N, D]."""
+    def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               out: torch.Tensor | None = None) -> ExpertsHandle:
+        """Start the layer's experts: x [N, D], topk_ids [N, K], topk_weights [N, K]; wait() gives [N, D] on
+        out_device, or `out` (e.g. a pinned CPU [N, D] buffer in x's dtype) filled in place."""
         backend = self.backends[self.run_state.phase]
         hot = None
         if self.hot is not None:
             topk_ids, local = self.hot.split(topk_ids)
-            main = submit(backend, x, topk_ids, topk_weights)  # the CPU kernel starts before the hot work
+            main = submit(backend, x, topk_ids, topk_weights, out)  # the CPU kernel starts before the hot work
             hot = self.hot.forward(x, local, topk_weights)
         else:
-            main = submit(backend, x, topk_ids, topk_weights)
-        return ExpertsHandle(main, hot, x.dtype, self.op_config.out_device)
+            main = submit(backend, x, topk_ids, topk_weights, out)
+        return ExpertsHandle(main, hot, x.dtype, self.op_config.out_device, out)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         # x [N, D], topk_ids [N, K], topk_weights [N, K] -> [N, D] on out_device
