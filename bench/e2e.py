@@ -1,0 +1,282 @@
+"""End-to-end hybrid benchmark: routed experts on the CPU (C++ kernel, int4_g32), everything else on one GPU,
+against the physical bounds measured in the same run.
+
+    python bench/e2e.py [--models qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4] [--dir /tmp/tandem-e2e]
+                        [--prefill 512,2048,8192] [--batches 1,8] [--decode-tokens 32] [--profile] [--json]
+
+Each model is `tandem synth PRESET --layers L` (random weights in the real per-layer shapes, truncated depth:
+every figure below is per token through those L layers, so ratios hold for the full depth), loaded with the
+family's 1gpu preset plus `weight_format: int4_g32` on the experts; each runs in its own process so peak VRAM
+and RSS are its own. Prefill: one prompt of P tokens through the layers (hidden states, no logits), long ones
+through the layer-wise GPU prefill when above its measured threshold. Decode: the engine (paged KV, CUDA graphs
+with the CPU experts as host nodes) at batch 1 and 8.
+
+Bounds, measured in the same run: decode = RAM read bandwidth / routed-expert bytes a step reads (batch 8: the
+distinct experts 8 tokens touch, expected value); prefill = max(routed-expert bytes / host-to-device bandwidth,
+FLOPs / measured GPU bf16 matmul rate), FLOPs = 2 P (active non-embedding parameters) + causal attention.
+`ratio` = measured tok/s / bound tok/s. --profile prints a torch profiler table of one decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODELS = "qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4"
+
+
+# ---------------------------------------------------------------------- bounds
+
+
+def ram_read_gbs(gib: float = 4.0) -> float:
+    """Best read bandwidth of RAM with every kernel thread (tandem.kernels.cpu's probe), GB/s."""
+    from tandem.kernels import cpu as K
+
+    buf = torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)
+    best = 0.0
+    for _ in range(4):
+        t0 = time.perf_counter()
+        K._C.read_buffer(buf.data_ptr(), buf.numel() * 8)
+        best = max(best, buf.numel() * 8 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def gpu_matmul_tflops(n: int = 8192) -> float:
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda",
+                                                                                dtype=torch.bfloat16)
+    a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+
+
+def model_counts(llm) -> dict:
+    """Routed-expert bytes (CPU kernel), routed params per token, other active params, attention dims."""
+    from tandem.ops.experts import ExpertsOp
+
+    cfg = llm.model.args
+    routed_bytes, per_expert_bytes, routed_params, n_moe, e, k = 0, 0, 0, 0, 0, 0
+    for m in llm.model.modules():
+        if isinstance(m, ExpertsOp):
+            kern = m.backends["generate"].kernel
+            routed_bytes += kern.nbytes()
+            per_expert_bytes = kern.nbytes() / kern.E
+            routed_params += 3 * kern.I * kern.H
+            n_moe, e = n_moe + 1, kern.E
+    k = getattr(cfg, "num_experts_per_tok", 0)
+    other = 0
+    for name, p in llm.model.named_parameters():
+        if "embed_tokens" in name or "lm_head" in name:
+            continue
+        other += p.numel()
+    for name, b in llm.model.named_buffers():
+        if "weight" in name and "lm_head" not in name and "embed" not in name:  # quantized linears' blocks
+            other += b.numel()
+    heads = cfg.num_attention_heads
+    if hasattr(cfg, "kv_lora_rank"):
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        qk = v = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return dict(routed_bytes=routed_bytes, per_expert_bytes=per_expert_bytes, n_moe=n_moe, experts=e, top_k=k,
+                routed_params_per_token=routed_params * k, other_params=other, heads=heads, qk=qk, v=v,
+                layers=cfg.num_hidden_layers)
+
+
+def prefill_flops(c: dict, p: int) -> float:
+    return 2.0 * p * (c["other_params"] + c["routed_params_per_token"]) + 2.0 * p * p * c["heads"] * (
+        c["qk"] + c["v"]) * c["layers"]  # causal: half of the 4 P^2 H d of full attention
+
+
+def decode_bytes(c: dict, batch: int) -> float:
+    """Routed-expert bytes one decode step reads: the distinct experts `batch` tokens touch (expected)."""
+    e, k = c["experts"], c["top_k"]
+    distinct = e * (1 - (1 - k / e) ** batch)
+    return c["n_moe"] * distinct * c["per_expert_bytes"]
+
+
+# ---------------------------------------------------------------------- one model (child process)
+
+
+def rules_file(preset_family: str, out: Path) -> Path:
+    """The family's 1gpu preset with the routed experts quantized to int4_g32 on the CPU."""
+    from tandem.rules.presets import PRESETS
+
+    text = (PRESETS / preset_family / "1gpu.yaml").read_text()
+    text = text.replace('      out_device: "cuda:0"\n', '      out_device: "cuda:0"\n      weight_format: int4_g32\n', 1)
+    out.write_text(text)
+    return out
+
+
+def prefill(llm, n: int) -> float:
+    from tandem.models.attention import Batch
+
+    ids = torch.randint(0, llm.model.args.vocab_size, (n,))
+    batch = Batch.single(n)
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.model(ids, batch.positions(), batch)
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def decode(llm, batch: int, tokens: int) -> float:
+    from tandem.engine import SamplingParams, Sequence
+
+    engine = llm.engine
+    seqs = [engine.add(Sequence(list(range(10 + i, 26 + i)), SamplingParams(max_new_tokens=tokens, ignore_eos=True)))
+            for i in range(batch)]
+    start = None
+    with torch.inference_mode():
+        while engine.has_work():
+            engine.step()
+            if start is None and all(len(s.output) >= 2 for s in seqs):  # prefill and the first graph step done
+                torch.cuda.synchronize()
+                start, done = time.perf_counter(), sum(len(s.output) for s in seqs)
+    torch.cuda.synchronize()
+    return (sum(len(s.output) for s in seqs) - done) / (time.perf_counter() - start)
+
+
+def profile_decode(llm) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    from tandem.engine import SamplingParams, Sequence
+
+    engine = llm.engine
+    engine.add(Sequence(list(range(10, 26)), SamplingParams(max_new_tokens=12, ignore_eos=True)))
+    for _ in range(4):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_work():
+        engine.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], tokens: int, prof: bool) -> dict:
+    import tandem
+    from tandem.gpu.transfer import measure_h2d
+    from tandem.rules.presets import FAMILY_PRESETS
+    from tandem.synth import PRESETS, synthesize
+
+    preset, layers = spec.split(":") if ":" in spec else (spec, None)
+    layers = int(layers) if layers else None
+    out = root / f"{preset}-{layers}"
+    t0 = time.perf_counter()
+    if not (out / "config.json").exists():
+        synthesize(preset, out, layers, progress=False)
+    synth_s = time.perf_counter() - t0
+    rules = rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}.yaml")
+    t0 = time.perf_counter()
+    llm = tandem.load(out, rules=str(rules), dtype="bfloat16", progress=False)
+    load_s = time.perf_counter() - t0
+    c = model_counts(llm)
+    res = {"model": preset, "layers": layers, "synth_s": round(synth_s, 1), "load_s": round(load_s, 1),
+           "routed_expert_gb": round(c["routed_bytes"] / 1e9, 2)}
+    res["ram_read_gbs"] = round(ram_read_gbs(), 1)
+    res["h2d_gbs"] = round(measure_h2d(torch.device("cuda"), 1 << 30) / 1e9, 1)
+    res["gpu_bf16_tflops"] = round(gpu_matmul_tflops(), 1)
+    prefill(llm, 512)  # warm-up: Triton/graph compiles, the layer-wise threshold measured once
+    res["layerwise_threshold"] = llm.model.model._threshold
+    for p in prefills:
+        tps = prefill(llm, p)
+        bound_s = max(c["routed_bytes"] / (res["h2d_gbs"] * 1e9), prefill_flops(c, p) / (res["gpu_bf16_tflops"] * 1e12))
+        res[f"prefill_{p}"] = {"tok_s": round(tps, 1), "bound_tok_s": round(p / bound_s, 1),
+                               "ratio": round(tps * bound_s / p, 3),
+                               "layerwise": p >= (res["layerwise_threshold"] or 1 << 30)}
+        print(f"  {preset} prefill {p}: {tps:.0f} tok/s (bound {p / bound_s:.0f})", file=sys.stderr, flush=True)
+    for b in batches:
+        tps = decode(llm, b, tokens)
+        bound = b * res["ram_read_gbs"] * 1e9 / decode_bytes(c, b)
+        res[f"decode_b{b}"] = {"tok_s": round(tps, 2), "bound_tok_s": round(bound, 2), "ratio": round(tps / bound, 3),
+                               "gb_per_step": round(decode_bytes(c, b) / 1e9, 3)}
+        print(f"  {preset} decode b{b}: {tps:.1f} tok/s (bound {bound:.1f})", file=sys.stderr, flush=True)
+    res["graphs"] = None if llm.engine.graphs is None else {"replays": llm.engine.graphs.replays,
+                                                             "disabled": llm.engine.graphs.disabled}
+    res["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    res["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    if prof:
+        res["profile"] = profile_decode(llm)
+    return res
+
+
+# ---------------------------------------------------------------------- driver
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model (layers) | prefill 512 | prefill 2048 | prefill 8192 | decode b1 | decode b8 | VRAM GB | RSS GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | error: {r['error'][:80]} |")
+            continue
+
+        def cell(key):
+            v = r.get(key)
+            return f"{v['tok_s']:.0f} ({100 * v['ratio']:.0f}%)" if v else "-"
+
+        lines.append(f"| {r['model']} ({r['layers']}) | {cell('prefill_512')} | {cell('prefill_2048')} | "
+                     f"{cell('prefill_8192')} | {cell('decode_b1')} | {cell('decode_b8')} | {r['peak_vram_gb']} | "
+                     f"{r['peak_rss_gb']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="preset:layers, comma separated")
+    ap.add_argument("--dir", default="/tmp/tandem-e2e")
+    ap.add_argument("--prefill", default="512,2048,8192")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--keep", action="store_true", help="keep the synthesized models (default: delete each)")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this model, print its JSON
+    args = ap.parse_args()
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    prefills = [int(x) for x in args.prefill.split(",") if x]
+    batches = [int(x) for x in args.batches.split(",") if x]
+    if args.one:
+        print(json.dumps(run_one(args.one, root, prefills, batches, args.decode_tokens, args.profile)))
+        return
+    results = []
+    for spec in args.models.split(","):
+        cmd = [sys.executable, __file__, "--one", spec, "--dir", str(root), "--prefill", args.prefill,
+               "--batches", args.batches, "--decode-tokens", str(args.decode_tokens)] + (
+            ["--profile"] if args.profile else [])
+        print(f"== {spec}", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+        try:
+            r = json.loads(last)
+        except json.JSONDecodeError:
+            r = {"model": spec, "error": f"exit {proc.returncode}: {last[-200:]}"}
+        if "profile" in r:
+            print(r.pop("profile"), file=sys.stderr)
+        results.append(r)
+        if not args.keep:
+            shutil.rmtree(root / spec.replace(":", "-"), ignore_errors=True)
+    machine = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+               "cpu_cores": os.cpu_count(), "torch": torch.__version__}
+    print(table(results))
+    if args.json:
+        print(json.dumps({"machine": machine, "command": " ".join(sys.argv), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
