@@ -114,7 +114,8 @@ def rules_file(preset_family: str, out: Path) -> Path:
     from tandem.rules.presets import PRESETS
 
     text = (PRESETS / preset_family / "1gpu.yaml").read_text()
-    text = text.replace('      out_device: "cuda:0"\n', '      out_device: "cuda:0"\n      weight_format: int4_g32\n', 1)
+    line = '      out_device: "cuda:0"\n'
+    text = text.replace(line, line + "      weight_format: int4_g32\n", 1)
     out.write_text(text)
     return out
 
@@ -218,14 +219,14 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model (layers) | prefill 512 | prefill 2048 | prefill 8192 | decode b1 | decode b8 | VRAM GB | RSS GB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model (layers) | prefill 512 | prefill 2048 | prefill 8192 | decode b1 | decode b8 | VRAM GB | "
+             "RSS GB |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['model']} | error: {r['error'][:80]} |")
             continue
 
-        def cell(key):
+        def cell(key, r=r):
             v = r.get(key)
             return f"{v['tok_s']:.0f} ({100 * v['ratio']:.0f}%)" if v else "-"
 
