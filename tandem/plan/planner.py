@@ -190,11 +190,14 @@ def make_plan(src: ModelSource, devices: list[Device], context: int | None = Non
         return mm
 
     def best_at(ctx: int, gpu_layers: bool) -> tuple[Placed | None, int]:
-        for chunk in chunks:  # the first (largest) chunk that fits so
-            got = best(candidates(model_for(ctx, chunk), devices, cons, stats, rates, ov), gpu_layers)
-            if got is not None:
-                return got, chunk
-        return None, chunks[0]
+        """The best plan over the prefill chunks: the fastest decode, and of plans within 2% of it the largest
+        chunk (smaller chunks free GPU memory for weights, larger ones prefill faster)."""
+        found = [(got, chunk) for chunk in chunks if (got := best(candidates(
+            model_for(ctx, chunk), devices, cons, stats, rates, ov), gpu_layers)) is not None]
+        if not found:
+            return None, chunks[0]
+        top = max(got.estimate.decode_tok_s for got, _ in found)
+        return max(((g, c) for g, c in found if g.estimate.decode_tok_s >= 0.98 * top), key=lambda gc: gc[1])
 
     has_gpu = any(d.is_gpu for d in devices)
     if context is None:
@@ -206,13 +209,11 @@ def make_plan(src: ModelSource, devices: list[Device], context: int | None = Non
             raise PlanError(_cannot_fit(src, devices, model_for(CONTEXT_STEP, chunks[-1]), cons, stats, rates, ov))
         notes.append(f"context {ctx}: the largest that fits (none was given; the model allows {top})")
         context = ctx
-    chosen, chunk = best_at(context, has_gpu)
-    if chosen is None:
-        chosen, chunk = best_at(context, False)
+    chosen, chunk = best_at(context, False)
     if chosen is None:
         raise PlanError(_cannot_fit(src, devices, model_for(context, chunks[-1]), cons, stats, rates, ov))
     if chunk != CHUNKS[0] and not prefill_chunk:
-        notes.append(f"prefill chunk {chunk}: the largest that keeps the layers on the GPUs (2048 does not)")
+        notes.append(f"prefill chunk {chunk}: smaller chunks free GPU memory; this one decodes fastest")
     mm = model_for(context, chunk)
     full = fill_all(mm, devices, cons, stats, rates, ov)
     if kdtype != wdtype:

@@ -4,18 +4,20 @@ Meta tensors have shapes and no data, so a DeepSeek-V3 layer at 128K context tra
 mode counts every storage an op creates and a weak reference sees it freed, so the peak is the model code's own
 (its temporaries, its float32 upcasts, its history gathers), whatever that code becomes. What meta cannot see:
 the routed experts (their routing needs data; the memory model adds their workspace), and which attention
-kernel CUDA picks. For the latter `aten._fused_sdp_choice` is answered as CUDA's rules would (flash for
-unmasked equal head dims, memory-efficient for masked, same-head-count inputs, else the math path that
-materializes the scores), so the trace allocates what that kernel allocates.
+kernel CUDA picks. For the latter, scaled_dot_product_attention is answered during the trace as CUDA's rules
+would pick (flash for unmasked equal head dims, memory-efficient for masked inputs with equal head counts: both
+allocate only their output; else the math path, traced as it is, which materializes the scores).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -29,10 +31,9 @@ SDP_MATH, SDP_FLASH, SDP_EFFICIENT = 0, 1, 2
 class PeakMemory(TorchDispatchMode):
     """Counts the bytes of live storages created under it; `peak` is the most alive at once."""
 
-    def __init__(self, fused_attention: bool = True):
+    def __init__(self):
         super().__init__()
         self.live = self.peak = 0
-        self.fused_attention = fused_attention
         self._refs: dict[int, weakref.ref] = {}
         self._ignored: set[int] = set()
 
@@ -59,10 +60,7 @@ class PeakMemory(TorchDispatchMode):
         self._ignored.add(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._fused_sdp_choice.default:
-            return cuda_sdp_choice(*args, **kwargs) if self.fused_attention else SDP_MATH
-        out = func(*args, **kwargs)
+        out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t)
@@ -79,6 +77,28 @@ def cuda_sdp_choice(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if same_heads and q.shape[-1] == k.shape[-1] and q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0:
         return SDP_EFFICIENT
     return SDP_MATH
+
+
+@contextlib.contextmanager
+def cuda_attention():
+    """scaled_dot_product_attention as CUDA runs it: a fused kernel allocates its output (and a float32
+    log-sum-exp row per query); the math fallback is the traced decomposition."""
+    math = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if cuda_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) == SDP_MATH:
+            return math(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+        del lse
+        return out
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = math
 
 
 class _ExpertsStandIn(nn.Module):
@@ -150,8 +170,9 @@ def layer_peak(layer: nn.Module, hidden: int, dtype: torch.dtype, step: Step, pa
         if experts is not None:
             mlp.experts = experts
     meta, slots = _paged_meta(step, block_size) if paged else (None, 0)
-    tracker = PeakMemory(fused_attention)
-    with torch.no_grad(), tracker:
+    tracker = PeakMemory()
+    fused = cuda_attention() if fused_attention else contextlib.nullcontext()
+    with torch.no_grad(), fused, tracker:
         history = _History(tracker, [s + q for s, q in zip(step.starts, step.qlens)], slots)
         batch = Batch(list(step.qlens), list(step.starts), history, *([meta] if meta is not None else []))
         x = torch.empty((step.tokens, hidden), dtype=dtype, device="meta")
