@@ -69,7 +69,7 @@ def test_unknown_type(tmp_path, capsys):
 def test_missing_tensor(tmp_path, capsys):
     p = _tiny(tmp_path / "m.gguf")  # no attention or MLP tensors for its one layer
     msg = _run(p, capsys)
-    assert "model.layers.0." in msg and "missing" in msg
+    assert msg.startswith(f"tandem: error: {p}: tensor model.layers.0.") and "missing" in msg
 
 
 def test_unknown_architecture(tmp_path, capsys):

@@ -80,8 +80,10 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path: Path, family: str, quant=None, split_kv_b: bool = False, split: int = 0) -> Path:
-    """The model as llama.cpp writes it; `quant(name, array) -> (bytes, type) | None` picks a tensor's type."""
+def write_gguf(model, path: Path, family: str, quant=None, split_kv_b: bool = False, split: int = 0,
+               per_expert: bool = False) -> Path:
+    """The model as llama.cpp writes it; `quant(name, array) -> (bytes, type) | None` picks a tensor's type.
+    per_expert: experts one tensor each (blk.N.ffn_gate.E.weight, older Mixtral files), not stacked."""
     c = model.config
     arch = ARCH[family]
     w = gguf.GGUFWriter(path, arch, split_max_tensors=split)
@@ -140,16 +142,24 @@ def write_gguf(model, path: Path, family: str, quant=None, split_kv_b: bool = Fa
             w.add_tensor(gname.replace("kv_b", "k_b"), np.ascontiguousarray(k_b.transpose(0, 2, 1)))
             w.add_tensor(gname.replace("kv_b", "v_b"), np.ascontiguousarray(v_b))
             continue
-        q = quant(name, a) if quant else None
-        if q is None:
-            w.add_tensor(gname, np.ascontiguousarray(a))
-        else:
-            w.add_tensor(gname, q[0], raw_dtype=q[1])
+        if per_expert and gname.endswith("_exps.weight"):
+            for e in range(a.shape[0]):
+                _add(w, gname.replace("_exps.weight", f".{e}.weight"), f"{name}.{e}", a[e], quant)
+            continue
+        _add(w, gname, name, a, quant)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _add(w, gname: str, name: str, a: np.ndarray, quant) -> None:
+    q = quant(name, a) if quant else None
+    if q is None:
+        w.add_tensor(gname, np.ascontiguousarray(a))
+    else:
+        w.add_tensor(gname, q[0], raw_dtype=q[1])
 
 
 # ---------------------------------------------------------------------------------------- float files

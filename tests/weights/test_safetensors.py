@@ -74,7 +74,7 @@ def test_missing_tensor_is_named(tmp_path):
             tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.1.self_attn.k_norm.weight"}
         save_file(tensors, path / "model.safetensors")
     msg = _broken(tmp_path, drop)
-    assert "model.layers.1.self_attn.k_norm.weight" in msg and "missing" in msg
+    assert msg.startswith(f"{tmp_path}: tensor model.layers.1.self_attn.k_norm.weight") and "missing" in msg
 
 
 def test_misshaped_tensor_is_named(tmp_path):
