@@ -38,7 +38,9 @@ def quantizer(qtype: T, rng):
         if ".experts." not in name or qtype == T.F32:
             return None
         flat = a.reshape(-1, a.shape[-1]).astype(np.float32)
-        if qtype.name in QUANTIZE:
+        if qtype == T.BF16:
+            raw = torch.from_numpy(flat).bfloat16().view(torch.uint8).numpy()
+        elif qtype.name in QUANTIZE:
             raw = QUANTIZE[qtype.name](flat)
         elif qtype in (T.Q2_K, T.Q3_K, T.IQ4_XS):  # no quantizer at hand: random valid blocks of the same spread
             raw = random_blocks(flat.shape[0], flat.shape[1], qtype, rng)
@@ -74,7 +76,7 @@ def kernels(llm) -> list[CpuExperts]:
     return [m.backends["generate"] for m in llm.model.modules() if isinstance(m, ExpertsOp)]
 
 
-RAW = [T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K]
+RAW = [T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.BF16]
 
 
 @pytest.mark.parametrize("qtype", RAW, ids=lambda t: t.name)
@@ -134,7 +136,8 @@ def test_float_experts_stay_exact(tmp_path):
 # blocks) -> int4_g32 rounds each group of 32 to 16 levels: <= 8% (measured 3.9%, 6.8%); over gate, up and down
 # that compounds to ~sqrt(3) x per expert and passes through both layers (measured 13-15% in the logits).
 CONVERTED = {T.Q4_1: ("int4_g32", 1e-6, TOL_INT8_ACTIVATIONS), T.Q5_0: ("int8", 1e-2, 2e-2),
-             T.Q2_K: ("int4_g32", 8e-2, 0.25), T.IQ4_XS: ("int4_g32", 8e-2, 0.25)}
+             T.Q2_K: ("int4_g32", 8e-2, 0.25), T.IQ4_XS: ("int4_g32", 8e-2, 0.25),
+             T.F16: ("fp32", 0.0, 1e-5)}  # F16 -> the model dtype (fp32 here): exact, summation order only
 
 
 @pytest.mark.parametrize("qtype", list(CONVERTED), ids=lambda t: t.name)
