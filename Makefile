@@ -24,9 +24,11 @@ QUESTION := What is the capital of France? Answer in one sentence.
 demo: setup
 	@echo "== SmolLM2-135M-Instruct, Q4_1 GGUF, through its chat template"
 	$(BIN)/tandem run "$(SMOLLM2)" --dtype float32 --chat-template --prompt "$(QUESTION)" --max-new-tokens 64
-	@echo "== the same model upcycled to a Mixtral MoE (4 experts, 2 per token): the same answer"
+	@echo "== the same model upcycled to a Mixtral MoE (4 experts, 2 per token), routed experts on the C++ CPU"
+	@echo "   kernel (rules cpu -> experts.cpu, exact fp32 weights): the same answer"
 	$(BIN)/tandem upcycle "$(SMOLLM2)" --experts 4 --top-k 2 --dtype float32 --out .demo/smollm2-moe
-	$(BIN)/tandem run .demo/smollm2-moe --dtype float32 --chat-template --prompt "$(QUESTION)" --max-new-tokens 64
+	$(BIN)/tandem run .demo/smollm2-moe --rules cpu --dtype float32 --chat-template --prompt "$(QUESTION)" \
+		--max-new-tokens 64
 
 test: setup
 	$(BIN)/ruff check tandem tests bench
