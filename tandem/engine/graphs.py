@@ -198,6 +198,7 @@ class GraphRunner:
                 finally:
                     torch.cuda.set_sync_debug_mode(mode)
                 torch.cuda.synchronize(dev)
+                static.forget()  # per-step tensors the warm-up made: the graph must compute its own
                 graph = torch.cuda.CUDAGraph()
                 self.pool = self.pool or torch.cuda.graph_pool_handle()
                 with torch.cuda.graph(graph, pool=self.pool):

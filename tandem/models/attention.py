@@ -50,6 +50,7 @@ class PagedMeta:
     block_size: int
     fresh: bool  # no sequence has history: attention needs only this step's keys
     _copies: dict[torch.device, PagedMeta] = field(default_factory=dict, repr=False)
+    _derived: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     TENSORS = ("slot_mapping", "positions", "token_index", "block_tables", "context_lens", "qlens")
 
@@ -62,6 +63,18 @@ class PagedMeta:
     def width(self) -> int:
         """L: keys gathered per sequence."""
         return self.block_tables.shape[1] * self.block_size
+
+    def derived(self, key: tuple, make) -> torch.Tensor:
+        """`make()`, computed once per step and shared by every layer (gather indices, masks).
+
+        Whoever captures a CUDA graph over layers must `forget()` first, so the graph recomputes them.
+        """
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
+    def forget(self) -> None:
+        self._derived.clear()
 
     def to(self, device: torch.device | str) -> PagedMeta:
         """This metadata on `device` (itself if already there; copies made once and kept)."""
@@ -159,17 +172,26 @@ def unpad_queries(x: torch.Tensor, meta: PagedMeta) -> torch.Tensor:
 def gather_pages(buf: torch.Tensor, meta: PagedMeta) -> torch.Tensor:
     """Slot storage [S, ...] -> every sequence's keys [B, L, ...] in position order (beyond its length: junk)."""
     bs = meta.block_size
-    slots = meta.block_tables[:, :, None] * bs + torch.arange(bs, device=buf.device)  # [B, W, bs]
-    return buf[slots.flatten(1)]
+
+    def slots() -> torch.Tensor:
+        return (meta.block_tables[:, :, None] * bs + torch.arange(bs, device=buf.device)).flatten(1)  # [B, L]
+
+    return buf[meta.derived(("slots", buf.device), slots)]
 
 
-def paged_mask(meta: PagedMeta, length: int) -> torch.Tensor:
-    """[B, 1, Q, L] bool: key j is visible to new token i of sequence b (causal, inside the sequence)."""
-    dev = meta.qlens.device
-    keys = torch.arange(length, device=dev)
-    qpos = (meta.context_lens - meta.qlens)[:, None] + torch.arange(meta.max_qlen, device=dev)  # [B, Q]
-    # rows past a sequence's new tokens see its whole history, never nothing (no NaN), and are dropped
-    return ((keys <= qpos[:, :, None]) & (keys < meta.context_lens[:, None, None]))[:, None]
+def paged_mask(meta: PagedMeta, length: int, repeat: int = 1) -> torch.Tensor:
+    """[B, 1, Q * repeat, L] bool: key j is visible to new token i of sequence b (causal, inside the sequence);
+    each query row repeated `repeat` times (grouped-query heads folded into rows)."""
+
+    def make() -> torch.Tensor:
+        dev = meta.qlens.device
+        keys = torch.arange(length, device=dev)
+        qpos = (meta.context_lens - meta.qlens)[:, None] + torch.arange(meta.max_qlen, device=dev)  # [B, Q]
+        # rows past a sequence's new tokens see its whole history, never nothing (no NaN), and are dropped
+        mask = ((keys <= qpos[:, :, None]) & (keys < meta.context_lens[:, None, None]))[:, None]
+        return mask.repeat_interleave(repeat, dim=2) if repeat > 1 else mask
+
+    return meta.derived(("mask", length, repeat), make)
 
 
 def sdpa_paged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMeta, scale: float,
@@ -189,9 +211,7 @@ def sdpa_paged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMet
     # repeat_kv): equal head counts let the fused kernels take the mask instead of expanding K/V G times
     g = h // hkv
     qf = q.view(b, nq, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, nq * g, d)
-    mask = paged_mask(meta, k.shape[2])  # [B, 1, Q, L]
-    if g > 1:
-        mask = mask.repeat_interleave(g, dim=2)
+    mask = paged_mask(meta, k.shape[2], g)  # [B, 1, Q * G, L]
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, Q * G, dv]
     return out.view(b, hkv, nq, g, -1).permute(0, 2, 1, 3, 4).reshape(b, nq, h, -1)
 
