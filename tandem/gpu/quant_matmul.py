@@ -17,39 +17,43 @@ from tandem.gpu.routing import Routing, moe_align
 
 
 @triton.jit
-def _f16_at(w16, byte_off):
-    """The fp16 at an (even) byte offset, as fp32."""
-    return tl.load(w16 + byte_off // 2).to(tl.float16, bitcast=True).to(tl.float32)
+def _f16_at(w16, byte_off, mask):
+    """The fp16 at an (even) byte offset, as fp32; 0 where masked (a zero scale keeps padding exactly 0)."""
+    return tl.load(w16 + byte_off // 2, mask=mask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
 def _weight_tile(w_ptr, base, offs_k, offs_n, mask, K, row_stride, FMT: tl.constexpr):
-    """W[offs_n, offs_k] transposed to [BK, BN], dequantized to fp32 (FMT: 0 float, then BLOCK_FORMATS' codes)."""
+    """W[offs_n, offs_k] transposed to [BK, BN], dequantized to fp32 (FMT: 0 float, then BLOCK_FORMATS' codes).
+
+    One branch per format, no early return: Triton type-checks every statement of a function."""
     if FMT == 0:
-        return tl.load(w_ptr + base + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], mask=mask, other=0.0)
-    w16 = w_ptr.to(tl.pointer_type(tl.uint16))
-    row = base + offs_n[None, :].to(tl.int64) * row_stride  # [1, BN] byte offset of each row
-    if FMT == 1:  # q8_0: d | int8 q[32]
-        blk = row + (offs_k[:, None] // 32) * 34
-        q = tl.load(w_ptr + blk + 2 + offs_k[:, None] % 32, mask=mask, other=0).to(tl.int8, bitcast=True)
-        d = _f16_at(w16, blk)
-        return q.to(tl.float32) * d
-    if FMT == 2:  # q4_0: d | qs[16], j low nibble, j + 16 high
-        blk = row + (offs_k[:, None] // 32) * 18
-        j = offs_k[:, None] % 32
-        q = (tl.load(w_ptr + blk + 2 + j % 16, mask=mask, other=0) >> ((j // 16) * 4)) & 0xF
-        return (q.to(tl.float32) - 8.0) * _f16_at(w16, blk)
-    if FMT == 3:  # int4_g32: d[4] | m[4] | qs[64], group g in qs[16g..], j low, j + 16 high
-        blk = row + (offs_k[:, None] // 128) * 80
-        g = (offs_k[:, None] % 128) // 32
-        j = offs_k[:, None] % 32
-        q = (tl.load(w_ptr + blk + 16 + g * 16 + j % 16, mask=mask, other=0) >> ((j // 16) * 4)) & 0xF
-        return q.to(tl.float32) * _f16_at(w16, blk + 2 * g) + _f16_at(w16, blk + 8 + 2 * g)
-    # FMT == 4, int4_g128: d | m | qs[64], j low, j + 64 high
-    blk = row + (offs_k[:, None] // 128) * 68
-    j = offs_k[:, None] % 128
-    q = (tl.load(w_ptr + blk + 4 + j % 64, mask=mask, other=0) >> ((j // 64) * 4)) & 0xF
-    return q.to(tl.float32) * _f16_at(w16, blk) + _f16_at(w16, blk + 2)
+        w = tl.load(w_ptr + base + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], mask=mask, other=0.0)
+        w = w.to(tl.float32)
+    else:
+        w16 = w_ptr.to(tl.pointer_type(tl.uint16))
+        row = base + offs_n[None, :].to(tl.int64) * row_stride  # [1, BN] byte offset of each row
+        if FMT == 1:  # q8_0: d | int8 q[32]
+            blk = row + (offs_k[:, None] // 32) * 34
+            q = tl.load(w_ptr + blk + 2 + offs_k[:, None] % 32, mask=mask, other=0).to(tl.int8, bitcast=True)
+            w = q.to(tl.float32) * _f16_at(w16, blk, mask)
+        elif FMT == 2:  # q4_0: d | qs[16], j low nibble, j + 16 high
+            blk = row + (offs_k[:, None] // 32) * 18
+            j = offs_k[:, None] % 32
+            q = (tl.load(w_ptr + blk + 2 + j % 16, mask=mask, other=0) >> ((j // 16) * 4)) & 0xF
+            w = (q.to(tl.float32) - 8.0) * _f16_at(w16, blk, mask)
+        elif FMT == 3:  # int4_g32: d[4] | m[4] | qs[64], group g in qs[16g..], j low, j + 16 high
+            blk = row + (offs_k[:, None] // 128) * 80
+            g = (offs_k[:, None] % 128) // 32
+            j = offs_k[:, None] % 32
+            q = (tl.load(w_ptr + blk + 16 + g * 16 + j % 16, mask=mask, other=0) >> ((j // 16) * 4)) & 0xF
+            w = q.to(tl.float32) * _f16_at(w16, blk + 2 * g, mask) + _f16_at(w16, blk + 8 + 2 * g, mask)
+        else:  # FMT == 4, int4_g128: d | m | qs[64], j low, j + 64 high
+            blk = row + (offs_k[:, None] // 128) * 68
+            j = offs_k[:, None] % 128
+            q = (tl.load(w_ptr + blk + 4 + j % 64, mask=mask, other=0) >> ((j // 64) * 4)) & 0xF
+            w = q.to(tl.float32) * _f16_at(w16, blk, mask) + _f16_at(w16, blk + 2, mask)
+    return w
 
 
 @triton.jit

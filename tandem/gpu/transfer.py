@@ -116,6 +116,10 @@ class LayerStreamer:
             self.pending[idx] = self.worker.submit(self._upload, idx)
 
     def _upload(self, idx: int):
+        with torch.inference_mode():  # the buffers were made under the caller's inference mode
+            return self._upload_now(idx)
+
+    def _upload_now(self, idx: int):
         lb, slot = self.layers[idx], self.slots[idx % 2]
         e, i, _ = lb.shape
         n13, n2 = lb.gate.nbytes + lb.up.nbytes, lb.down.nbytes

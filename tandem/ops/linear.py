@@ -10,6 +10,8 @@ float copy on the CPU.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,8 @@ from torch import nn
 from tandem.gpu import blocks as B
 from tandem.ops.base import LoadContext, OpConfig
 from tandem.ops.registry import BACKENDS, resolve
+
+log = logging.getLogger(__name__)
 
 QUANTIZED = ("linear.marlin",)
 
@@ -41,8 +45,10 @@ def linear_format(k: int, weight_format, group_size, name: str) -> str:
     """The block format of a quantized linear with k input features (int4_g128 unless asked or impossible)."""
     if weight_format is not None:
         fmt = B.canonical(str(weight_format), group_size)
-        B.check_shape(fmt, k, name)
-        return fmt
+        if fmt in B.FLOAT_FORMATS or k % B.BLOCK_FORMATS[fmt][0] == 0:
+            return fmt
+        log.info("%s: %d input features are not whole %s blocks: kept as float", name, k, fmt)
+        return "float"
     for fmt in ("int4_g128", "q4_0"):
         if k % B.BLOCK_FORMATS[fmt][0] == 0:
             return fmt
