@@ -87,6 +87,7 @@ NB_MODULE(_tandem_cpu, m) {
   }, nb::call_guard<nb::gil_scoped_release>());
   m.def("read_buffer", [](uintptr_t p, size_t n) { return tandem::read_buffer((const void*)p, n); },
         nb::call_guard<nb::gil_scoped_release>());
+  m.def("bandwidth_probe", &tandem::bandwidth_probe, nb::call_guard<nb::gil_scoped_release>());
   m.def("host_entry_address", [] { return (uintptr_t)&tandem_cpu_host_entry; });
 
   nb::class_<Handle>(m, "Handle")

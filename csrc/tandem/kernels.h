@@ -34,6 +34,12 @@ static inline size_t packed_index(int K, int t, int k) {
 // (row stride lda elements), X packed as above (ntg token groups), C row stride ldc floats. K % 32 == 0.
 typedef void (*gemm_bf16_fn)(int K, const bf16_t* A, int lda, const bf16_t* Xp, int ntg, float* C, int ldc);
 
+// GEMM epilogue of gate/up: h[t][k0 + r] = silu(Cg[r][t]) * Cu[r][t] for r < kGemmRows, t < ldc (0 for t >= n),
+// stored as bf16 into the packed layout of a K-long row set (K = the shard's I, k0 even) at Hp.
+typedef void (*silu_pack_fn)(const float* Cg, const float* Cu, int ldc, int n, int K, int k0, bf16_t* Hp);
+// GEMM epilogue of down: out[tok[t]][r] += w[t] * C[r][t] for r < kGemmRows, t < n (out rows of H floats).
+typedef void (*scatter_add_fn)(const float* C, int ldc, int n, const int* tok, const float* w, float* out, int H);
+
 enum Isa : int {
   ISA_GENERIC = 0,
   ISA_AVX2 = 1,
@@ -66,6 +72,8 @@ struct KernelTable {
   vec_dot_fn dot[N_WSLOTS];
   dequant_bf16_fn dequant_bf16[N_WSLOTS];  // nullptr: this format stays on the per-row path (fp32)
   gemm_bf16_fn gemm_bf16;                  // nullptr: no prefill GEMM on this path
+  silu_pack_fn silu_pack;
+  scatter_add_fn scatter_add;
 };
 
 // One per ISA file; each returns nullptr when that ISA was not compiled in.

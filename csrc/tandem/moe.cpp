@@ -14,6 +14,7 @@
 #include "tandem/moe.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <stdexcept>
@@ -92,7 +93,7 @@ class MoEJob : public Job {
     Bd_ = info_of(ex.type(2)).act_blck;
     xrow_ = act_row_bytes(ex.H(), Bx_);
     hrow_ = act_row_bytes(ex.I(), Bd_);
-    bool gemm = kt->gemm_bf16 && ex.H() % 32 == 0;
+    bool gemm = kt->gemm_bf16 && kt->silu_pack && kt->scatter_add && ex.H() % 32 == 0;
     for (const Shard& s : ex.shards()) gemm = gemm && (s.i1 - s.i0) % 32 == 0;
     for (int p = 0; p < 3; p++) gemm = gemm && kt->dequant_bf16[wtype_slot(ex.type(p))];
     gemm_ok_ = gemm;
@@ -193,8 +194,7 @@ class MoEJob : public Job {
     const size_t o_xact = carve(xrow_ * T), o_hact = carve(hrow_ * n_dec_slots),
                  o_hbuf = carve((size_t)n_dec_slots * I * 4), o_xp = carve(xp * 2), o_hp = carve(hp * 2);
     const size_t o_part = carve(S_ > 1 || a_.out_dtype != DT_F32 ? (size_t)S_ * T * H * 4 : 0);
-    panel_stride_ = round_up((size_t)kGemmRows * std::max(H, I) * 2 + 2 * (size_t)kGemmRows * max_ntg * kGemmTokens * 4,
-                             64);
+    panel_stride_ = round_up(panel_bytes() + 2 * (size_t)kGemmRows * max_ntg * kGemmTokens * 4, 64);
     const size_t o_thr = carve(max_ntg ? panel_stride_ * nthreads_ : 0);
     uint8_t* base = P.scratch(0).get(std::max<size_t>(need, 64));
     xact_ = base + o_xact;
@@ -215,8 +215,8 @@ class MoEJob : public Job {
       const int In = sh.i1 - sh.i0;
       int n_dec = 0;
       for (int ai = 0; ai < n_act; ai++) {
-        if (gemm_[ai])
-          for (int r = 0; r < In; r += kGemmRows) items1_[s].push_back({s, ai, r, r + kGemmRows});
+        if (gemm_[ai])  // 4 panels per item: the expert's packed tokens stay in L2 across them
+          for (int r = 0; r < In; r += 4 * kGemmRows) items1_[s].push_back({s, ai, r, std::min(In, r + 4 * kGemmRows)});
         else
           n_dec++;
       }
@@ -227,9 +227,11 @@ class MoEJob : public Job {
         if (!gemm_[ai])
           for (int r = 0; r < In; r += chunk) items1_[s].push_back({s, ai, r, std::min(In, r + chunk)});
     }
-    // Phase 2 items: chunks of H rows (whole GEMM panels), about 8 per thread of the shard.
+    // Phase 2 items: chunks of H rows (whole GEMM panels), about 8 per thread of the shard (4 with GEMM
+    // experts: their packed h stays in L2 across the panels of a chunk).
     const int hunit = H % kGemmRows == 0 ? kGemmRows : 16;
-    chunk2_ = (int)std::max<size_t>(hunit, round_up(H / (8 * per_shard_threads), hunit));
+    const int per_thread = max_ntg ? 4 : 8;
+    chunk2_ = (int)std::max<size_t>(hunit, round_up(H / (per_thread * per_shard_threads), hunit));
     n_items2_.assign(S_, T > 0 ? (H + chunk2_ - 1) / chunk2_ : 0);  // also with no active expert: zero out
     chunk3_ = 256;
     n_items3_ = T > 0 ? (int)(((size_t)T * H + chunk3_ - 1) / chunk3_) : 0;
@@ -256,6 +258,11 @@ class MoEJob : public Job {
         for (int kk = 0; kk < H / 2; kk++) dst[kk * kGemmTokens + t] = 0;
         continue;
       }
+      if (a_.x_dtype == DT_BF16) {  // bf16 pairs as they are
+        const uint32_t* src = (const uint32_t*)((const bf16_t*)a_.x + (size_t)slot_tok_[s0 + t] * H);
+        for (int kk = 0; kk < H / 2; kk++) dst[kk * kGemmTokens + t] = src[kk];
+        continue;
+      }
       load_row_f32(a_.x, a_.x_dtype, slot_tok_[s0 + t], H, row.data());
       for (int kk = 0; kk < H / 2; kk++)
         dst[kk * kGemmTokens + t] = f32_to_bf16(row[2 * kk]) | ((uint32_t)f32_to_bf16(row[2 * kk + 1]) << 16);
@@ -263,6 +270,10 @@ class MoEJob : public Job {
   }
 
   uint8_t* thread_scratch(int tid) const { return thr_ + panel_stride_ * tid; }
+  // A weight panel: kGemmRows rows of K bf16, row stride K + 32 (not a multiple of 4 KB: the rows of a tile
+  // would share one L1 set), then the C buffers.
+  static int panel_lda(int K) { return K + 32; }
+  size_t panel_bytes() const { return round_up((size_t)kGemmRows * panel_lda(std::max(ex_.H(), ex_.I())) * 2, 64); }
 
   void gate_up(const Item& item) {
     if (gemm_[item.ai]) return gate_up_gemm(item);
@@ -303,21 +314,20 @@ class MoEJob : public Job {
     const int In = sh.i1 - sh.i0, e = active_[item.ai];
     const int n = off_[item.ai + 1] - off_[item.ai], ntg = (n + kGemmTokens - 1) / kGemmTokens, ldc = ntg * kGemmTokens;
     bf16_t* A = (bf16_t*)thread_scratch(tid);
-    float* Cg = (float*)(thread_scratch(tid) + round_up((size_t)kGemmRows * std::max(H, ex_.I()) * 2, 64));
+    float* Cg = (float*)(thread_scratch(tid) + panel_bytes());
     float* Cu = Cg + (size_t)kGemmRows * ldc;
     const bf16_t* X = xp_ + xp_off_[item.ai];
-    for (int p = 0; p < 2; p++) {
-      const ExpertMatrix& W = sh.m[p];
-      const dequant_bf16_fn deq = kt_->dequant_bf16[wtype_slot(W.type)];
-      for (int r = 0; r < kGemmRows; r++) deq(W.row(e, item.r0 + r), H, A + (size_t)r * H);
-      kt_->gemm_bf16(H, A, H, X, ntg, p == 0 ? Cg : Cu, ldc);
-    }
+    const int lda = panel_lda(H);
     bf16_t* hp = hp_ + hp_off_[item.ai] + (size_t)ntg * kGemmTokens * sh.i0;  // this shard's [ntg][In] groups
-    for (int r = 0; r < kGemmRows; r++)
-      for (int t = 0; t < ldc; t++) {
-        const float h = t < n ? silu(Cg[(size_t)r * ldc + t]) * Cu[(size_t)r * ldc + t] : 0.f;
-        hp[packed_index(In, t, item.r0 + r)] = f32_to_bf16(h);
+    for (int r0 = item.r0; r0 < item.r1; r0 += kGemmRows) {
+      for (int p = 0; p < 2; p++) {
+        const ExpertMatrix& W = sh.m[p];
+        const dequant_bf16_fn deq = kt_->dequant_bf16[wtype_slot(W.type)];
+        for (int r = 0; r < kGemmRows; r++) deq(W.row(e, r0 + r), H, A + (size_t)r * lda);
+        kt_->gemm_bf16(H, A, lda, X, ntg, p == 0 ? Cg : Cu, ldc);
       }
+      kt_->silu_pack(Cg, Cu, ldc, n, In, r0, hp);
+    }
   }
 
   int my_tid() const { return tls_tid_; }
@@ -338,17 +348,14 @@ class MoEJob : public Job {
       if (gemm_[ai]) {
         const int n = s1 - s0, ntg = (n + kGemmTokens - 1) / kGemmTokens, ldc = ntg * kGemmTokens;
         bf16_t* A = (bf16_t*)thread_scratch(tid);
-        float* C = (float*)(thread_scratch(tid) + round_up((size_t)kGemmRows * std::max(H, ex_.I()) * 2, 64));
+        float* C = (float*)(thread_scratch(tid) + panel_bytes());
         const dequant_bf16_fn deq = kt_->dequant_bf16[wtype_slot(D.type)];
         const bf16_t* X = hp_ + hp_off_[ai] + (size_t)ntg * kGemmTokens * sh.i0;
+        const int lda = panel_lda(In);
         for (int hb = h0; hb < h1; hb += kGemmRows) {
-          for (int r = 0; r < kGemmRows; r++) deq(D.row(e, hb + r), In, A + (size_t)r * In);
-          kt_->gemm_bf16(In, A, In, X, ntg, C, ldc);
-          for (int t = 0; t < n; t++) {
-            float* orow = o + (size_t)slot_tok_[s0 + t] * H + hb;
-            const float w = slot_w_[s0 + t];
-            for (int r = 0; r < kGemmRows; r++) orow[r] += w * C[(size_t)r * ldc + t];
-          }
+          for (int r = 0; r < kGemmRows; r++) deq(D.row(e, hb + r), In, A + (size_t)r * lda);
+          kt_->gemm_bf16(In, A, lda, X, ntg, C, ldc);
+          kt_->scatter_add(C, ldc, n, slot_tok_.data() + s0, slot_w_.data() + s0, o + hb, H);
         }
         continue;
       }
@@ -642,6 +649,19 @@ class ReadJob : public Job {
   size_t n_;
 };
 }  // namespace
+
+double bandwidth_probe(size_t nbytes, int reps) {
+  NodeMemory mem(nbytes, -1);
+  std::memset(mem.p, 1, nbytes);  // fault the (huge) pages in before timing
+  double best = 0;
+  for (int r = 0; r <= reps; r++) {
+    const auto t0 = std::chrono::steady_clock::now();
+    read_buffer(mem.p, nbytes);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::max(best, nbytes / s / 1e9);
+  }
+  return best;
+}
 
 uint64_t read_buffer(const void* p, size_t nbytes) {
   auto job = std::make_shared<ReadJob>((const uint8_t*)p, nbytes);

@@ -85,5 +85,7 @@ extern "C" void tandem_cpu_host_entry(void* host_job);
 
 // Read nbytes with every pool thread (memory bandwidth probe); returns a checksum.
 uint64_t read_buffer(const void* p, size_t nbytes);
+// Best read bandwidth (GB/s) of the pool over `reps` passes of a fresh huge-page buffer of nbytes.
+double bandwidth_probe(size_t nbytes, int reps);
 
 }  // namespace tandem

@@ -33,46 +33,62 @@ static inline void load_tile_config() {
   _tile_loadconfig(&cfg);
 }
 
+// With more than one pair of token groups, K goes in chunks: the A chunk (32 rows x 256 bf16 = 16 KB) stays in
+// L1 while every pair passes over it, C tiles parked in the C buffer between chunks.
+constexpr int kChunk = 256;
+
+template <bool PAIR>
+static inline void amx_pass(int k0, int k1, const bf16_t* A, const bf16_t* A1, size_t sa, const bf16_t* x0,
+                            const bf16_t* x1, float* c00, float* c10, size_t sc) {
+  if (k0 == 0) {
+    _tile_zero(0);
+    _tile_zero(2);
+    if (PAIR) {
+      _tile_zero(1);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, c00, sc);
+    _tile_loadd(2, c10, sc);
+    if (PAIR) {
+      _tile_loadd(1, c00 + kGemmTokens, sc);
+      _tile_loadd(3, c10 + kGemmTokens, sc);
+    }
+  }
+  for (int k = k0; k < k1; k += 32) {
+    _tile_loadd(4, A + k, sa);
+    _tile_loadd(5, A1 + k, sa);
+    _tile_loadd(6, x0 + (size_t)k * kGemmTokens, 64);
+    if (PAIR) _tile_loadd(7, x1 + (size_t)k * kGemmTokens, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if (PAIR) {
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c00, sc);
+  _tile_stored(2, c10, sc);
+  if (PAIR) {
+      _tile_stored(1, c00 + kGemmTokens, sc);
+      _tile_stored(3, c10 + kGemmTokens, sc);
+    }
+}
+
 static void gemm_bf16_amx(int K, const bf16_t* A, int lda, const bf16_t* Xp, int ntg, float* C, int ldc) {
   load_tile_config();
   const size_t sa = (size_t)lda * 2, sc = (size_t)ldc * 4, group = (size_t)K * kGemmTokens;
   const bf16_t* A1 = A + (size_t)16 * lda;
   float* C1 = C + (size_t)16 * ldc;
-  int g = 0;
-  for (; g + 2 <= ntg; g += 2) {
-    const bf16_t *x0 = Xp + g * group, *x1 = x0 + group;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int k = 0; k < K; k += 32) {
-      _tile_loadd(4, A + k, sa);
-      _tile_loadd(5, A1 + k, sa);
-      _tile_loadd(6, x0 + (size_t)k * kGemmTokens, 64);
-      _tile_loadd(7, x1 + (size_t)k * kGemmTokens, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, C + g * kGemmTokens, sc);
-    _tile_stored(1, C + (g + 1) * kGemmTokens, sc);
-    _tile_stored(2, C1 + g * kGemmTokens, sc);
-    _tile_stored(3, C1 + (g + 1) * kGemmTokens, sc);
-  }
-  if (g < ntg) {
-    const bf16_t* x0 = Xp + g * group;
-    _tile_zero(0);
-    _tile_zero(2);
-    for (int k = 0; k < K; k += 32) {
-      _tile_loadd(4, A + k, sa);
-      _tile_loadd(5, A1 + k, sa);
-      _tile_loadd(6, x0 + (size_t)k * kGemmTokens, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(2, 5, 6);
-    }
-    _tile_stored(0, C + g * kGemmTokens, sc);
-    _tile_stored(2, C1 + g * kGemmTokens, sc);
+  const int chunk = ntg > 2 ? kChunk : K;
+  for (int k0 = 0; k0 < K; k0 += chunk) {
+    const int k1 = K - k0 < chunk ? K : k0 + chunk;
+    int g = 0;
+    for (; g + 2 <= ntg; g += 2)
+      amx_pass<true>(k0, k1, A, A1, sa, Xp + g * group, Xp + (g + 1) * group, C + g * kGemmTokens,
+                     C1 + g * kGemmTokens, sc);
+    if (g < ntg)
+      amx_pass<false>(k0, k1, A, A1, sa, Xp + g * group, nullptr, C + g * kGemmTokens, C1 + g * kGemmTokens, sc);
   }
   _tile_release();
 }
