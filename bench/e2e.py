@@ -269,6 +269,7 @@ def main() -> None:
             r = {"model": spec, "error": f"exit {proc.returncode}: {last[-200:]}"}
         if "profile" in r:
             print(r.pop("profile"), file=sys.stderr)
+        print(json.dumps(r), file=sys.stderr, flush=True)  # kept if a later model runs out of time
         results.append(r)
         if not args.keep:
             shutil.rmtree(root / spec.replace(":", "-"), ignore_errors=True)

@@ -49,8 +49,11 @@ def cpu_blocks(backend) -> LayerBlocks | None:
     kernel = getattr(backend, "kernel", None)
     if kernel is None:
         return None
-    if hasattr(backend, "blocks"):  # the backend says itself
-        types, gate, up, down = backend.blocks()
+    if hasattr(backend, "blocks"):  # the backend says itself: a format name or a (gate, up, down) triple
+        from tandem.kernels.cpu import FORMATS
+
+        fmt, gate, up, down = backend.blocks()
+        types = tuple(FORMATS[f] for f in ((fmt,) * 3 if isinstance(fmt, str) else fmt))
     else:  # the MoEExperts keeps the buffers it maps (from_gguf_blocks / from_blocks), one per projection
         keep = getattr(kernel, "_keep", [])
         if len(keep) != 3:

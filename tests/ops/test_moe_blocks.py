@@ -12,6 +12,7 @@ import tandem.kernels.cpu as K
 from tandem.gpu import blocks as B
 from tandem.gpu.routing import moe_align
 from tandem.gpu.transfer import LayerBlocks, cpu_blocks, layerwise_threshold, to_gpu_experts
+from tandem.ops.experts import CpuExperts
 from tandem.weights import gguf_quants as gq
 
 
@@ -118,8 +119,9 @@ def test_routing_has_static_sizes():
     assert a.slots.shape == b.slots.shape and a.block_expert.shape == b.block_expert.shape
 
 
+@pytest.mark.parametrize("via", ["blocks", "mapped"])
 @pytest.mark.parametrize("fmt", ["int4_g32", "int8", "bf16"])
-def test_cpu_experts_stream_to_the_gpu_layout_as_they_are(fmt):
+def test_cpu_experts_stream_to_the_gpu_layout_as_they_are(fmt, via):
     """Layer-wise prefill uploads the CPU kernel's bytes; on the GPU they read as the same weights."""
     E, I, D = 3, 128, 256  # noqa: E741
     g = torch.Generator().manual_seed(3)
@@ -131,11 +133,15 @@ def test_cpu_experts_stream_to_the_gpu_layout_as_they_are(fmt):
         parts = [K.quantize(t.reshape(-1, t.shape[-1]), fmt) for t in (gate, up, down)]
     kernel = K.MoEExperts.from_blocks(*parts, fmt, E, I, D)
 
-    class Backend:  # what experts.cpu exposes: its MoEExperts as .kernel
-        pass
+    if via == "blocks":  # experts.cpu: CpuExperts.blocks() names the format and hands views of its buffers
+        backend = CpuExperts(kernel, torch.float32, "test", tuple(parts))
+    else:  # any backend exposing its MoEExperts as .kernel: the buffers the kernel maps
 
-    backend = Backend()
-    backend.kernel = kernel
+        class Backend:
+            pass
+
+        backend = Backend()
+        backend.kernel = kernel
     lb = cpu_blocks(backend)
     assert isinstance(lb, LayerBlocks) and lb.shape == (E, I, D)
     w13_raw = torch.cat((lb.gate, lb.up), 1).reshape(-1)  # what the streamer uploads
