@@ -211,10 +211,16 @@ def convert_target(stored, cols: int, dtype: torch.dtype) -> str:
     if stored.bits_per_weight >= 16:
         return float_format(dtype)
     for fmt in ("int4_g32", "int8"):
-        block, nbytes = cpu.BLOCKS[cpu.FORMATS[fmt]]
-        if nbytes * 8 / block >= stored.bits_per_weight and cols % block == 0:
+        if _bits(fmt) >= stored.bits_per_weight and cols % cpu.BLOCKS[cpu.FORMATS[fmt]][0] == 0:
             return fmt
     return float_format(dtype)
+
+
+def _bits(fmt: str) -> float:
+    """Bits per weight of a kernel format."""
+    cpu = _kernel()
+    block, nbytes = cpu.BLOCKS[cpu.FORMATS[fmt]]
+    return nbytes * 8 / block
 
 
 class KernelHandle:
@@ -264,9 +270,8 @@ class CpuExperts:
                 origins.append("as the GGUF file stores them")
             elif stored is not None and fmt is None:
                 target = convert_target(stored, cols, w.dtype)
-                w.say("GGUF experts in %s are not a CPU kernel format: converted once at load to %s "
-                      "(every %s expert tensor of this model with rows of %d)", stored.type_name, target,
-                      stored.type_name, cols)
+                w.say("GGUF experts in %s are not a CPU kernel format: converted once at load to %s (%.1f bits "
+                      "per weight, the file's %.2f)", stored.type_name, target, _bits(target), stored.bits_per_weight)
                 parts.append((cpu.FORMATS[target], cls._convert(stored, target, w.dtype)))
                 origins.append(f"converted from GGUF {stored.type_name}")
             else:
