@@ -168,6 +168,48 @@ def profile_decode(llm) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
+def probe_layer(llm) -> dict:
+    """Where a decode step's CPU time goes, one hybrid MoE layer at T = 1: the C++ kernel called directly, the
+    same kernel as a host node on a stream, the eager hybrid block, and the block replayed in a CUDA graph (ms)."""
+    from tandem.gpu.host_func import launch_host_func
+    from tandem.ops.moe import HybridMoE
+
+    llm.model.model.run_state.phase = "generate"
+    block = next(m for m in llm.model.modules() if isinstance(m, HybridMoE) and m.cpu_kernel() is not None)
+    kernel = block.cpu_kernel()
+    k = getattr(block.gate, "top_k", None) or block.gate.a.num_experts_per_tok
+    x = torch.randn(1, kernel.H, dtype=torch.bfloat16).pin_memory()
+    out = torch.empty_like(x).pin_memory()
+    w = torch.full((1, k), 1.0 / k).pin_memory()
+
+    def timed(fn, reps=20) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - t0) / reps * 1e3, 3)
+
+    ids = torch.randperm(kernel.E)[:k].view(1, k).pin_memory()
+    res = {"kernel_direct_ms": timed(lambda: kernel.forward(x, ids, w, out))}
+    job = kernel.host_job(x, ids, w, out)
+    res["kernel_host_node_ms"] = timed(lambda: launch_host_func(job.fn, job.arg))
+    res["layer_bytes_mb"] = round(k * kernel.nbytes() / kernel.E / 1e6, 1)
+    xg = torch.randn(1, kernel.H, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        res["hybrid_block_eager_ms"] = timed(lambda: block(xg))
+        graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            block(xg)
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=s):
+                block(xg)
+        res["hybrid_block_graph_ms"] = timed(graph.replay)
+    return res
+
+
 def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], tokens: int, prof: bool) -> dict:
     import tandem
     from tandem.gpu.transfer import measure_h2d
@@ -212,6 +254,7 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     res["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
     if prof:
         res["profile"] = profile_decode(llm)
+        res["probe_one_layer"] = probe_layer(llm)
     return res
 
 

@@ -98,8 +98,20 @@ class Slot:
     free: torch.cuda.Event  # compute with the GPU weights done (slot reusable)
 
 
+def host_register(t: torch.Tensor) -> bool:
+    """Page-lock a CPU tensor's memory in place (cudaHostRegister), so uploads read it by DMA with no staging
+    copy. False if the driver refuses (a file mapping, say); the caller then stages through pinned buffers."""
+    if t.is_pinned():
+        return True
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    return int(err) == 0 and t.is_pinned()
+
+
 class LayerStreamer:
-    """Double-buffered upload of a sequence of layers' CPU experts (see the module docstring)."""
+    """Double-buffered upload of a sequence of layers' CPU experts (see the module docstring).
+
+    The CPU kernel's buffers are page-locked in place on first use (host_register) and uploaded straight from
+    there; only where that fails do the bytes go through the pinned staging slots."""
 
     def __init__(self, layers: list[LayerBlocks], device: torch.device, act):
         self.layers, self.device, self.act = layers, torch.device(device), act
@@ -126,15 +138,23 @@ class LayerStreamer:
         lb, slot = self.layers[idx], self.slots[idx % 2]
         e, i, _ = lb.shape
         n13, n2 = lb.gate.nbytes + lb.up.nbytes, lb.down.nbytes
-        slot.ready.synchronize()  # the previous upload from this staging is done
-        st13 = slot.staging13[:n13].view(e, 2 * i, -1)
-        st13[:, :i].copy_(lb.gate)  # gate rows then up rows: the joined layout of GpuExperts
-        st13[:, i:].copy_(lb.up)
-        slot.staging2[:n2].copy_(lb.down.reshape(-1))
+        direct = all(host_register(t) for t in (lb.gate, lb.up, lb.down))
+        if not direct:
+            slot.ready.synchronize()  # the previous upload from this staging is done
+            st13 = slot.staging13[:n13].view(e, 2 * i, -1)
+            st13[:, :i].copy_(lb.gate)  # gate rows then up rows: the joined layout of GpuExperts
+            st13[:, i:].copy_(lb.up)
+            slot.staging2[:n2].copy_(lb.down.reshape(-1))
         with torch.cuda.stream(self.side):
             self.side.wait_event(slot.free)  # the layer that used this slot is done with it
-            slot.gpu13[:n13].copy_(slot.staging13[:n13], non_blocking=True)
-            slot.gpu2[:n2].copy_(slot.staging2[:n2], non_blocking=True)
+            if direct:  # DMA from the kernel's own (now page-locked) memory, gate and up rows interleaved
+                g13 = slot.gpu13[:n13].view(e, 2 * i, -1)
+                g13[:, :i].copy_(lb.gate, non_blocking=True)
+                g13[:, i:].copy_(lb.up, non_blocking=True)
+                slot.gpu2[:n2].copy_(lb.down.reshape(-1), non_blocking=True)
+            else:
+                slot.gpu13[:n13].copy_(slot.staging13[:n13], non_blocking=True)
+                slot.gpu2[:n2].copy_(slot.staging2[:n2], non_blocking=True)
             w13, w2 = to_gpu_experts(slot.gpu13[:n13], slot.gpu2[:n2], lb)
             slot.ready.record(self.side)
         return w13, w2
