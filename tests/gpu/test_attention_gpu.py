@@ -118,3 +118,20 @@ def test_attention_operators_from_rules(name, op, extra, tmp_path):
     ids = prompts_for(cpu.model.args.vocab_size, (19,), seed=9)[0].tolist()
     assert gpu.generate(ids, max_new_tokens=10, ignore_eos=True).token_ids == \
         cpu.generate(ids, max_new_tokens=10, ignore_eos=True).token_ids
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("name", ["llama", "deepseek_v3"])
+def test_two_gpus_keep_each_layers_cache_with_its_layer(name, tmp_path):
+    """The family's 2gpu preset (transfer_map at 50%): each layer's paged cache on its GPU, the CPU's tokens,
+    decode eager (a graph is captured on one device)."""
+    path = save_hf(make_hf(name), tmp_path)
+    cpu = tandem.load(path, dtype="float32", progress=False)
+    gpu = tandem.load(path, rules="2gpu", dtype="float32", progress=False)
+    ids = prompts_for(cpu.model.args.vocab_size, (21,), seed=11)[0].tolist()
+    assert gpu.generate(ids, max_new_tokens=10, ignore_eos=True).token_ids == \
+        cpu.generate(ids, max_new_tokens=10, ignore_eos=True).token_ids
+    layers = gpu.engine.cache.layers
+    assert {str(st[0].device) for i, st in layers.items() if i < 1} == {"cuda:0"}
+    assert {str(st[0].device) for i, st in layers.items() if i >= 2} == {"cuda:1"}
+    assert "cuda:1" in gpu.engine.graphs.disabled
