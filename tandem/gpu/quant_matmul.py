@@ -114,12 +114,13 @@ def _launch(a: torch.Tensor, w: QuantTensor, out: torch.Tensor, m_rows: int, blo
     block_k = 64 if w.code != 0 or k >= 64 else max(16, triton.next_power_of_2(k))
     dummy = out
     grid = (grid_m, triton.cdiv(n, block_n))
-    _qmm_kernel[grid](a, w.data, out, slots if routed else dummy, block_expert if routed else dummy,
-                      scale if scale is not None else dummy, m_rows, n, k, a.stride(0), out.stride(0),
-                      expert_stride, row_stride, A_DIV=a_div, FMT=w.code, ROUTED=routed,
-                      HAS_SCALE=scale is not None,
-                      PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    with torch.cuda.device(a.device):  # Triton launches on the current device, which may be another GPU
+        _qmm_kernel[grid](a, w.data, out, slots if routed else dummy, block_expert if routed else dummy,
+                          scale if scale is not None else dummy, m_rows, n, k, a.stride(0), out.stride(0),
+                          expert_stride, row_stride, A_DIV=a_div, FMT=w.code, ROUTED=routed,
+                          HAS_SCALE=scale is not None,
+                          PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
 def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ Legend: E experts, I expert intermediate size, D hidden size.
 
 from __future__ import annotations
 
+import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from tandem.gpu import blocks as B
+
+log = logging.getLogger(__name__)
 
 # CPU kernel weight type id (tandem.kernels.cpu.FORMATS / ggml ids) -> the GPU format that reads it as is
 DIRECT = {0: "fp32", 30: "bf16", 8: "q8_0", 2: "q4_0", 1001: "int4_g32", 1002: "int4_g128"}
@@ -124,6 +127,7 @@ class LayerStreamer:
                            torch.empty(big2, dtype=torch.uint8, device=self.device),
                            torch.cuda.Event(), torch.cuda.Event()) for _ in range(2)]
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tandem-stream")
+        self.direct = True  # upload from the kernel's page-locked memory; False: through the staging slots
         self.pending: dict[int, Future] = {}
 
     def prefetch(self, idx: int) -> None:
@@ -138,23 +142,41 @@ class LayerStreamer:
         lb, slot = self.layers[idx], self.slots[idx % 2]
         e, i, _ = lb.shape
         n13, n2 = lb.gate.nbytes + lb.up.nbytes, lb.down.nbytes
-        direct = all(host_register(t) for t in (lb.gate, lb.up, lb.down))
-        if not direct:
-            slot.ready.synchronize()  # the previous upload from this staging is done
-            st13 = slot.staging13[:n13].view(e, 2 * i, -1)
-            st13[:, :i].copy_(lb.gate)  # gate rows then up rows: the joined layout of GpuExperts
-            st13[:, i:].copy_(lb.up)
-            slot.staging2[:n2].copy_(lb.down.reshape(-1))
+        if self.direct:
+            try:
+                return self._upload_direct(lb, slot, n13, n2)
+            except RuntimeError as err:  # the driver refused the page-locked copy: stage from now on
+                log.info("layer-wise prefill: uploading from the kernel's memory failed (%s); staging instead", err)
+                self.direct = False
+        slot.ready.synchronize()  # the previous upload from this staging is done
+        st13 = slot.staging13[:n13].view(e, 2 * i, -1)
+        st13[:, :i].copy_(lb.gate)  # gate rows then up rows: the joined layout of GpuExperts
+        st13[:, i:].copy_(lb.up)
+        slot.staging2[:n2].copy_(lb.down.reshape(-1))
         with torch.cuda.stream(self.side):
             self.side.wait_event(slot.free)  # the layer that used this slot is done with it
-            if direct:  # DMA from the kernel's own (now page-locked) memory, gate and up rows interleaved
-                g13 = slot.gpu13[:n13].view(e, 2 * i, -1)
-                g13[:, :i].copy_(lb.gate, non_blocking=True)
-                g13[:, i:].copy_(lb.up, non_blocking=True)
-                slot.gpu2[:n2].copy_(lb.down.reshape(-1), non_blocking=True)
-            else:
-                slot.gpu13[:n13].copy_(slot.staging13[:n13], non_blocking=True)
-                slot.gpu2[:n2].copy_(slot.staging2[:n2], non_blocking=True)
+            slot.gpu13[:n13].copy_(slot.staging13[:n13], non_blocking=True)
+            slot.gpu2[:n2].copy_(slot.staging2[:n2], non_blocking=True)
+            w13, w2 = to_gpu_experts(slot.gpu13[:n13], slot.gpu2[:n2], lb)
+            slot.ready.record(self.side)
+        return w13, w2
+
+    def _upload_direct(self, lb: LayerBlocks, slot: Slot, n13: int, n2: int):
+        """DMA from the kernel's own memory, page-locked in place: contiguous uploads, then gate and up
+        interleaved into the joined layout on the GPU."""
+        if not all(host_register(t) for t in (lb.gate, lb.up, lb.down)):
+            raise RuntimeError("cudaHostRegister refused")
+        e, i, _ = lb.shape
+        with torch.cuda.stream(self.side):
+            self.side.wait_event(slot.free)
+            tmp = torch.empty(n13, dtype=torch.uint8, device=self.device)
+            ng = lb.gate.nbytes
+            tmp[:ng].copy_(lb.gate.reshape(-1), non_blocking=True)
+            tmp[ng:].copy_(lb.up.reshape(-1), non_blocking=True)
+            g13 = slot.gpu13[:n13].view(e, 2 * i, -1)
+            g13[:, :i].copy_(tmp[:ng].view(e, i, -1))
+            g13[:, i:].copy_(tmp[ng:].view(e, i, -1))
+            slot.gpu2[:n2].copy_(lb.down.reshape(-1), non_blocking=True)
             w13, w2 = to_gpu_experts(slot.gpu13[:n13], slot.gpu2[:n2], lb)
             slot.ready.record(self.side)
         return w13, w2

@@ -15,6 +15,7 @@ operator hands the layer its experts streamed to the GPU (`streamed`) and the bl
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,11 @@ class HybridMoE(DeviceOp):
     """Mixed under SparseMoE (see the module docstring). `pool` is set by the model operator."""
 
     pool: PinnedPool
+    # CPU experts as CUDA-graph host nodes: off by default. Measured on the H200 host (Qwen3-30B-A3B layer,
+    # T = 1): the C++ kernel takes 0.32 ms called directly but 5.9 ms called from the driver's host-function
+    # thread, so a graphed decode is slower than the eager hybrid layer (1.7 ms); TANDEM_HOST_NODES=1 turns
+    # them on (set the attribute per block in code) until the kernel's host entry is fast.
+    host_nodes: bool = os.environ.get("TANDEM_HOST_NODES") == "1"
     streamed = None  # GpuExperts for the current layer-wise prefill, set and cleared by the model operator
     _side: torch.cuda.Stream | None = None
     _hot_gpu = None
@@ -105,7 +111,7 @@ class HybridMoE(DeviceOp):
         """True when a decode step of this layer is stream work only (E1's contract, tandem/engine/graphs.py)."""
         experts = self.experts
         backends = getattr(experts, "backends", None)
-        if backends is None or torch.device(self.op_config.generate_device).type != "cuda":
+        if not self.host_nodes or backends is None or torch.device(self.op_config.generate_device).type != "cuda":
             return False
         return hasattr(getattr(backends["generate"], "kernel", None), "host_job")
 
