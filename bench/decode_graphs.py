@@ -7,6 +7,11 @@ bench/e2e.py's). Random weights (tandem synth), bf16, the paged KV cache, greedy
 
 Bound: one decode step reads every weight once plus each sequence's K/V (or latent) of every layer; bytes /
 copy bandwidth measured here. Usage: python bench/decode_graphs.py [--layers 16] [--steps 32] [--json]
+
+`--moe`: instead, Qwen3-30B-A3B layers with their routed experts on the GPU too (experts.marlin in each
+`--formats` entry: int4_g32 Triton blocks, bf16), the RoPE and router operators on the GPU: the all-GPU MoE
+placement whose decode the graphs capture. Its bound reads the non-expert weights, the experts a step routes to
+(expected distinct experts of B tokens under uniform routing) and the K/V.
 """
 
 from __future__ import annotations
@@ -28,6 +33,44 @@ def dense_presets(layers: int) -> dict[str, dict]:
     q = {**PRESETS["qwen3-30b-a3b"], "num_hidden_layers": layers, "mlp_only_layers": list(range(layers))}
     ds = {**PRESETS["deepseek-v2-lite"], "num_hidden_layers": layers, "first_k_dense_replace": layers}
     return {"qwen3-30b-a3b-attn": q, "deepseek-v2-lite-attn": ds}
+
+
+MOE_RULES = """
+- match: {{name: "\\\\.experts$"}}
+  replace:
+    class: tandem.ops.Experts
+    kwargs: {{generate_device: "cuda:0", prefill_device: "cuda:0", out_device: "cuda:0", generate_op: "experts.marlin",
+             prefill_op: "experts.marlin", weight_format: "{fmt}"}}
+  recursive: false
+- match: {{name: "rotary_emb$"}}
+  replace: {{class: rope, kwargs: {{generate_device: "cuda:0", prefill_device: "cuda:0"}}}}
+- match: {{name: "\\\\.gate$"}}
+  replace: {{class: gate, kwargs: {{generate_device: "cuda:0", prefill_device: "cuda:0"}}}}
+- match: {{name: ".*"}}
+  replace: {{class: default, kwargs: {{generate_device: "cuda:0", prefill_device: "cuda:0"}}}}
+"""
+
+
+def moe_models(layers: int, formats: list[str], tmp: Path):
+    """(name, loaded LLM, expert bytes read per step for batch B) per format, one synthesized checkpoint."""
+    from tandem.ops.experts import ExpertsOp
+
+    path = synthesize("qwen3-30b-a3b", Path(tmp) / "qwen3-moe", layers=layers, progress=False)
+    for fmt in formats:
+        rules = Path(tmp) / f"rules-{fmt}.yaml"
+        rules.write_text(MOE_RULES.format(fmt=fmt))
+        llm = tandem.load(path, rules=str(rules), dtype="bfloat16", progress=False)
+        ops = [m for m in llm.model.modules() if isinstance(m, ExpertsOp)]
+        per_expert = sum(o.backends["generate"].w13.nbytes() + o.backends["generate"].w2.nbytes() for o in ops)
+        a = llm.model.args
+        e, k = a.num_experts, a.num_experts_per_tok
+
+        def expert_bytes(batch: int, per_expert=per_expert / e, e=e, k=k) -> float:
+            return per_expert * e * (1 - (1 - k / e) ** batch)  # expected distinct experts, every layer
+
+        yield f"qwen3-30b-a3b-moe-{fmt}", llm, expert_bytes
+        del llm, ops
+        torch.cuda.empty_cache()
 
 
 def copy_bandwidth(gib: float = 4.0) -> float:
@@ -72,34 +115,48 @@ def step_time(llm, batch: int, context: int, steps: int, graphs: bool) -> float:
     return dt
 
 
+def dense_models(layers: int, tmp: Path):
+    for name, config in dense_presets(layers).items():
+        PRESETS[name] = config  # a bench-only preset: synth writes any config in PRESETS
+        path = synthesize(name, Path(tmp) / name, progress=False)
+        yield name, tandem.load(path, dtype="bfloat16", device="cuda", progress=False), lambda batch: 0.0
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--moe", action="store_true", help="Qwen3-30B-A3B MoE layers, routed experts on the GPU")
+    p.add_argument("--formats", default="int4_g32,bf16", help="experts.marlin weight formats for --moe")
+    p.add_argument("--shapes", default="1x512,8x512,1x4096,8x4096", help="batch x context of each row")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bw = copy_bandwidth()
     rows = []
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s, {args.layers} layers, bf16")
-    print("| model | batch | context | eager ms/step | graph ms/step | speed-up | bound ms | graph / bound |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | batch | context | eager ms/step | graph ms/step | speed-up | graph tok/s | bound ms | "
+          "graph / bound |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, config in dense_presets(args.layers).items():
-            PRESETS[name] = config  # a bench-only preset: synth writes any config in PRESETS
-            path = synthesize(name, Path(tmp) / name, progress=False)
-            llm = tandem.load(path, dtype="bfloat16", device="cuda", progress=False)
+        models = moe_models(args.layers, args.formats.split(","), tmp) if args.moe else dense_models(args.layers,
+                                                                                                     tmp)
+        for name, llm, expert_bytes in models:
             embed = llm.model.model.embed_tokens.weight  # decode reads B rows of it, not all
             weights = sum(t.numel() * t.element_size() for t in llm.model.parameters()) - embed.nbytes
-            for batch, context in ((1, 512), (8, 512), (1, 4096), (8, 4096)):
+            for batch, context in shapes:
                 eager = step_time(llm, batch, context, args.steps, graphs=False)
                 graph = step_time(llm, batch, context, args.steps, graphs=True)
-                bound = (weights + batch * (context + args.steps) * kv_bytes_per_token(llm)) / bw
+                read = weights + expert_bytes(batch) + batch * (context + args.steps) * kv_bytes_per_token(llm)
+                bound = read / bw
                 rows.append(dict(model=name, batch=batch, context=context, eager_ms=eager * 1e3,
-                                 graph_ms=graph * 1e3, bound_ms=bound * 1e3))
+                                 graph_ms=graph * 1e3, bound_ms=bound * 1e3, graph_tok_s=batch / graph,
+                                 eager_tok_s=batch / eager))
                 print(f"| {name} | {batch} | {context} | {eager * 1e3:.2f} | {graph * 1e3:.2f} | "
-                      f"{eager / graph:.2f}x | {bound * 1e3:.2f} | {bound / graph:.0%} |", flush=True)
+                      f"{eager / graph:.2f}x | {batch / graph:.0f} | {bound * 1e3:.2f} | {bound / graph:.0%} |",
+                      flush=True)
             del llm
-            torch.cuda.empty_cache()
     if args.json:
         print(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9, "layers": args.layers,
                           "rows": rows}))

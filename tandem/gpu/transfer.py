@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -101,22 +102,56 @@ class Slot:
     free: torch.cuda.Event  # compute with the GPU weights done (slot reusable)
 
 
-def host_register(t: torch.Tensor) -> bool:
-    """Page-lock a CPU tensor's memory in place (cudaHostRegister), so uploads read it by DMA with no staging
-    copy. False if the driver refuses (a file mapping, say); the caller then stages through pinned buffers."""
-    if t.is_pinned():
+PAGE = 4096
+
+
+class HostRegistry:
+    """CPU memory this model page-locked in place (cudaHostRegister) for direct uploads, as page ranges.
+
+    A tensor is uploaded straight from its memory only when one range this registry made covers it whole: a copy
+    that runs past a registration is refused by the driver ("invalid argument"), and small tensors share pages.
+    The registrations outlive a prefill (a later one reuses them); the model operator keeps the registry."""
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] = []  # [start, stop) byte addresses, page-aligned
+
+    def covers(self, start: int, stop: int) -> bool:
+        return any(a <= start and stop <= b for a, b in self.ranges)
+
+    def register(self, t: torch.Tensor) -> bool:
+        """Page-lock the whole pages `t` touches; False (the caller stages) if they overlap a range registered
+        before or the driver refuses."""
+        ptr, n = t.data_ptr(), t.numel() * t.element_size()
+        if self.covers(ptr, ptr + n):
+            return True
+        start, stop = ptr // PAGE * PAGE, -(-(ptr + n) // PAGE) * PAGE
+        if any(a < stop and start < b for a, b in self.ranges):
+            return False
+        if not _register_pages(start, stop - start):
+            return False
+        self.ranges.append((start, stop))
         return True
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    return int(err) == 0 and t.is_pinned()
+
+
+def _register_pages(ptr: int, nbytes: int) -> bool:
+    """cudaHostRegister on a thread of its own: a refusal leaves the runtime's per-thread error set, and the
+    next kernel launch of the thread that called it would report it as its own ("CUDA error: invalid argument")."""
+    result = []
+    portable = 1  # cudaHostRegisterPortable: pinned for every GPU's context, not only this thread's device
+    th = threading.Thread(target=lambda: result.append(int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes,
+                                                                                                portable))))
+    th.start()
+    th.join()
+    return result == [0]
 
 
 class LayerStreamer:
     """Double-buffered upload of a sequence of layers' CPU experts (see the module docstring).
 
-    The CPU kernel's buffers are page-locked in place on first use (host_register) and uploaded straight from
-    there; only where that fails do the bytes go through the pinned staging slots."""
+    The CPU kernel's buffers are page-locked in place on first use (HostRegistry) and uploaded straight from
+    there; where that fails for any of them the bytes go through the pinned staging slots."""
 
-    def __init__(self, layers: list[LayerBlocks], device: torch.device, act):
+    def __init__(self, layers: list[LayerBlocks], device: torch.device, act, registry: HostRegistry | None = None):
         self.layers, self.device, self.act = layers, torch.device(device), act
         big13 = max(lb.gate.nbytes + lb.up.nbytes for lb in layers)
         big2 = max(lb.down.nbytes for lb in layers)
@@ -127,7 +162,10 @@ class LayerStreamer:
                            torch.empty(big2, dtype=torch.uint8, device=self.device),
                            torch.cuda.Event(), torch.cuda.Event()) for _ in range(2)]
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tandem-stream")
-        self.direct = True  # upload from the kernel's page-locked memory; False: through the staging slots
+        # upload from the kernel's page-locked memory; False: through the staging slots. Registered before any
+        # upload is queued, once per buffer (the registry outlives this streamer)
+        registry = registry if registry is not None else HostRegistry()
+        self.direct = all(registry.register(t) for lb in layers for t in (lb.gate, lb.up, lb.down))
         self.pending: dict[int, Future] = {}
 
     def prefetch(self, idx: int) -> None:
@@ -164,8 +202,6 @@ class LayerStreamer:
     def _upload_direct(self, lb: LayerBlocks, slot: Slot, n13: int, n2: int):
         """DMA from the kernel's own memory, page-locked in place: contiguous uploads, then gate and up
         interleaved into the joined layout on the GPU."""
-        if not all(host_register(t) for t in (lb.gate, lb.up, lb.down)):
-            raise RuntimeError("cudaHostRegister refused")
         e, i, _ = lb.shape
         with torch.cuda.stream(self.side):
             self.side.wait_event(slot.free)

@@ -28,6 +28,8 @@ def default_format(shapes, name: str, say=None) -> str:
 class GpuExperts:
     """Routed experts on one GPU: w13 [E, 2I, D] and w2 [E, D, I] as QuantTensors; forward = two grouped GEMMs."""
 
+    capturable = True  # routing sorts on the GPU with fixed sizes (tandem.gpu.routing): no host sync, graph-safe
+
     def __init__(self, w13: B.QuantTensor, w2: B.QuantTensor, act, device: str, origin: str = ""):
         self.w13, self.w2, self.act, self.device, self.origin = w13, w2, act, torch.device(device), origin
 

@@ -36,6 +36,7 @@ class ModelOp(nn.Module):
     op_config: OpConfig
     run_state: object
     _threshold: int | None = None
+    _registry = None  # tandem.gpu.transfer.HostRegistry, made at the first layer-wise prefill
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
         self.run_state.phase = "prefill" if max(batch.qlens) > 1 else "generate"
@@ -86,7 +87,7 @@ class ModelOp(nn.Module):
             return None, {}
         if given is None and n_tokens < MIN_LAYERWISE:
             return None, {}
-        from tandem.gpu.transfer import LayerStreamer, cpu_blocks
+        from tandem.gpu.transfer import HostRegistry, LayerStreamer, cpu_blocks
 
         hybrid = self.hybrid_layers()
         blocks = {i: cpu_blocks(m.experts.backends["prefill"]) for i, m in hybrid.items()}
@@ -99,7 +100,9 @@ class ModelOp(nn.Module):
         device = torch.device(first.op_config.generate_device)
         # one streamer, one GPU: layers placed on another GPU (transfer_map) keep their CPU experts
         order = {i: m for i, m in order.items() if torch.device(m.op_config.generate_device) == device}
-        streamer = LayerStreamer([blocks[i] for i in order], device, _act(first))
+        if self._registry is None:
+            self._registry = HostRegistry()  # page-locked expert memory, kept for the model's later prefills
+        streamer = LayerStreamer([blocks[i] for i in order], device, _act(first), self._registry)
         streamer.prefetch(0)
         return streamer, order
 

@@ -76,6 +76,17 @@ class PinnedPool:
         return st
 
 
+def same_device(a, b) -> bool:
+    """cuda and cuda:<current> are one device."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    here = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else here) == (b.index if b.index is not None else here)
+
+
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The activation dtype the CPU kernel takes for a model dtype (bf16 as is, others through fp32)."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
@@ -107,13 +118,22 @@ class HybridMoE(DeviceOp):
         return kernel if kernel is not None and dev.type == "cuda" and hasattr(kernel, "submit") else None
 
     @property
-    def graph_capturable(self) -> bool:
-        """True when a decode step of this layer is stream work only (E1's contract, tandem/engine/graphs.py)."""
-        experts = self.experts
-        backends = getattr(experts, "backends", None)
-        if not self.host_nodes or backends is None or torch.device(self.op_config.generate_device).type != "cuda":
-            return False
-        return hasattr(getattr(backends["generate"], "kernel", None), "host_job")
+    def graph_capturable(self) -> bool | None:
+        """What this block says to the graph runner (E1's contract, tandem/engine/graphs.py): True when its decode
+        step is stream work only with the CPU kernel as a host node; None (decided by where its tensors are)
+        when the routed experts run on the block's own GPU with a capturable backend; False otherwise."""
+        dev = torch.device(self.op_config.generate_device)
+        backends = getattr(self.experts, "backends", None)
+        if backends is None:
+            return None  # the model's own Experts: their parameters say where they are
+        generate = backends["generate"]
+        if dev.type == "cuda" and hasattr(getattr(generate, "kernel", None), "host_job"):
+            return bool(self.host_nodes)
+        if getattr(self.experts, "hot", None) is not None:
+            return False  # hot experts outside a hybrid layer run the torch reference (host sync)
+        if getattr(generate, "capturable", False) and same_device(generate.device, dev):
+            return None  # e.g. experts.marlin: routing and grouped GEMMs on this GPU, no host sync
+        return False
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.shared_name is None:

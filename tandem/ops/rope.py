@@ -1,5 +1,8 @@
-"""The RoPE operator (default, linear, llama3 and YaRN scaling): cos/sin tables kept on its device, grown as
-positions need, instead of recomputing the angles in every layer and step."""
+"""The RoPE operator (default, linear, llama3 and YaRN scaling). On the CPU: cos/sin tables grown as positions
+need, instead of recomputing the angles in every layer and step. On a GPU: the angles of the batch's positions,
+computed on the device: sizing a table from the positions would need their maximum on the host (a sync that a
+CUDA graph cannot hold), and a table for every position a model allows costs VRAM in every layer (42 MB per
+layer for DeepSeek-V3's 163840 positions)."""
 
 from __future__ import annotations
 
@@ -28,9 +31,13 @@ class RoPEOp(nn.Module):
         # x [N, heads, d], positions [N]
         dev = self.op_config.generate_device
         x, positions = x.to(dev), positions.to(dev)
-        cos_t, sin_t = self._tables(int(positions.max()) + 1 if positions.numel() else 1, x.device)
-        cos, sin = cos_t[positions][:, None, :], sin_t[positions][:, None, :]
-        return rotate(x, cos, sin, self.interleaved).to(self.op_config.out_device)
+        if x.is_cuda:  # the products a table row would hold, for these positions only: no host sync
+            freqs = positions.float()[:, None] * self.inv_freq.to(x.device)  # [N, d/2]
+            cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        else:
+            cos_t, sin_t = self._tables(int(positions.max()) + 1 if positions.numel() else 1, x.device)
+            cos, sin = cos_t[positions], sin_t[positions]
+        return rotate(x, cos[:, None, :], sin[:, None, :], self.interleaved).to(self.op_config.out_device)
 
 
 def build(module: RotaryEmbedding, cfg: OpConfig, ctx: LoadContext) -> nn.Module:

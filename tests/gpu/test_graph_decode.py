@@ -103,3 +103,36 @@ def test_hybrid_preset_graphs_equal_eager_and_cpu(name, tmp_path):
             print(f"{name} 1gpu: graph replays {engine.graphs.replays}, off because: {engine.graphs.disabled}")
     assert outs[0] == outs[1]
     assert outs[1] == [cpu.generate(p, max_new_tokens=n, ignore_eos=True).token_ids for p, n in zip(PROMPTS, NEW)]
+
+
+GPU_EXPERTS = '''
+- match: {name: "\\\\.experts$"}
+  replace:
+    class: tandem.ops.Experts
+    kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0", out_device: "cuda:0", generate_op: "experts.marlin",
+             prefill_op: "experts.marlin", weight_format: "fp32"}
+  recursive: false
+- match: {name: "rotary_emb$"}
+  replace: {class: rope, kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0"}}
+- match: {name: "\\\\.gate$"}
+  replace: {class: gate, kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0"}}
+- match: {name: ".*"}
+  replace: {class: default, kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0"}}
+'''
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3", "qwen2_moe", "mixtral"])
+def test_gpu_experts_decode_in_cuda_graphs(name, tmp_path):
+    """Routed experts on the GPU (experts.marlin, fp32 blocks: the checkpoint's weights), the RoPE and router
+    operators too: decode is captured and replayed (no eager fallback), tokens == eager == the CPU model."""
+    from gpu_ref import write_rules
+
+    path = save_hf(make_hf(name), tmp_path)
+    cpu = tandem.load(path, dtype="float32", progress=False)
+    llm = tandem.load(path, rules=write_rules(tmp_path, GPU_EXPERTS), dtype="float32", progress=False)
+    eager, _ = run(llm, graphs=False)
+    graph, engine = run(llm, graphs=True)
+    assert engine.graphs.disabled is None, engine.graphs.disabled
+    assert engine.graphs.replays > 0 and {b for b, _ in engine.graphs.graphs} >= {1, 2, 4, 8}
+    assert graph == eager
+    assert graph == [cpu.generate(p, max_new_tokens=n, ignore_eos=True).token_ids for p, n in zip(PROMPTS, NEW)]
