@@ -32,6 +32,8 @@ from tandem.plan.trace import Step, layer_peak
 GPU_OVERHEAD_ESTIMATE = 640 << 20  # CUDA context + cuBLAS/cuDNN modules (lazy loading) on recent drivers
 LIBRARY_WORKSPACE = 32 << 20  # cuBLAS workspace (held by torch's allocator) per GPU
 HOST_OVERHEAD = 1 << 30  # the Python process with torch and tandem imported (CUDA libraries mapped)
+ALLOC_ROUNDING = 2 << 20  # torch's allocator may count a large tensor's whole 2 MiB-rounded block as allocated
+LARGE = 1 << 20  # tensors above this come from its large pool
 PINNED_TOKENS = 256  # tokens of the pinned host buffers a CPU-experts layer keeps (hybrid MoE operator)
 # GGUF block types experts.cpu runs as the file stores them (mapped, never converted)
 KERNEL_GGUF_TYPES = {"F32", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
@@ -87,6 +89,13 @@ def tensor_bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
     return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
 
 
+def large_tensors(module: nn.Module, dtype: torch.dtype, skip: nn.Module | None = None) -> int:
+    """Tensors of `module` (not under `skip`) above 1 MiB once loaded in `dtype`."""
+    skipped = {id(t) for t in skip.parameters()} if skip is not None else set()
+    return sum(1 for t in (*module.parameters(), *module.buffers())
+               if id(t) not in skipped and tensor_bytes(t, dtype) > LARGE)
+
+
 def own_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of `module`'s tensors and all below it, loaded in `dtype` (integer tensors keep theirs)."""
     return sum(tensor_bytes(t, dtype) for t in (*module.parameters(), *module.buffers()))
@@ -105,6 +114,7 @@ class LayerInfo:
     kv_token: int  # bytes one cached token takes in this layer
     kind: str  # layers of one kind trace alike
     experts_name: str | None = None  # module name of its routed experts
+    large: int = 0  # tensors of the core above 1 MiB (each may round up by up to 2 MiB on a GPU)
 
 
 @dataclass
@@ -131,7 +141,8 @@ class MemoryModel:
             out.append(LayerInfo(i, own_bytes(layer, self.w.dtype) - eb, eb, self.cpu_experts_bytes(name, eb),
                                  len(experts) if experts else 0, k,
                                  kv_per_token(layer.self_attn) * self.w.kv_dtype.itemsize, kind,
-                                 f"model.layers.{i}.{mlp_name}.experts" if experts is not None else None))
+                                 f"model.layers.{i}.{mlp_name}.experts" if experts is not None else None,
+                                 large_tensors(layer, self.w.dtype, skip=experts)))
         return out
 
     def cpu_experts_bytes(self, name: str, in_dtype: int) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tandem.plan.devices import Device, format_size
-from tandem.plan.memory import MemoryModel, Overhead, host_overhead
+from tandem.plan.memory import ALLOC_ROUNDING, MemoryModel, Overhead, host_overhead
 from tandem.plan.perf import Estimate, Rates, touched
 
 GLOBALS = ("model.embed_tokens", "model.norm", "lm_head")
@@ -71,15 +71,18 @@ def ledger(mm: MemoryModel, a: Assignment, devices: list[Device], ov: dict[str, 
     on_gpu = paged([d for d in devices if d.name in a.used_devices()])
     act: dict[str, list[int]] = {}
     work: dict[str, int] = {}
+    large = dict.fromkeys(out, 0)  # tensors whose allocation may round up by a block
     for info in mm.layers:
         i, dev = info.index, a.layers[info.index]
         out[dev]["weights"] += info.core
+        large[dev] += info.large + 2  # its core tensors, its KV storage
         out[dev]["kv"] += mm.kv(i)
         pre, dec = mm.activation(i, on_gpu)
         act.setdefault(dev, [0, 0])
         act[dev] = [max(act[dev][0], pre), max(act[dev][1], dec)]
         if info.n_experts:
             out[a.experts[i]]["weights"] += info.experts_cpu if a.experts[i] == "cpu" else info.experts
+            large[a.experts[i]] += 3  # stacked gate, up, down
             for d in {a.experts[i], a.experts_prefill[i]}:
                 work[d] = max(work.get(d, 0), mm.experts_workspace(i))
             if a.experts_prefill[i] != a.experts[i]:  # layer-wise prefill: one expert staged at a time
@@ -88,11 +91,13 @@ def ledger(mm: MemoryModel, a: Assignment, devices: list[Device], ov: dict[str, 
                     out["cpu"]["weights"] += info.experts
             if a.hot.get(i):
                 out[dev]["weights"] += len(a.hot[i]) * mm.expert_bytes(i)
+                large[dev] += 3
                 work[dev] = max(work.get(dev, 0), mm.experts_workspace(i))
             if a.experts[i] == "cpu" and dev != "cpu":
                 out["cpu"]["buffers"] += mm.pinned_bytes()
     for name, dev in a.globals.items():
         out[dev]["weights"] += mm.globals[name]
+        large[dev] += 1
     layer_gpus = {d for d in a.layers if d != "cpu"}
     for d in devices:
         led = out[d.name]
@@ -105,7 +110,7 @@ def ledger(mm: MemoryModel, a: Assignment, devices: list[Device], ov: dict[str, 
             led["buffers"] += mm.logits_bytes()
         if d.is_gpu and d.name in a.used_devices():
             led["overhead"] = ov[d.name].bytes
-            led["buffers"] += ov[d.name].workspace
+            led["buffers"] += ov[d.name].workspace + large[d.name] * ALLOC_ROUNDING
         elif not d.is_gpu:
             led["overhead"] = host_overhead()
             led["buffers"] += mm.src.largest_tensor()  # the tensor being copied during the load, mapped
@@ -154,8 +159,13 @@ class _Filler:
         ov = self.ov[g.name]
         return (pre + dec if n_gpus == 1 else max(pre, dec)) + self.mm.metadata_bytes() + ov.workspace + ov.bytes
 
+    def layer_need(self, i: int) -> int:
+        """A layer's core, its KV and the allocator's rounding of their tensors, on a GPU."""
+        li = self.mm.layers[i]
+        return li.core + self.mm.kv(i) + (li.large + 2) * ALLOC_ROUNDING
+
     def exclude_small(self) -> None:
-        need = min(li.core + self.mm.kv(li.index) for li in self.mm.layers)
+        need = min(self.layer_need(li.index) for li in self.mm.layers)
         pinned = self.cons.devices()
         keep = []
         for g in self.gpus:
@@ -183,15 +193,15 @@ class _Filler:
         # the user's placements first: they are not negotiable
         for i, (dev, _) in cons.layers.items():
             a.layers[i] = dev
-            self.take(dev, mm.layers[i].core + mm.kv(i))
+            self.take(dev, self.layer_need(i))
         for name, (dev, _) in cons.globals.items():
             a.globals[name] = dev
-            self.take(dev, mm.globals[name])
+            self.take(dev, mm.globals[name] + ALLOC_ROUNDING)
         # the LM head (and the final norm) on the roomiest GPU: read whole every step
         for name in ("lm_head", "model.norm"):
             if name not in a.globals:
                 best = max(names, key=lambda d: self.room[d] - self.used[d], default="cpu")
-                extra = mm.globals[name] + (mm.logits_bytes() if name == "lm_head" else 0)
+                extra = mm.globals[name] + ALLOC_ROUNDING + (mm.logits_bytes() if name == "lm_head" else 0)
                 a.globals[name] = best if best != "cpu" and self.fits(best, extra) else "cpu"
                 self.take(a.globals[name], extra)
         self.place_layers(names)
@@ -199,13 +209,13 @@ class _Filler:
         if "model.embed_tokens" not in a.globals:  # a row lookup: the last thing worth a GPU's memory
             first = a.layers[0]
             a.globals["model.embed_tokens"] = first if first != "cpu" and self.fits(
-                first, mm.globals["model.embed_tokens"]) else "cpu"
+                first, mm.globals["model.embed_tokens"] + ALLOC_ROUNDING) else "cpu"
         return a
 
     def place_layers(self, names: list[str]) -> None:
         mm, a = self.mm, self.a
         free = [li.index for li in mm.layers if li.index not in self.cons.layers]
-        need = {i: mm.layers[i].core + mm.kv(i) for i in free}
+        need = {i: self.layer_need(i) for i in free}
         total = sum(need.values())
         left = {d: self.room[d] - self.used[d] for d in names}
         pool = sum(max(v, 0) for v in left.values())
@@ -235,7 +245,7 @@ class _Filler:
             if i in cons.experts:
                 gen, pre, _ = cons.experts[i]
                 a.experts[i], a.experts_prefill[i] = gen, pre
-                self.take(gen, info.experts_cpu if gen == "cpu" else info.experts)
+                self.take(gen, info.experts_cpu if gen == "cpu" else info.experts + 3 * ALLOC_ROUNDING)
                 continue
             a.experts[i] = "cpu"
             gpu = a.layers[i] if a.layers[i] != "cpu" else None
@@ -254,7 +264,7 @@ class _Filler:
             return
         for info in order:  # whole layers: every layer's experts are worth the same per byte
             i, dev = info.index, a.layers[info.index]
-            ws = 0 if dev in workspace else mm.experts_workspace(i)
+            ws = (0 if dev in workspace else mm.experts_workspace(i)) + 3 * ALLOC_ROUNDING
             if self.fits(dev, info.experts + ws):
                 self.take(dev, info.experts + ws)
                 workspace.add(dev)
@@ -273,7 +283,7 @@ class _Filler:
             if neg == 0:
                 break  # never routed to in the profile: no value on a GPU
             dev = a.layers[i]
-            ws = 0 if dev in workspace else mm.experts_workspace(i)
+            ws = (0 if dev in workspace else mm.experts_workspace(i)) + (0 if i in chosen else 3 * ALLOC_ROUNDING)
             if self.fits(dev, mm.expert_bytes(i) + ws):
                 self.take(dev, mm.expert_bytes(i) + ws)
                 workspace.add(dev)

@@ -89,9 +89,12 @@ def cuda_attention():
         if cuda_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) == SDP_MATH:
             return math(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa)
+        # SDPA first turns a boolean mask into an additive one in the query dtype (alive during the kernel)
+        additive = None if attn_mask is None or attn_mask.dtype != torch.bool else torch.empty(
+            attn_mask.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
-        del lse
+        del lse, additive
         return out
 
     F.scaled_dot_product_attention = sdpa
