@@ -31,7 +31,7 @@ def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
     # scatter_add, not bincount: bincount sizes its output from the data (a host sync)
     counts = torch.zeros(n_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(0, bucket,
                                                                                            torch.ones_like(bucket))
-    counts[n_experts] = 0  # dropped slots get no room
+    counts[n_experts:].zero_()  # dropped slots get no room (not `counts[E] = 0`: a CPU scalar copied, a sync)
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     starts = ends - padded
