@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -103,46 +104,62 @@ class Slot:
 
 
 PAGE = 4096
+OWN_PAGES = 32 << 20  # glibc serves allocations this large by mmap (its threshold's ceiling): pages of their own
 
 
 class HostRegistry:
     """CPU memory this model page-locked in place (cudaHostRegister) for direct uploads, as page ranges.
 
-    A tensor is uploaded straight from its memory only when one range this registry made covers it whole: a copy
-    that runs past a registration is refused by the driver ("invalid argument"), and small tensors share pages.
-    The registrations outlive a prefill (a later one reuses them); the model operator keeps the registry."""
+    Only memory whose pages nothing else uses is registered: a range of whole pages, or a buffer of OWN_PAGES or
+    more (an mmap of its own). A pageable copy of another tensor that starts in a registered page is taken for a
+    pinned one and refused by the driver ("CUDA error: invalid argument", reported at a later call), and so is
+    memory freed while registered and reused. So the registry holds the tensors it registered and unregisters
+    them when it is collected (with the model operator that keeps it); smaller buffers go through staging."""
 
     def __init__(self):
         self.ranges: list[tuple[int, int]] = []  # [start, stop) byte addresses, page-aligned
+        self.keep: list[torch.Tensor] = []  # the registered tensors, alive while their pages are locked
+        fin = weakref.finalize(self, _unregister, self.ranges, self.keep)
+        fin.atexit = False  # at exit the process goes, and its registrations with it
 
     def covers(self, start: int, stop: int) -> bool:
         return any(a <= start and stop <= b for a, b in self.ranges)
 
     def register(self, t: torch.Tensor) -> bool:
-        """Page-lock the whole pages `t` touches; False (the caller stages) if they overlap a range registered
-        before or the driver refuses."""
+        """Page-lock the pages of `t`; False (the caller stages) where they may hold other data, overlap a range
+        registered before, or the driver refuses."""
         ptr, n = t.data_ptr(), t.numel() * t.element_size()
         if self.covers(ptr, ptr + n):
             return True
+        whole = ptr % PAGE == 0 and n % PAGE == 0
+        if not (whole or n >= OWN_PAGES):
+            return False
         start, stop = ptr // PAGE * PAGE, -(-(ptr + n) // PAGE) * PAGE
         if any(a < stop and start < b for a, b in self.ranges):
             return False
-        if not _register_pages(start, stop - start):
-            return False
+        if not _on_own_thread(lambda: int(torch.cuda.cudart().cudaHostRegister(start, stop - start, 1)) == 0):
+            return False  # 1 = cudaHostRegisterPortable: pinned for every GPU's context
         self.ranges.append((start, stop))
+        self.keep.append(t)
         return True
 
 
-def _register_pages(ptr: int, nbytes: int) -> bool:
-    """cudaHostRegister on a thread of its own: a refusal leaves the runtime's per-thread error set, and the
-    next kernel launch of the thread that called it would report it as its own ("CUDA error: invalid argument")."""
+def _on_own_thread(fn):
+    """fn() on a thread of its own: a CUDA call that fails leaves the runtime's per-thread error set, and the next
+    kernel launch of the thread that made it would report it as its own."""
     result = []
-    portable = 1  # cudaHostRegisterPortable: pinned for every GPU's context, not only this thread's device
-    th = threading.Thread(target=lambda: result.append(int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes,
-                                                                                                portable))))
+    th = threading.Thread(target=lambda: result.append(fn()))
     th.start()
     th.join()
-    return result == [0]
+    return result[0] if result else None
+
+
+def _unregister(ranges: list[tuple[int, int]], keep: list[torch.Tensor]) -> None:
+    if ranges and torch.cuda.is_initialized():
+        cudart = torch.cuda.cudart()
+        _on_own_thread(lambda: [cudart.cudaHostUnregister(a) for a, _ in ranges])
+    ranges.clear()
+    keep.clear()  # the memory may be freed now that no registration points at it
 
 
 class LayerStreamer:

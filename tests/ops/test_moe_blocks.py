@@ -169,3 +169,21 @@ def test_format_names_and_bad_shapes():
         B.canonical("int3")
     with pytest.raises(ValueError, match="multiple of int4_g32's block of 128"):
         B.quantize(torch.zeros(4, 96), "int4_g32")
+
+
+def test_host_registry_locks_only_pages_of_their_own(monkeypatch):
+    """Direct uploads page-lock only whole pages or buffers mmapped on their own; small heap tensors (which share
+    pages with other data) are left to staging, and a registration is asked once per range."""
+    from tandem.gpu import transfer
+
+    calls = []
+    monkeypatch.setattr(transfer, "_on_own_thread", lambda fn: calls.append(fn) or True)
+    reg = transfer.HostRegistry()
+    small = torch.empty(1000, dtype=torch.uint8)
+    assert not reg.register(small) and not calls
+    big = torch.empty(transfer.OWN_PAGES, dtype=torch.uint8)
+    assert reg.register(big) and len(calls) == 1
+    assert reg.register(big[100:200]) and len(calls) == 1  # inside a range registered before
+    start, stop = reg.ranges[0]
+    assert start % transfer.PAGE == 0 and stop % transfer.PAGE == 0 and start <= big.data_ptr() < stop
+    assert reg.keep == [big]  # held until unregistered
