@@ -9,7 +9,8 @@ import time
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory (config.json + *.safetensors)")
-    p.add_argument("--rules", default=None, help="optimize rules: a YAML file, a preset name, or 'auto'")
+    p.add_argument("--rules", default=None,
+                   help="optimize rules: a YAML file, a preset name, 'auto' (planned), or 'none' (torch only)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
 
 

@@ -15,6 +15,7 @@ import torch
 from tandem.checkpoint import open_checkpoint
 from tandem.engine import Engine, EngineConfig, SamplingParams, Sequence
 from tandem.models import Batch, CausalLM, build_model
+from tandem.models.layers import Experts
 from tandem.tokenize.tokenizer import Tokenizer
 from tandem.weights import materialize
 
@@ -141,15 +142,18 @@ def load(path: str | Path, rules: str | None = None, dtype: str | torch.dtype | 
          cuda_graphs: bool | None = None) -> LLM:
     """Load a model (a Hugging Face directory) and return an LLM ready to generate.
 
-    rules: None (everything on `device`), a rule file (YAML), a preset name ("deepseek-v3/1gpu", see
-    `tandem rules list`; "cpu" / "1gpu" / "2gpu" alone: the model family's), or "auto" (planned for this
-    machine's devices by tandem.plan; engine_config, if given, is the workload it plans for).
+    rules: None (everything on `device`; on the CPU an MoE's routed experts run on the C++ experts kernel, the
+    family's "cpu" preset), "none" (everything on `device` in torch: the reference), a rule file (YAML), a preset
+    name ("deepseek-v3/1gpu", see `tandem rules list`; "cpu" / "1gpu" / "2gpu" alone: the model family's), or
+    "auto" (planned for this machine's devices by tandem.plan; engine_config, if given, is the workload it plans
+    for).
     Rules are validated before any weight is read.
     cuda_graphs: False decodes eagerly on a GPU (default: engine_config's, on; see tandem/engine/graphs.py).
     """
     if cuda_graphs is not None:
         engine_config = dataclasses.replace(engine_config or EngineConfig(), cuda_graphs=cuda_graphs)
     ckpt = open_checkpoint(path)
+    model = build_model(ckpt.config)  # on the meta device: shapes only, no weight read
     ruleset = plan = None
     if rules == "auto":
         from tandem.plan.auto import describe, plan_for_load
@@ -158,12 +162,17 @@ def load(path: str | Path, rules: str | None = None, dtype: str | torch.dtype | 
         plan, engine_config = plan_for_load(path, dtype, engine_config)
         ruleset = plan.ruleset()
         logging.getLogger("tandem.plan").info("%s", describe(plan))
-    elif rules is not None:
+    elif rules is None and device == "cpu" and any(isinstance(m, Experts) for m in model.modules()):
+        from tandem.rules import load_rules
+
+        # a CPU run of an MoE: routed experts on the C++ kernel (exact: weights kept in the model dtype, or the
+        # GGUF's own blocks), as KTransformers users expect; rules="none" keeps everything in torch
+        ruleset = load_rules("cpu", ckpt.config.get("model_type"))
+    elif rules is not None and rules != "none":
         from tandem.rules import load_rules
 
         # a bad rule file fails here, before any weight is read
         ruleset = load_rules(str(rules), ckpt.config.get("model_type"))
-    model = build_model(ckpt.config)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if model.tie_word_embeddings else {}
     if ruleset is None:
         materialize(model, ckpt.source, parse_dtype(dtype, ckpt.config), device, tied=tied,

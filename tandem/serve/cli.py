@@ -42,7 +42,8 @@ def serve(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server (streaming, continuous batching)")
     p.add_argument("model", help="model directory (config.json + *.safetensors)")
-    p.add_argument("--rules", default=None, help="optimize rules: a YAML file, a preset name, or 'auto'")
+    p.add_argument("--rules", default=None,
+                   help="optimize rules: a YAML file, a preset name, 'auto' (planned), or 'none' (torch only)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)

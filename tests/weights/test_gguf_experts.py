@@ -82,7 +82,7 @@ RAW = [T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.BF16]
 @pytest.mark.parametrize("qtype", RAW, ids=lambda t: t.name)
 def test_kernel_block_types_run_as_stored(tmp_path, qtype):
     path = write(tmp_path, qtype)
-    ref = tandem.load(path, dtype="float32", progress=False)  # everything dequantized, torch experts
+    ref = tandem.load(path, rules="none", dtype="float32", progress=False)  # everything dequantized, torch
     llm, dequantized = load_counting_dequantize(path, rules="cpu", dtype="float32")
     assert dequantized == []  # no expert block went through a dequantizer
     ks = kernels(llm)
@@ -115,7 +115,7 @@ def test_per_expert_tensors_and_mixed_types(tmp_path):
     q4k, q6k = quantizer(T.Q4_K, rng), quantizer(T.Q6_K, rng)
     path = write_gguf(hf, tmp_path / "m.gguf", family, per_expert=True,
                       quant=lambda name, a: (q6k if ".experts.down" in name else q4k)(name, a))
-    ref = tandem.load(path, dtype="float32", progress=False)
+    ref = tandem.load(path, rules="none", dtype="float32", progress=False)
     llm, dequantized = load_counting_dequantize(path, rules="cpu", dtype="float32")
     assert dequantized == [] and all(k.fmt == ("q4_k", "q4_k", "q6_k") for k in kernels(llm))
     assert rel_err(llm.logits(IDS), ref.logits(IDS)) <= TOL_INT8_ACTIVATIONS
@@ -123,7 +123,7 @@ def test_per_expert_tensors_and_mixed_types(tmp_path):
 
 def test_float_experts_stay_exact(tmp_path):
     path = write(tmp_path, T.F32)
-    ref = tandem.load(path, dtype="float32", progress=False)
+    ref = tandem.load(path, rules="none", dtype="float32", progress=False)
     llm, _ = load_counting_dequantize(path, rules="cpu", dtype="float32")
     assert all(k.fmt == ("fp32",) * 3 for k in kernels(llm))
     assert rel_err(llm.logits(IDS), ref.logits(IDS)) <= 1e-5  # fp32 kernel: summation order only
@@ -143,7 +143,7 @@ CONVERTED = {T.Q4_1: ("int4_g32", 1e-6, TOL_INT8_ACTIVATIONS), T.Q5_0: ("int8", 
 @pytest.mark.parametrize("qtype", list(CONVERTED), ids=lambda t: t.name)
 def test_other_types_are_converted_once_with_one_log_line(tmp_path, qtype, caplog):
     path = write(tmp_path, qtype)
-    ref = tandem.load(path, dtype="float32", progress=False)
+    ref = tandem.load(path, rules="none", dtype="float32", progress=False)
     with caplog.at_level(logging.INFO, logger="tandem"):
         llm = tandem.load(path, rules="cpu", dtype="float32", progress=False)
     fmt, weight_tol, logits_tol = CONVERTED[qtype]
