@@ -227,6 +227,12 @@ def _write_tokenizer(out: Path) -> None:
 
 
 def run(args) -> int:
+    if args.gguf:  # one .gguf file that llama.cpp loads (tandem/synth_gguf.py)
+        from tandem.synth_gguf import synthesize_gguf
+
+        out = synthesize_gguf(args.preset, Path(args.out), args.layers, args.quant, args.seed, sys.stderr.isatty())
+        print(f"wrote {args.preset} ({args.quant}) to {out}")
+        return 0
     out = synthesize(args.preset, Path(args.out), args.layers, args.seed, args.dtype, progress=sys.stderr.isatty())
     print(f"wrote {args.preset} to {out}")
     return 0
@@ -239,4 +245,6 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", type=int, default=None, help="keep per-layer shapes, use this many layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
+    p.add_argument("--gguf", action="store_true", help="write one GGUF file (--out FILE) that llama.cpp loads")
+    p.add_argument("--quant", default="Q4_K_M-like", help="with --gguf: Q4_K_M-like | Q8_0 | BF16 | F16 | F32")
     p.set_defaults(func=run)
