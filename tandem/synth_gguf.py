@@ -339,8 +339,9 @@ def _deepseek_metadata(c: dict, a: str) -> list[tuple[str, int, object]]:
           ("expert_gating_func", U32, 2 if c.get("scoring_func") == "sigmoid" else 1),
           ("expert_group_count", U32, c.get("n_group") or 1),
           ("expert_group_used_count", U32, c.get("topk_group") or 1)]
-    if c.get("q_lora_rank"):
-        md.append(("attention.q_lora_rank", U32, c["q_lora_rank"]))
+    # 0 for no q LoRA (V2-Lite): llama.cpp reads the key unless the depth is V2-Lite's own 26 or 27 layers, so a
+    # truncated or tiny V2-Lite loads only with it; 0 selects the plain attn_q path, as a missing key does
+    md.append(("attention.q_lora_rank", U32, c.get("q_lora_rank") or 0))
     if c.get("norm_topk_prob"):
         md.append(("expert_weights_norm", BOOL, True))
     rs = c.get("rope_scaling") or {}
