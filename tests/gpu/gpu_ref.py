@@ -28,7 +28,7 @@ def write_rules(tmp_path: Path, text: str, name: str = "rules.yaml") -> str:
 def dequantized_reference(path, llm) -> tandem.LLM:
     """The plain float32 CPU model of `path`, its experts and linears replaced by the dequantized weights of the
     GPU model `llm` (those are what its kernels compute with)."""
-    ref = tandem.load(path, dtype="float32", progress=False)
+    ref = tandem.load(path, rules="none", dtype="float32", progress=False)
     with torch.no_grad():
         for name, m in llm.model.named_modules():
             if isinstance(m, ExpertsOp):

@@ -22,7 +22,7 @@ MLA = [f for f in sorted(FAMILIES) if f.startswith("deepseek")]
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def pair(request, tmp_path_factory):
     path = save_hf(make_hf(request.param), tmp_path_factory.mktemp(request.param))
-    cpu = tandem.load(path, dtype="float32", progress=False)
+    cpu = tandem.load(path, rules="none", dtype="float32", progress=False)
     gpu = tandem.load(path, dtype="float32", device="cuda", progress=False)
     return request.param, path, cpu, gpu
 
@@ -83,7 +83,7 @@ def test_engine_on_gpu_equals_cpu(pair):
 @pytest.mark.parametrize("name", ["llama", "deepseek_v3_dense", "deepseek_v2_dense"])
 def test_bf16_on_gpu_is_close_to_float32(name, helpers, tmp_path):
     path = helpers.save_family(name, tmp_path)
-    cpu = tandem.load(path, dtype="float32", progress=False)
+    cpu = tandem.load(path, rules="none", dtype="float32", progress=False)
     gpu = tandem.load(path, dtype="bfloat16", device="cuda", progress=False)
     prompts = prompts_for(cpu.model.args.vocab_size, (9, 30))
     _, _, (first, second) = helpers.paged_logits(gpu.model, prompts, [(0, 8), (8, None)])
@@ -111,7 +111,7 @@ def test_attention_operators_from_rules(name, op, extra, tmp_path):
     path = save_hf(make_hf(name), tmp_path / "m")
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES % (op, extra))
-    cpu = tandem.load(path, dtype="float32", progress=False)
+    cpu = tandem.load(path, rules="none", dtype="float32", progress=False)
     gpu = tandem.load(path, rules=str(rules), dtype="float32", progress=False)
     attn = gpu.model.model.layers[0].self_attn
     assert type(attn).__name__.startswith("AttentionOp") and getattr(attn, "absorb_for_prefill", False) == bool(extra)
@@ -126,7 +126,7 @@ def test_two_gpus_keep_each_layers_cache_with_its_layer(name, tmp_path):
     """The family's 2gpu preset (transfer_map at 50%): each layer's paged cache on its GPU, the CPU's tokens,
     decode eager (a graph is captured on one device)."""
     path = save_hf(make_hf(name), tmp_path)
-    cpu = tandem.load(path, dtype="float32", progress=False)
+    cpu = tandem.load(path, rules="none", dtype="float32", progress=False)
     gpu = tandem.load(path, rules="2gpu", dtype="float32", progress=False)
     ids = prompts_for(cpu.model.args.vocab_size, (21,), seed=11)[0].tolist()
     assert gpu.generate(ids, max_new_tokens=10, ignore_eos=True).token_ids == \

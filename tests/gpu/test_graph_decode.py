@@ -21,7 +21,7 @@ RTOL = 1e-4  # float32, as [A]
 @pytest.fixture(scope="module", params=["llama", "deepseek_v3_dense", "deepseek_v2_dense"])
 def pair(request, tmp_path_factory, helpers):
     path = helpers.save_family(request.param, tmp_path_factory.mktemp(request.param))
-    cpu = tandem.load(path, dtype="float32", progress=False)
+    cpu = tandem.load(path, rules="none", dtype="float32", progress=False)
     gpu = tandem.load(path, dtype="float32", device="cuda", progress=False)
     return cpu, gpu
 
@@ -74,7 +74,7 @@ def test_graph_logits_close_to_eager(pair, helpers):
 def test_moe_reference_experts_fall_back_to_eager(tmp_path):
     """The routed-experts reference syncs (bincount().tolist()): the warm-up catches it, decode stays eager."""
     path = save_hf(make_hf("qwen3_moe"), tmp_path)
-    cpu = tandem.load(path, dtype="float32", progress=False)
+    cpu = tandem.load(path, rules="none", dtype="float32", progress=False)
     gpu = tandem.load(path, dtype="float32", device="cuda", progress=False)
     out, engine = run(gpu, graphs=True)
     assert engine.graphs.disabled and not engine.graphs.graphs
@@ -93,7 +93,7 @@ def test_hybrid_preset_graphs_equal_eager_and_cpu(name, tmp_path):
     """The family's 1gpu preset (routed experts on the CPU): graphs (host nodes where the MoE operator vouches
     for them, else the eager fallback) give the eager and the CPU tokens."""
     path = save_hf(make_hf(name), tmp_path)
-    cpu = tandem.load(path, dtype="float32", progress=False)
+    cpu = tandem.load(path, rules="none", dtype="float32", progress=False)
     outs = []
     for graphs in (False, True):
         llm = tandem.load(path, rules="1gpu", dtype="float32", progress=False, cuda_graphs=graphs)
@@ -128,7 +128,7 @@ def test_gpu_experts_decode_in_cuda_graphs(name, tmp_path):
     from gpu_ref import write_rules
 
     path = save_hf(make_hf(name), tmp_path)
-    cpu = tandem.load(path, dtype="float32", progress=False)
+    cpu = tandem.load(path, rules="none", dtype="float32", progress=False)
     llm = tandem.load(path, rules=write_rules(tmp_path, GPU_EXPERTS), dtype="float32", progress=False)
     eager, _ = run(llm, graphs=False)
     graph, engine = run(llm, graphs=True)

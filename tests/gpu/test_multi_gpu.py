@@ -25,7 +25,7 @@ def _devices_used(llm) -> set[str]:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_2gpu_preset_equals_cpu(family, tmp_path):
     path = save_hf(make_hf(family), tmp_path / "m")
-    ref = tandem.load(path, dtype="float32", progress=False)
+    ref = tandem.load(path, rules="none", dtype="float32", progress=False)
     llm = tandem.load(path, rules="2gpu", dtype="float32", progress=False)
     assert {"cuda:0", "cuda:1"} <= _devices_used(llm)
     assert llm.model.model.op_config.kwargs["transfer_map"]
