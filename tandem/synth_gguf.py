@@ -193,6 +193,22 @@ def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+# per block type: where its f16 super-block scale sits, and the scale that gives values of deviation 1
+# (the deviation of its uniform quants times the rms of its sub-block scales); K-quants' min is d times the mid
+SCALE = {"Q8_0": (0, 1 / 73.3), "Q4_0": (0, 1 / 4.32), "Q5_0": (0, 1 / 8.94),
+         "Q4_K": (0, 1 / (4.61 * 48.4)), "Q5_K": (0, 1 / (9.23 * 48.4)), "Q6_K": (208, 1 / (18.47 * 97.4))}
+MID = {"Q4_K": 7.5, "Q5_K": 15.5}
+
+
+def rescale_blocks(blocks: np.ndarray, t: str, std: float, rng: np.random.Generator) -> None:
+    """Give each block of `blocks` ([n, bytes], type `t`) a fresh super-block scale around `std` (x0.75-1.25)."""
+    at, unit = SCALE[t]
+    d = std * unit * rng.uniform(0.75, 1.25, blocks.shape[0]).astype(np.float32)
+    blocks[:, at : at + 2] = _f16_bytes(d)
+    if t in MID:  # dmin m = d sc mid with m = sc: each sub-block has zero mean
+        blocks[:, 2:4] = _f16_bytes(d * MID[t])
+
+
 def random_blocks(t: str, n: int, std: float, rng: np.random.Generator) -> np.ndarray:
     """`n` valid ggml blocks of type `t` ([n, bytes] uint8) whose values have mean ~0 and deviation ~`std`.
 
@@ -206,35 +222,36 @@ def random_blocks(t: str, n: int, std: float, rng: np.random.Generator) -> np.nd
             bits = x.view(np.uint32)
             x = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
         return x.astype(np.float16 if t == "F16" else x.dtype).view(np.uint8).reshape(n, -1)
-    jitter = rng.uniform(0.75, 1.25, n).astype(np.float32)
+    if t not in SCALE:
+        raise ValueError(f"synth --gguf: no random blocks for type {t}")
+    d = np.zeros((n, 2), np.uint8)  # filled by rescale_blocks
     if t == "Q8_0":
-        q = rng.integers(-127, 128, (n, 32), dtype=np.int8)
-        return np.concatenate([_f16_bytes(std / 73.3 * jitter), q.view(np.uint8)], axis=1)
-    if t == "Q4_0":  # (q - 8) d, q in 1..15: deviation 4.32 d
-        q = rng.integers(1, 16, (n, 32))
-        return np.concatenate([_f16_bytes(std / 4.32 * jitter), _nibble_pack(q)], axis=1)
-    if t == "Q5_0":  # (q - 16) d, q in 1..31: deviation 8.94 d; fifth bits of values 0..31 in a u32
+        parts = [d, rng.integers(-127, 128, (n, 32), dtype=np.int8).view(np.uint8)]
+    elif t == "Q4_0":  # (q - 8) d, q in 1..15
+        parts = [d, _nibble_pack(rng.integers(1, 16, (n, 32)))]
+    elif t == "Q5_0":  # (q - 16) d, q in 1..31; fifth bits of values 0..31 in a u32
         q = rng.integers(1, 32, (n, 32))
         qh = ((q >> 4) << np.arange(32)).sum(axis=1).astype("<u4").view(np.uint8).reshape(n, 4)
-        return np.concatenate([_f16_bytes(std / 8.94 * jitter), qh, _nibble_pack(q & 0xF)], axis=1)
-    if t in ("Q4_K", "Q5_K"):  # d sc (q - mid), sc in 32..63 (rms 48.4), q uniform 0..15 or 0..31
-        levels = 16 if t == "Q4_K" else 32
-        mid, dev = (levels - 1) / 2, math.sqrt((levels * levels - 1) / 12)
+        parts = [d, qh, _nibble_pack(q & 0xF)]
+    elif t in ("Q4_K", "Q5_K"):  # d sc q - dmin m, sc = m in 32..63 (rms 48.4), q uniform 0..15 or 0..31
         sc = rng.integers(32, 64, (n, 8))
-        d = std / (dev * 48.4) * jitter
-        head = [_f16_bytes(d), _f16_bytes(d * mid), _k_scales(sc, sc)]  # dmin m = d sc mid: zero mean
         qs = rng.integers(0, 256, (n, 128 + (32 if t == "Q5_K" else 0)), dtype=np.uint8)
-        return np.concatenate([*head, qs], axis=1)
-    if t == "Q6_K":  # d sc (q - 32), q uniform 0..63 (deviation 18.47), |sc| in 64..127 (rms 97.4), random sign
+        parts = [d, d, _k_scales(sc, sc), qs]
+    else:  # Q6_K: d sc (q - 32), q uniform 0..63, |sc| in 64..127 (rms 97.4) with a random sign
         qs = rng.integers(0, 256, (n, 192), dtype=np.uint8)
         sc = rng.integers(64, 128, (n, 16)) * rng.choice(np.array([-1, 1]), (n, 16))
-        d = std / (18.47 * 97.4) * jitter
-        return np.concatenate([qs, sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
-    raise ValueError(f"synth --gguf: no random blocks for type {t}")
+        parts = [qs, sc.astype(np.int8).view(np.uint8), d]
+    blocks = np.concatenate(parts, axis=1)
+    rescale_blocks(blocks, t, std, rng)
+    return blocks
 
 
 class _Pools:
-    """One pool of random blocks per (type, scale), sampled once; tensors are windows of whole blocks of it."""
+    """One pool of random blocks per (type, scale), sampled once; tensors are windows of whole blocks of it.
+
+    Windows of a pool repeat its rows; so that no two rows of a tensor are equal (equal lm_head rows would make
+    exact logit ties), float windows start at distinct offsets modulo the row length, and quantized windows get
+    fresh block scales (a copy of the window, rescaled)."""
 
     def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
@@ -244,15 +261,24 @@ class _Pools:
         _, block, size = GGML[spec.type]
         key = (spec.type, spec.scale)
         if key not in self.pools:
-            self.pools[key] = random_blocks(spec.type, max(POOL_VALUES // block, 64), spec.scale, self.rng).reshape(-1)
+            self.pools[key] = random_blocks(spec.type, max(POOL_VALUES // block, 64), spec.scale, self.rng)
         pool = self.pools[key]
-        units = len(pool) // size
-        left = spec.nbytes // size
+        units, left = pool.shape[0], spec.nbytes // size
+        row = spec.shape[-1] // block if spec.shape else 1
+        residues = self.rng.permutation(row) if row > 1 else np.zeros(1, np.int64)
+        i = 0
         while left:
             n = min(left, units // 2)
-            start = int(self.rng.integers(0, units - n + 1)) * size
-            f.write(memoryview(pool[start : start + n * size]))
+            r = int(residues[i % len(residues)]) if block == 1 else 0
+            start = r + row * int(self.rng.integers(0, (units - n - r) // row + 1)) if block == 1 else int(
+                self.rng.integers(0, units - n + 1))
+            window = pool[start : start + n]
+            if block > 1 and spec.nbytes // size > n:  # the tensor takes several windows: fresh scales
+                window = window.copy()
+                rescale_blocks(window, spec.type, spec.scale, self.rng)
+            f.write(memoryview(np.ascontiguousarray(window).reshape(-1)))
             left -= n
+            i += 1
             bar.update(n * size)
 
 
