@@ -29,7 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# tandem sets this too, but only if it is imported before torch: libgomp reads it once, when torch loads
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import torch  # noqa: E402
 
 DEFAULT_MODELS = "qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4"
 

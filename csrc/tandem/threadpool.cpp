@@ -152,7 +152,7 @@ int cpu_numa_node(int cpu) {  // /sys/devices/system/cpu/cpuN/ holds a link "nod
   return node;
 }
 
-ThreadPool::ThreadPool(int nthreads, int numa_nodes) : cpus_(core_cpu_list()) {
+ThreadPool::ThreadPool(int nthreads, int numa_nodes, int spin_us) : cpus_(core_cpu_list()), spin_us_(spin_us) {
   if (nthreads <= 0) nthreads = (int)cpus_.size();
   std::map<int, int> dense;  // OS node -> 0..n-1, in order of the threads' cores
   std::vector<int> os_of_thread(nthreads);
@@ -207,11 +207,12 @@ void ThreadPool::loop(int tid) {
   }
   uint64_t seen = 0;
   for (;;) {
-    // Spin ~2 ms for the next job (decode calls come back to back), then sleep.
+    // Spin spin_us_ for the next job (decode calls come back to back), then sleep.
     auto t0 = std::chrono::steady_clock::now();
+    const auto spin = std::chrono::microseconds(spin_us_);
     for (int i = 0; posted_.load(std::memory_order_acquire) == seen; i++) {
       cpu_relax();
-      if ((i & 1023) == 1023 && std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(2)) {
+      if ((i & 127) == 127 && std::chrono::steady_clock::now() - t0 >= spin) {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return posted_.load() != seen; });
         break;
@@ -253,8 +254,10 @@ static void make_pool() {
     const char* env = std::getenv("TANDEM_NUMA_NODES");
     g_numa = env && *env ? std::max(0, (int)std::strtol(env, nullptr, 10)) : 0;
   }
+  const char* spin = std::getenv("TANDEM_CPU_SPIN_US");
+  const int spin_us = spin && *spin ? std::max(0, (int)std::strtol(spin, nullptr, 10)) : 2000;
   g_pool.reset();  // joins the old threads after their queued jobs... callers must sync first
-  g_pool = std::make_unique<ThreadPool>(g_threads, g_numa);
+  g_pool = std::make_unique<ThreadPool>(g_threads, g_numa, spin_us);
 }
 
 ThreadPool& pool() {

@@ -73,7 +73,8 @@ class ThreadPool {
  public:
   // nthreads <= 0: one per physical core. numa_nodes <= 0: the NUMA nodes of the pinned cores (from /sys);
   // otherwise that many groups of threads (contiguous), placed on real nodes only if the count matches.
-  ThreadPool(int nthreads, int numa_nodes);
+  // spin_us: how long an idle thread spins for the next job before it sleeps.
+  ThreadPool(int nthreads, int numa_nodes, int spin_us = 2000);
   ~ThreadPool();
   int size() const { return (int)workers_.size(); }
   void submit(std::shared_ptr<Job> job);
@@ -96,6 +97,7 @@ class ThreadPool {
   std::atomic<uint64_t> posted_{0};
   std::atomic<int> left_{0};  // threads still in the current job
   bool stop_ = false;
+  int spin_us_ = 2000;
 };
 
 int physical_cores();             // physical cores in this process's CPU affinity set
@@ -103,6 +105,8 @@ std::vector<int> core_cpu_list();  // one logical CPU per physical core, in the 
 int cpu_numa_node(int cpu);        // OS NUMA node of a logical CPU (0 if /sys does not say)
 ThreadPool& pool();                // the shared pool (created on first use)
 void set_num_threads(int n);       // recreate the shared pool (n <= 0: physical cores)
+// Idle spin of the shared pool's threads before they sleep, microseconds: TANDEM_CPU_SPIN_US, read each time the
+// pool is (re)created (default 2000: decode calls come back to back; a GPU host wants it short, see ops/moe.py).
 int num_threads();
 // NUMA groups of the shared pool: n <= 0 detects (TANDEM_NUMA_NODES overrides at first use); recreates the
 // pool. Expert layers built afterwards split their intermediate dimension over this many nodes.

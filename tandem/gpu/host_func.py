@@ -64,3 +64,37 @@ def launch_host_func(fn: int, arg: int, stream: torch.cuda.Stream | None = None)
     err = cudart().cudaLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), ctypes.c_void_p(fn), ctypes.c_void_p(arg))
     if err != 0:
         raise RuntimeError(f"cudaLaunchHostFunc failed with CUDA error {err}")
+
+
+SCHEDULE = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}  # CU_CTX_SCHED_*: how a host thread waits on the GPU
+
+
+def set_schedule(mode: str) -> int:
+    """How host threads wait for the GPU (cudaStreamSynchronize, event waits, graph syncs) on every device:
+    "auto" (CUDA's default: spin while there are fewer contexts than cores), "spin", "yield" or "blocking"
+    (sleep until the GPU interrupts). Sets the primary contexts' flags through the driver API, so call it before
+    the first CUDA use (a context made earlier may keep its old flags). Returns the number of devices set."""
+    if mode not in SCHEDULE:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULE)}, got {mode!r}")
+    cuda = ctypes.CDLL("libcuda.so.1")
+    if cuda.cuInit(0) != 0:
+        raise OSError("cuInit failed: no usable CUDA driver")
+    count = ctypes.c_int()
+    cuda.cuDeviceGetCount(ctypes.byref(count))
+    for i in range(count.value):
+        dev = ctypes.c_int()
+        err = cuda.cuDeviceGet(ctypes.byref(dev), i) or cuda.cuDevicePrimaryCtxSetFlags(dev, SCHEDULE[mode])
+        if err != 0:
+            raise RuntimeError(f"cuDevicePrimaryCtxSetFlags(device {i}, {mode}) failed with CUDA error {err}")
+    return count.value
+
+
+def schedule() -> str:
+    """The current device's primary context scheduling mode (one of SCHEDULE's names; "auto" if unknown)."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+    dev, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), torch.cuda.current_device() if torch.cuda.is_initialized()
+                                          else 0) or cuda.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags),
+                                                                                      ctypes.byref(active)):
+        return "auto"
+    return {v: k for k, v in SCHEDULE.items()}.get(flags.value & 7, "auto")
