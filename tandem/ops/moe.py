@@ -92,15 +92,30 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+def leave_cores(n: int) -> None:
+    """Shrink the CPU kernel's pool by `n` threads if it has its default size (one pinned thread per physical
+    core), so that the threads driving the GPU never share a core with a pool thread."""
+    from tandem.kernels import cpu
+
+    cores = cpu.physical_cores()
+    if n > 0 and cores > 2 * n and cpu.num_threads() == cores:
+        cpu.set_num_threads(cores - n)
+
+
 class HybridMoE(DeviceOp):
     """Mixed under SparseMoE (see the module docstring). `pool` is set by the model operator."""
 
     pool: PinnedPool
-    # CPU experts as CUDA-graph host nodes: off by default. Measured on the H200 host (Qwen3-30B-A3B layer,
-    # T = 1): the C++ kernel takes 0.32 ms called directly but 5.9 ms called from the driver's host-function
-    # thread, so a graphed decode is slower than the eager hybrid layer (1.7 ms); TANDEM_HOST_NODES=1 turns
-    # them on (set the attribute per block in code) until the kernel's host entry is fast.
-    host_nodes: bool = os.environ.get("TANDEM_HOST_NODES") == "1"
+    # CPU experts as CUDA-graph host nodes (TANDEM_HOST_NODES=0 turns them off: eager hybrid layers). They were
+    # 19x slower than the direct kernel call while the pool had a thread pinned on every core: the driver's
+    # host-function thread and Python's main thread (spinning in a CUDA sync) then share a core with a pool
+    # thread and every barrier of the kernel waits a time slice. With one core left to them (driver_cores) a
+    # host node costs what the direct call does (bench/results/e2e-h200.md, 2026-11-21 overhead section).
+    host_nodes: bool = os.environ.get("TANDEM_HOST_NODES", "1") == "1"
+    # Cores the CPU kernel's pool leaves to the threads that drive the GPU, when it has its default size (one
+    # thread per physical core); TANDEM_DRIVER_CORES overrides, 0 keeps every core.
+    driver_cores: int = int(os.environ.get("TANDEM_DRIVER_CORES", "1"))
+    _pool_sized = False
     streamed = None  # GpuExperts for the current layer-wise prefill, set and cleared by the model operator
     _side: torch.cuda.Stream | None = None
     _hot_gpu = None
@@ -151,6 +166,9 @@ class HybridMoE(DeviceOp):
         kernel = self.cpu_kernel()
         if kernel is None:
             return super().forward(x)  # DeviceOp: SparseMoE.forward on the block's device
+        if not self._pool_sized:  # first (eager) call: no job of the pool in flight
+            leave_cores(self.driver_cores)
+            self._pool_sized = True
         x = x.to(self.op_config.generate_device)
         with torch.cuda.device(x.device):
             if torch.cuda.is_current_stream_capturing():
