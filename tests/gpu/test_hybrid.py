@@ -102,7 +102,8 @@ def test_hybrid_layer_replays_in_a_cuda_graph(family):
     path, _ = family
     llm = tandem.load(path, rules="1gpu", dtype="float32", progress=False, cuda_graphs=False)
     block = _hybrid_blocks(llm)[0]
-    assert not block.graph_capturable  # host nodes are opt-in (see HybridMoE.host_nodes)
+    block.host_nodes = False
+    assert not block.graph_capturable  # eager hybrid layer (TANDEM_HOST_NODES=0)
     block.host_nodes = True
     assert block.graph_capturable
     d = block.gate.weight.shape[1]
