@@ -5,6 +5,7 @@
 // Prints one line "ids: a b c ..." (the N_PREDICT argmax tokens, end-of-generation tokens included) and one line
 // "margins: ..." (top-1 minus top-2 logit at each step: where the two engines part, a small margin says rounding).
 // GREEDY_KV_F32=1 in the environment stores the KV cache in F32 (llama.cpp's default is F16).
+// GREEDY_LOGITS_FILE=path writes each step's logits there (float32, n_vocab per step).
 // GREEDY_NO_FLASH_ATTN=1 turns flash attention off (llama.cpp's default is on where the backend has it).
 // OVERRIDE_CPU_PATTERN (e.g. "exps") keeps matching tensors in CPU memory, as llama-bench's -ot exps=CPU does.
 // Built by bench/peers.py against the llama.cpp it builds; tandem's side is tandem.load(...).generate.
@@ -72,6 +73,7 @@ int main(int argc, char ** argv) {
         return 1;
     }
 
+    FILE * dump = getenv("GREEDY_LOGITS_FILE") ? fopen(getenv("GREEDY_LOGITS_FILE"), "wb") : nullptr;
     llama_batch_ext * batch = llama_batch_ext_init(ctx);
     std::vector<llama_token> out;
     std::vector<float> margins;
@@ -91,6 +93,9 @@ int main(int argc, char ** argv) {
         }
         pos += (llama_pos) step.size();
         const float * logits = llama_get_logits_ith(ctx, -1);
+        if (dump != nullptr) {
+            fwrite(logits, sizeof(float), (size_t) n_vocab, dump);
+        }
         int best = 0, second = -1;
         for (int v = 1; v < n_vocab; ++v) {
             if (logits[v] > logits[best]) {
@@ -109,6 +114,9 @@ int main(int argc, char ** argv) {
     printf("\nmargins:");
     for (float m : margins) printf(" %.4g", m);
     printf("\n");
+    if (dump != nullptr) {
+        fclose(dump);
+    }
     llama_batch_ext_free(batch);
     llama_free(ctx);
     llama_model_free(model);

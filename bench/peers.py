@@ -23,7 +23,7 @@ step is kept in WORK/state.json; each call does what is left until --deadline, t
 call that finishes writes the report (exit 0). The llama.cpp source travels as a trimmed tarball (the sdist is
 76.6 MB, over the 64 MiB a call carries):
 
-  here:      python bench/peers.py pack /tmp/llamacpp/llama_cpp_python-0.3.36.tar.gz   # -> build/peers/ (~9 MB)
+  here:      python bench/peers.py pack /tmp/llamacpp/llama_cpp_python-0.3.36.tar.gz   # -> build/peers/ (5.1 MiB)
   on H200:   run(command="source scripts/device_env.sh; PYTHONUNBUFFERED=1 python3 bench/peers.py run
                  --deadline 540 --results $OUT", carry=[".whl", "build/peers"])   # repeat until rc 0
   preview:   python bench/peers.py run --dry-run
