@@ -42,6 +42,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -151,16 +152,20 @@ class Runner:
             return "", 0.0
         self.state.setdefault("commands", []).append(line)
         poller = GpuPoller() if gpu else None
+        # its own process group, so that a deadline stops the compilers a build started, not only the build
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})},
-                               timeout=min(timeout or 1e9, max(self.left(), 1)))
+            out, err = p.communicate(timeout=min(timeout or 1e9, max(self.left(), 1)))
         except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
             raise Incomplete(f"deadline during: {line}") from None
         finally:
             peak = poller.stop() if poller else 0.0
         if p.returncode != 0:
-            raise RuntimeError(f"{line} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-        return p.stdout, peak
+            raise RuntimeError(f"{line} failed ({p.returncode}):\n{err[-3000:]}")
+        return out, peak
 
 
 class GpuPoller:
@@ -255,7 +260,8 @@ def synth_gguf(r: Runner, preset: str, path: Path, quant: str) -> dict:
 
 def run_tandem(r: Runner, args, gguf: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "_tandem", str(gguf), "--threads", str(args.threads),
-           "--prefill", args.prefill, "--decode-tokens", str(args.decode_tokens)] + (["--cpu"] if args.cpu_only else [])
+           "--prefill", args.prefill, "--decode-tokens", str(args.decode_tokens)] + (
+        ["--cpu"] if args.cpu_only else ["--profile"])
     out, peak = r.sh(cmd, gpu=not args.cpu_only)
     res = json.loads(out.strip().splitlines()[-1]) if out else {}
     res["peak_vram_mib_smi"] = round(peak)
@@ -348,6 +354,7 @@ def child_tandem(argv: list[str]) -> None:
     ap.add_argument("--prefill", default="512,2048,8192")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="a torch profiler table of decode steps (bench/e2e.py's)")
     a = ap.parse_args(argv)
     import torch
 
@@ -390,6 +397,11 @@ def child_tandem(argv: list[str]) -> None:
     res["decode_b1"] = round((len(seq.output) - done) / (time.perf_counter() - start), 2)
     if cuda:
         res["torch_peak_vram_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    if a.profile:  # where a decode step's time goes, for the note when a target is missed
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from e2e import profile_decode
+
+        res["profile"] = profile_decode(llm)
     print(json.dumps(res))
 
 
@@ -499,7 +511,11 @@ def report(state: dict, args, models: list[str]) -> str:
         lines.append(f"- {m}: " + ("all 16 ids equal" if first is None else
                      f"first difference at step {first}: tandem {g['tandem_ids'][first]}, llama.cpp "
                      f"{g['llama_ids'][first]}, llama.cpp's top-2 margin there {g['llama_margins'][first]:.4g}"))
-    lines += ["", "## Commands", "", "```", *state.get("commands", []), "```", ""]
+    for m in models:
+        prof = state.get(f"{m}:tandem", {}).get("profile")
+        if prof:
+            lines += ["", f"## tandem decode profile, {m} (torch profiler, 4 steps at batch 1)", "", "```", prof, "```"]
+    lines += ["", "## Commands", "", "```", *dict.fromkeys(state.get("commands", [])), "```", ""]
     return "\n".join(lines)
 
 
