@@ -253,8 +253,15 @@ def environment(args) -> dict:
     return env
 
 
-def synth_gguf(r: Runner, preset: str, path: Path, quant: str) -> dict:
-    r.sh([sys.executable, "-m", "tandem", "synth", preset, "--gguf", "--quant", quant, "--out", str(path)])
+def _spec(m: str) -> tuple[str, list[str]]:
+    """"deepseek-v3:4" -> ("deepseek-v3", ["--layers", "4"]): real per-layer shapes at a cut depth."""
+    preset, _, layers = m.partition(":")
+    return preset, (["--layers", layers] if layers else [])
+
+
+def synth_gguf(r: Runner, m: str, path: Path, quant: str) -> dict:
+    preset, layers = _spec(m)
+    r.sh([sys.executable, "-m", "tandem", "synth", preset, "--gguf", "--quant", quant, *layers, "--out", str(path)])
     return {"path": str(path), "gb": round(path.stat().st_size / 1e9, 2) if path.exists() else None, "quant": quant}
 
 
@@ -301,12 +308,12 @@ def run_greedy(r: Runner, args, bins: Path, gguf: Path, tandem_ids: list[int] | 
     return {"llama_ids": ids, "llama_margins": margins, "tandem_ids": tandem_ids, "first_difference": first}
 
 
-def run_hf(r: Runner, args, preset: str, vram_mib: float) -> dict:
+def run_hf(r: Runner, args, m: str, vram_mib: float) -> dict:
     """Synthesize bf16 safetensors as deep as the disk allows, run transformers + accelerate, delete them."""
     from tandem.synth import preset_config
 
-    cfg = preset_config(preset)
-    full = cfg["num_hidden_layers"]
+    preset, layers = _spec(m)
+    full = preset_config(preset, int(layers[1]) if layers else None)["num_hidden_layers"]
     layers = args.hf_layers or _fit_layers(preset, r.work, full)
     out = r.work / f"{preset}-hf-{layers}"
     r.sh([sys.executable, "-m", "tandem", "synth", preset, "--out", str(out), "--layers", str(layers),
@@ -532,7 +539,7 @@ def run(args) -> int:
         b = r.step("build", 60, lambda: build_llama(r, args))
         bins = Path(b["bin"]) if b else Path("BUILD/bin")
         for m in models:
-            gguf = work / f"{m}-{args.quant}.gguf"
+            gguf = work / f"{m.replace(':', '-')}-{args.quant}.gguf"
             r.step(f"{m}:gguf", 60, lambda m=m, gguf=gguf: synth_gguf(r, m, gguf, args.quant))
             t = r.step(f"{m}:tandem", 240, lambda gguf=gguf: run_tandem(r, args, gguf))
             r.step(f"{m}:llamacpp", 240, lambda gguf=gguf: run_llama_bench(r, args, bins, gguf))
@@ -570,7 +577,8 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/tandem-peers", help="build, models and state.json")
     p.add_argument("--results", default=None, help="where the report goes (default bench/results; $OUT on a device)")
     p.add_argument("--deadline", type=float, default=540, help="seconds this call may run")
-    p.add_argument("--models", default=None, help=f"presets, comma separated (default {MODELS})")
+    p.add_argument("--models", default=None, help=f"PRESET[:LAYERS], comma separated (default {MODELS}; e.g. "
+                   "deepseek-v3:4 for DeepSeek-V3 cut to 4 layers)")
     p.add_argument("--quant", default="Q4_K_M-like")
     p.add_argument("--threads", type=int, default=None, help="default: physical cores")
     p.add_argument("--prefill", default="512,2048,8192")
