@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.gpu import blocks as B
+from tandem.gpu.prefill_gemm import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class LayerStreamer:
         registry = registry if registry is not None else HostRegistry()
         self.direct = all(registry.register(t) for lb in layers for t in (lb.gate, lb.up, lb.down))
         self.pending: dict[int, Future] = {}
+        self.workspace = Workspace()  # dequantized experts of a long prefill, one chunk of one layer at a time
 
     def prefetch(self, idx: int) -> None:
         if 0 <= idx < len(self.layers) and idx not in self.pending:
@@ -251,6 +253,7 @@ class LayerStreamer:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
+        self.workspace.buf = None  # back to the caching allocator once the queued layers are done
 
 
 # ---------------------------------------------------------------------- when to stream

@@ -6,7 +6,9 @@ operator the batch's phase, wires the hybrid MoE blocks, and runs long prefills 
 - `per_layer_prefill_intput_threshold` (KTransformers' spelling): a prefill of at least this many tokens streams
   every layer's CPU-resident experts to the GPU (tandem.gpu.transfer, double-buffered) and computes them there;
   0 turns it off; unset: chosen at the first long prefill from the measured host-to-device bandwidth and the CPU
-  kernel's speed (tandem.gpu.transfer.layerwise_threshold).
+  kernel's speed (tandem.gpu.transfer.layerwise_threshold). From tandem.gpu.prefill_gemm.DENSE_TOKENS tokens a
+  streamed layer's experts are dequantized once into a workspace shared by all layers and computed with dense
+  GEMMs (tandem.gpu.prefill_gemm); below that, the grouped quantized GEMM reads the blocks as they are.
 """
 
 from __future__ import annotations
@@ -54,16 +56,16 @@ class ModelOp(nn.Module):
                 moe = order.get(i)
                 if moe is not None:
                     idx = list(order).index(i)
-                    moe.streamed = streamer.take(idx)
+                    moe.streamed, moe.workspace = streamer.take(idx), streamer.workspace
                     streamer.prefetch(idx + 1)
                 h = layer(h, positions, batch)
                 if moe is not None:
-                    moe.streamed = None
+                    moe.streamed = moe.workspace = None
                     streamer.done(idx)
         finally:
             if streamer is not None:
                 for moe in order.values():
-                    moe.streamed = None
+                    moe.streamed = moe.workspace = None
                 streamer.close()
         return self.norm(h.to(first_param_device(self.norm, h.device)))
 

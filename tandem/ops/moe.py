@@ -117,6 +117,7 @@ class HybridMoE(DeviceOp):
     driver_cores: int = int(os.environ.get("TANDEM_DRIVER_CORES", "1"))
     _pool_sized = False
     streamed = None  # GpuExperts for the current layer-wise prefill, set and cleared by the model operator
+    workspace = None  # tandem.gpu.prefill_gemm.Workspace of that prefill (dense path), set with `streamed`
     _side: torch.cuda.Stream | None = None
     _hot_gpu = None
 
@@ -179,9 +180,22 @@ class HybridMoE(DeviceOp):
 
     def _on_gpu(self, x: torch.Tensor, experts) -> torch.Tensor:
         ids, w = self.gate(x)
-        y = experts.forward(x, ids, w)
+        y = self._dense_prefill(x, ids, w, experts)
+        if y is None:
+            y = experts.forward(x, ids, w)
         s = self.shared(x)
         return (y if s is None else y + s).to(self.op_config.out_device)
+
+    def _dense_prefill(self, x, ids, w, experts) -> torch.Tensor | None:
+        """A long layer-wise prefill: the streamed experts dequantized once, dense GEMMs (None: below the
+        threshold, tandem.gpu.prefill_gemm.DENSE_TOKENS, or no workspace / block weights given)."""
+        from tandem.gpu import prefill_gemm
+
+        limit = prefill_gemm.DENSE_TOKENS
+        if self.workspace is None or limit <= 0 or x.shape[0] < limit or not hasattr(experts, "w13"):
+            return None
+        return prefill_gemm.dense_experts(x, ids.to(x.device), w.to(x.device), experts.w13, experts.w2,
+                                          experts.act, self.workspace)
 
     def _route(self, x: torch.Tensor):
         """Router on the GPU; the ids the CPU kernel gets (hot ones masked) and the hot experts' own."""

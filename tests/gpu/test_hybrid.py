@@ -1,6 +1,6 @@
 """Hybrid placements against the CPU reference: routed experts on the CPU kernel with the rest on the GPU (the
-overlapped MoE block), hot experts on the GPU, a layer-wise GPU prefill, and one hybrid layer captured in a
-CUDA graph (the CPU kernel as a host node)."""
+overlapped MoE block), hot experts on the GPU, a layer-wise GPU prefill (grouped quantized GEMM and the dense
+long-prefill path), and one hybrid layer captured in a CUDA graph (the CPU kernel as a host node)."""
 
 from __future__ import annotations
 
@@ -94,6 +94,25 @@ def test_layerwise_prefill_streams_cpu_experts_and_equals_cpu(family, tmp_path, 
     taken.clear()
     assert rel_err(llm.logits(IDS), ref.logits(IDS)) < RTOL
     assert taken == []
+
+
+def test_layerwise_prefill_dense_path_equals_cpu(family, tmp_path, monkeypatch):
+    """The same 300-token layer-wise prefill with the dense path from 64 tokens: each streamed layer's experts
+    dequantized into the shared workspace and computed with one GEMM per expert (fp32 model: no _grouped_mm)."""
+    from tandem.gpu import prefill_gemm
+
+    path, ref = family
+    calls = []
+    orig = prefill_gemm.dense_experts
+    monkeypatch.setattr(prefill_gemm, "DENSE_TOKENS", 64)
+    monkeypatch.setattr(prefill_gemm, "dense_experts", lambda *a, **kw: calls.append(a[0].shape[0]) or orig(*a, **kw))
+    llm = tandem.load(path, rules=write_rules(tmp_path, LAYERWISE), dtype="float32", progress=False,
+                      cuda_graphs=False)
+    n_moe = len(_hybrid_blocks(llm))
+    long = [(5 * i + 11) % 150 for i in range(300)]
+    assert rel_err(llm.logits(long), ref.logits(long)) < RTOL
+    assert calls == [300] * n_moe
+    assert all(m.workspace is None and m.streamed is None for m in llm.model.modules() if isinstance(m, HybridMoE))
 
 
 def test_hybrid_layer_replays_in_a_cuda_graph(family):

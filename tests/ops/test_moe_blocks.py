@@ -187,3 +187,62 @@ def test_host_registry_locks_only_pages_of_their_own(monkeypatch):
     start, stop = reg.ranges[0]
     assert start % transfer.PAGE == 0 and stop % transfer.PAGE == 0 and start <= big.data_ptr() < stop
     assert reg.keep == [big]  # held until unregistered
+
+
+# ---------------------------------------------------------------------- long prefill: dequantize once, dense GEMMs
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "int4_g32", "int4_g128"])
+def test_dequantize_into_equals_the_cpu_kernels_dequantizer(fmt, monkeypatch):
+    """fp32: exactly the C++ dequantizer's values; bf16: those values rounded once (round to nearest even)."""
+    from tandem.gpu import dequant
+
+    monkeypatch.setattr(dequant, "CHUNK_VALUES", 1000)  # several chunks of rows
+    w = _weights(rows=3 * 40, cols=256, seed=7).view(3, 40, 256)
+    qt = B.from_float(w, fmt)
+    ref = K.dequantize(qt.data.reshape(-1), fmt, 120, 256).view(3, 40, 256)
+    out = dequant.dequantize_into(qt, torch.empty(3, 40, 256))
+    assert torch.equal(out, ref)
+    half = dequant.dequantize_into(qt[1:], torch.empty(2, 40, 256, dtype=torch.bfloat16))  # a slice of experts
+    assert torch.equal(half, ref[1:].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="dequantize_into"):
+        dequant.dequantize_into(qt, torch.empty(3, 40, 128))
+
+
+def _experts_reference(x, ids, w, gate, up, down):
+    """Per token and slot, in fp64: sum_k w_k down_e(silu(gate_e x) up_e x)."""
+    x64, out = x.double(), torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e < 0:
+                continue
+            h = torch.nn.functional.silu(gate[e].double() @ x64[t]) * (up[e].double() @ x64[t])
+            out[t] += float(w[t, k]) * (down[e].double() @ h)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["int4_g32", "q8_0", "fp32"])
+@pytest.mark.parametrize("dtype,grouped", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_dense_prefill_experts_equal_the_reference(fmt, dtype, grouped):
+    """Slots sorted by expert, experts dequantized in chunks of 2 (a small workspace), one GEMM per expert or
+    torch._grouped_mm; padding ids (-1) add nothing and an expert no token chose is skipped."""
+    from tandem.gpu.prefill_gemm import Workspace, dense_experts
+
+    e, i, d, t, k = 5, 128, 128, 37, 2
+    g = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(e, i, d, generator=g) * 0.1, torch.randn(e, i, d, generator=g) * 0.1
+    down = torch.randn(e, d, i, generator=g) * 0.1
+    w13, w2 = B.from_float(torch.cat((gate, up), 1), fmt), B.from_float(down, fmt)
+    deq13, deq2 = w13.dequantize(), w2.dequantize()  # what both paths compute with
+    x = torch.randn(t, d, generator=g)
+    ids = torch.randint(0, e - 1, (t, k), generator=g)  # expert e - 1: no token
+    ids[::5, 1] = -1
+    w = torch.rand(t, k, generator=g)
+    ref = _experts_reference(x, ids, w, deq13[:, :i], deq13[:, i:], deq2)
+    ws = Workspace(limit_bytes=2 * 3 * i * d * torch.finfo(dtype).bits // 8)
+    y = dense_experts(x.to(dtype), ids, w, w13, w2, torch.nn.functional.silu, ws, grouped=grouped)
+    assert y.dtype == dtype and ws.buf.numel() == 2 * 3 * i * d
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    # fp32: accumulation order only (~1e-6); bf16: x, weights and the hidden rounded to 8 bits (~3 rel. steps)
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
