@@ -22,9 +22,12 @@ import torch
 from tandem.gpu.blocks import QuantTensor
 from tandem.gpu.dequant import dequantize_into
 
-# Tokens per layer from which the dense path replaces the grouped quantized GEMM (0: never). Measured on the H200
-# with bench/prefill_crossover.py (bench/results/e2e-h200.md).
-DENSE_TOKENS = int(os.environ.get("TANDEM_DENSE_PREFILL_TOKENS", "1024"))
+# Tokens per layer from which the dense path replaces the grouped quantized GEMM (0: never), with torch._grouped_mm
+# (bf16, sm_90+) and with the per-expert loop. H200, one Qwen3-30B int4_g32 layer (bench/prefill_crossover.py,
+# ms grouped quantized / dense grouped_mm / dense loop): 512 tokens 3.2 / 1.57 / 4.8, 2048: 5.1 / 2.1 / 4.8,
+# 8192: 16.7 / 4.3 / 6.5 (bench/results/e2e-h200.md); below 512 not measured.
+DENSE_TOKENS = int(os.environ.get("TANDEM_DENSE_PREFILL_TOKENS", "512"))
+LOOP_TOKENS = 4096
 WORKSPACE_BYTES = 2 << 30  # dequantized experts held at once: all of a Qwen3-30B layer (1.2 GB bf16)
 
 
@@ -43,11 +46,23 @@ class Workspace:
         return b[:numel]
 
 
-def use_grouped_mm(a: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch._grouped_mm (CUTLASS on sm_90+) for bf16 with 16-byte aligned rows; else a loop of torch.mm."""
-    if not hasattr(torch, "_grouped_mm") or a.dtype != torch.bfloat16 or w.shape[-1] % 8 or w.shape[-2] % 8:
+def grouped_mm_ok(dtype: torch.dtype, device: torch.device) -> bool:
+    """torch._grouped_mm runs here: bf16, on the CPU or a CUDA device of sm_90+ (CUTLASS)."""
+    if not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
         return False
-    return a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) >= (9, 0)
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def use_grouped_mm(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm where it runs and rows are 16-byte aligned; else a loop of torch.mm."""
+    return grouped_mm_ok(a.dtype, a.device) and not (w.shape[-1] % 8 or w.shape[-2] % 8)
+
+
+def dense_threshold(dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per layer from which dense_experts is the faster path (0: off)."""
+    if DENSE_TOKENS <= 0:
+        return 0
+    return DENSE_TOKENS if grouped_mm_ok(dtype, device) else max(DENSE_TOKENS, LOOP_TOKENS)
 
 
 def expert_mm(a: torch.Tensor, w: torch.Tensor, counts: list[int], ends: torch.Tensor, grouped: bool | None = None

@@ -188,11 +188,13 @@ class HybridMoE(DeviceOp):
 
     def _dense_prefill(self, x, ids, w, experts) -> torch.Tensor | None:
         """A long layer-wise prefill: the streamed experts dequantized once, dense GEMMs (None: below the
-        threshold, tandem.gpu.prefill_gemm.DENSE_TOKENS, or no workspace / block weights given)."""
+        threshold, tandem.gpu.prefill_gemm.dense_threshold, or no workspace / block weights given)."""
         from tandem.gpu import prefill_gemm
 
-        limit = prefill_gemm.DENSE_TOKENS
-        if self.workspace is None or limit <= 0 or x.shape[0] < limit or not hasattr(experts, "w13"):
+        if self.workspace is None or not hasattr(experts, "w13"):
+            return None
+        limit = prefill_gemm.dense_threshold(x.dtype, x.device)
+        if limit <= 0 or x.shape[0] < limit:
             return None
         return prefill_gemm.dense_experts(x, ids.to(x.device), w.to(x.device), experts.w13, experts.w2,
                                           experts.act, self.workspace)

@@ -105,6 +105,7 @@ def test_layerwise_prefill_dense_path_equals_cpu(family, tmp_path, monkeypatch):
     calls = []
     orig = prefill_gemm.dense_experts
     monkeypatch.setattr(prefill_gemm, "DENSE_TOKENS", 64)
+    monkeypatch.setattr(prefill_gemm, "LOOP_TOKENS", 64)
     monkeypatch.setattr(prefill_gemm, "dense_experts", lambda *a, **kw: calls.append(a[0].shape[0]) or orig(*a, **kw))
     llm = tandem.load(path, rules=write_rules(tmp_path, LAYERWISE), dtype="float32", progress=False,
                       cuda_graphs=False)

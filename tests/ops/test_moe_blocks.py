@@ -246,3 +246,14 @@ def test_dense_prefill_experts_equal_the_reference(fmt, dtype, grouped):
     err = ((y.double() - ref).norm() / ref.norm()).item()
     # fp32: accumulation order only (~1e-6); bf16: x, weights and the hidden rounded to 8 bits (~3 rel. steps)
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
+def test_dense_prefill_threshold(monkeypatch):
+    """bf16 with torch._grouped_mm from DENSE_TOKENS; other dtypes (per-expert loop) from LOOP_TOKENS; 0: off."""
+    from tandem.gpu import prefill_gemm as P
+
+    cpu = torch.device("cpu")
+    assert P.dense_threshold(torch.bfloat16, cpu) == P.DENSE_TOKENS
+    assert P.dense_threshold(torch.float32, cpu) == max(P.DENSE_TOKENS, P.LOOP_TOKENS)
+    monkeypatch.setattr(P, "DENSE_TOKENS", 0)
+    assert P.dense_threshold(torch.bfloat16, cpu) == 0
