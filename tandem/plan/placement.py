@@ -71,6 +71,7 @@ def ledger(mm: MemoryModel, a: Assignment, devices: list[Device], ov: dict[str, 
     on_gpu = paged([d for d in devices if d.name in a.used_devices()])
     act: dict[str, list[int]] = {}
     work: dict[str, int] = {}
+    stream: dict[str, int] = {}  # layer-wise prefill buffers, per device: the largest streamed layer's
     large = dict.fromkeys(out, 0)  # tensors whose allocation may round up by a block
     for info in mm.layers:
         i, dev = info.index, a.layers[info.index]
@@ -85,8 +86,9 @@ def ledger(mm: MemoryModel, a: Assignment, devices: list[Device], ov: dict[str, 
             large[a.experts[i]] += 3  # stacked gate, up, down
             for d in {a.experts[i], a.experts_prefill[i]}:
                 work[d] = max(work.get(d, 0), mm.experts_workspace(i))
-            if a.experts_prefill[i] != a.experts[i]:  # layer-wise prefill: one expert staged at a time
-                work[a.experts_prefill[i]] += mm.expert_bytes(i)
+            if a.experts_prefill[i] != a.experts[i]:  # layer-wise prefill (tandem/gpu/transfer.py)
+                d = a.experts_prefill[i]
+                stream[d] = max(stream.get(d, 0), mm.stream_bytes(i))
                 if a.experts[i] == "cpu" and info.experts_cpu != info.experts:  # the torch prefill's float copy
                     out["cpu"]["weights"] += info.experts
             if a.hot.get(i):
@@ -103,7 +105,7 @@ def ledger(mm: MemoryModel, a: Assignment, devices: list[Device], ov: dict[str, 
         led = out[d.name]
         pre, dec = act.get(d.name, (0, 0))
         graphs = d.is_gpu and len(layer_gpus) == 1 and d.name in layer_gpus  # decode graphs keep a pool
-        led["buffers"] += (pre + dec if graphs else max(pre, dec)) + work.get(d.name, 0)
+        led["buffers"] += (pre + dec if graphs else max(pre, dec)) + work.get(d.name, 0) + stream.get(d.name, 0)
         if d.name in act and on_gpu:
             led["buffers"] += mm.metadata_bytes()
         if a.globals.get("lm_head") == d.name:
@@ -251,7 +253,7 @@ class _Filler:
             gpu = a.layers[i] if a.layers[i] != "cpu" else None
             a.experts_prefill[i] = gpu if opt.gpu_prefill and gpu else "cpu"
             if a.experts_prefill[i] != "cpu" and a.experts_prefill[i] not in workspace:
-                ws = mm.experts_workspace(i) + mm.expert_bytes(i)
+                ws = mm.experts_workspace(i) + mm.stream_bytes(i)
                 if self.fits(gpu, ws):
                     self.take(gpu, ws)
                     workspace.add(gpu)
