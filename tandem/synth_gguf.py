@@ -30,6 +30,7 @@ from tqdm import tqdm
 from tandem.models import build_model
 from tandem.synth import CHAT_TEMPLATE, init_scale, preset_config
 from tandem.weights.gguf import GLOBAL, LAYER, MIXTRAL_EXPERT
+from tandem.weights.gguf_quants import NAMES, TYPES
 from tandem.weights.loader import tensors_of
 
 ALIGN = 32
@@ -37,8 +38,8 @@ POOL_VALUES = 1 << 22  # values per pool; tensors copy windows of it
 ARCH = {"llama": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
         "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2"}
 # ggml type: (id, values per block, bytes per block)
-GGML = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q5_0": (6, 32, 22), "Q8_0": (8, 32, 34),
-        "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210), "BF16": (30, 1, 2)}
+GGML = {name: (NAMES[name], TYPES[NAMES[name]].block, TYPES[NAMES[name]].bytes)
+        for name in ("F32", "F16", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16")}
 # --quant -> (llama_ftype of general.file_type, type of the weight matrices)
 QUANTS = {"F32": (0, "F32"), "F16": (1, "F16"), "BF16": (32, "BF16"), "Q8_0": (7, "Q8_0"),
           "Q4_K_M-like": (15, "Q4_K")}

@@ -37,7 +37,6 @@ LARGE = 1 << 20  # tensors above this come from its large pool
 PINNED_TOKENS = 256  # tokens of the pinned host buffers a CPU-experts layer keeps (hybrid MoE operator)
 # GGUF block types experts.cpu runs as the file stores them (mapped, never converted)
 KERNEL_GGUF_TYPES = {"F32", "BF16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
-DENSE_WORKSPACE_BYTES = 2 << 30  # tandem/gpu/prefill_gemm.py WORKSPACE_BYTES (kept torch-free here)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,10 +206,12 @@ class MemoryModel:
         """GPU buffers of a layer-wise prefill through layer i (tandem/gpu/transfer.py, prefill_gemm.py): two slots
         of the layer's experts as the CPU holds them (one computes while the next uploads) and the workspace the
         long-prefill GEMMs dequantize them into."""
+        from tandem.gpu.prefill_gemm import WORKSPACE_BYTES  # the GPU module, loaded only when a plan streams
+
         info = self.layers[i]
         if not info.n_experts:
             return 0
-        return 2 * info.experts_cpu + min(DENSE_WORKSPACE_BYTES, info.experts)
+        return 2 * info.experts_cpu + min(WORKSPACE_BYTES, info.experts)
 
     def expert_bytes(self, i: int) -> int:
         info = self.layers[i]
