@@ -89,6 +89,12 @@ NB_MODULE(_tandem_cpu, m) {
         nb::call_guard<nb::gil_scoped_release>());
   m.def("bandwidth_probe", &tandem::bandwidth_probe, nb::call_guard<nb::gil_scoped_release>());
   m.def("host_entry_address", [] { return (uintptr_t)&tandem_cpu_host_entry; });
+  m.def("host_trace_start", &tandem::host_trace_start);
+  m.def("host_trace_take", [] {
+    std::vector<std::tuple<int64_t, int64_t, int, int>> out;
+    for (const auto& c : tandem::host_trace_take()) out.emplace_back(c.start_ns, c.end_ns, c.cpu, c.tokens);
+    return out;
+  });
 
   nb::class_<Handle>(m, "Handle")
       .def("sync", &Handle::sync, nb::call_guard<nb::gil_scoped_release>())

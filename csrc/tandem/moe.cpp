@@ -14,6 +14,9 @@
 #include "tandem/moe.h"
 
 #include <algorithm>
+#include <atomic>
+#include <time.h>
+#include <sched.h>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -612,12 +615,39 @@ std::shared_ptr<Job> Experts::submit(const ForwardArgs& a) const {
 
 void Experts::forward(const ForwardArgs& a) const { submit(a)->wait(); }
 
+static std::vector<HostCall> g_trace;       // sized by host_trace_start while no host call runs
+static std::atomic<int> g_trace_next{0}, g_trace_cap{0};
+
+void host_trace_start(int capacity) {
+  g_trace_cap.store(0);
+  g_trace.assign(std::max(0, capacity), HostCall{});
+  g_trace_next.store(0);
+  g_trace_cap.store(std::max(0, capacity));
+}
+
+std::vector<HostCall> host_trace_take() {
+  const int n = std::min(g_trace_next.load(), g_trace_cap.load());
+  return std::vector<HostCall>(g_trace.begin(), g_trace.begin() + n);
+}
+
+static int64_t monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 extern "C" void tandem_cpu_host_entry(void* host_job) {
   const HostJob* h = (const HostJob*)host_job;
+  const int cap = g_trace_cap.load(std::memory_order_relaxed);
+  const int64_t t0 = cap ? monotonic_ns() : 0;
   try {
     h->experts->forward(h->args);
   } catch (...) {
     // No exception may cross into the CUDA runtime; the output is left as it was.
+  }
+  if (cap) {
+    const int slot = g_trace_next.fetch_add(1);
+    if (slot < cap) g_trace[slot] = {t0, monotonic_ns(), sched_getcpu(), h->args.T_ptr ? *h->args.T_ptr : h->args.T};
   }
 }
 

@@ -83,6 +83,16 @@ struct HostJob {
 };
 extern "C" void tandem_cpu_host_entry(void* host_job);
 
+// Trace of host-entry calls, for finding where a graphed decode step waits: start and end (CLOCK_MONOTONIC ns,
+// the clock of Python's time.perf_counter_ns on Linux), the CPU the driver thread ran on, tokens. Off unless
+// host_trace_start was called; keeps the first `capacity` calls.
+struct HostCall {
+  int64_t start_ns, end_ns;
+  int cpu, tokens;
+};
+void host_trace_start(int capacity);       // clears; capacity 0 turns tracing off
+std::vector<HostCall> host_trace_take();  // the calls recorded so far (tracing stays on)
+
 // Read nbytes with every pool thread (memory bandwidth probe); returns a checksum.
 uint64_t read_buffer(const void* p, size_t nbytes);
 // Best read bandwidth (GB/s) of the pool over `reps` passes of a fresh huge-page buffer of nbytes.

@@ -21,6 +21,8 @@ remain -> 2e-4. fp32 weights never take the GEMM path (it would round them): 1e-
 from __future__ import annotations
 
 import ctypes
+import os
+import time
 
 import gguf_ref  # tests/kernels/gguf_ref.py (pytest puts this folder on sys.path)
 import numpy as np
@@ -273,12 +275,18 @@ def test_async_submit_and_host_entry():
     n = torch.tensor([7], dtype=torch.int32)
     job = w.host_job(x, ids.int(), tw, out, n_tokens=n)
     fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(job.fn)  # as cudaLaunchHostFunc would call it
+    K.host_trace_start(1)
+    t0 = time.perf_counter_ns()
     fn(job.arg)
     assert torch.equal(out, ref)
     n[0] = 2  # same job, fewer tokens: a CUDA graph replay with a smaller batch
     out.zero_()
     fn(job.arg)
+    t1 = time.perf_counter_ns()
     assert torch.equal(out[:2], ref[:2]) and torch.all(out[2:] == 0)
+    (start, end, cpu, tokens), = K.host_trace()  # capacity 1: the second call is not kept
+    K.host_trace_start(0)
+    assert t0 <= start <= end <= t1 and 0 <= cpu < os.cpu_count() and tokens == 7
 
 
 def test_thread_count():

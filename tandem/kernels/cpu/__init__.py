@@ -40,6 +40,8 @@ __all__ = [
     "gemm_min_tokens",
     "has_gemm",
     "host_entry",
+    "host_trace",
+    "host_trace_start",
     "num_threads",
     "numa_nodes",
     "physical_cores",
@@ -137,6 +139,18 @@ def has_gemm() -> bool:
 def host_entry() -> int:
     """Address of ``void tandem_cpu_host_entry(void*)``, a cudaHostFn_t (see MoEExperts.host_job)."""
     return _C.host_entry_address()
+
+
+def host_trace_start(capacity: int = 4096) -> None:
+    """Record the next `capacity` host-entry calls (CUDA host nodes) for host_trace(); 0 turns tracing off.
+    Call it while no host node is in flight."""
+    _C.host_trace_start(int(capacity))
+
+
+def host_trace() -> list[tuple[int, int, int, int]]:
+    """The host-entry calls recorded since host_trace_start: (start ns, end ns, cpu, tokens), start and end on
+    the clock of time.perf_counter_ns (CLOCK_MONOTONIC)."""
+    return [tuple(c) for c in _C.host_trace_take()]
 
 
 def _fmt_id(fmt: str | int) -> int:
