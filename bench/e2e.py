@@ -171,6 +171,62 @@ def profile_decode(llm) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
+def profile_prefill(llm, n: int) -> str:
+    """Torch profiler table of one n-token prefill, by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefill(llm, n)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+
+
+def trace_decode(llm, steps: int = 24) -> dict:
+    """Where a decode step at batch 1 waits: the CPU experts' host-node calls (C++ trace, CLOCK_MONOTONIC) inside
+    each engine step's wall time. Medians over `steps` steps, ms: step, graph replay alone (no logits/sampling),
+    inside host calls, GPU side between them (end of one call -> start of the next), before the first / after the
+    last; and the CPUs the driver thread ran on."""
+    import statistics
+
+    from tandem.engine import SamplingParams, Sequence
+    from tandem.kernels import cpu as K
+
+    engine = llm.engine
+    seq = engine.add(Sequence(list(range(10, 26)), SamplingParams(max_new_tokens=steps + 4, ignore_eos=True)))
+    while len(seq.output) < 3:  # prefill, first graph capture
+        engine.step()
+    K.host_trace_start(1 << 16)
+    marks = []
+    while engine.has_work():
+        t0 = time.perf_counter_ns()
+        engine.step()
+        marks.append((t0, time.perf_counter_ns()))
+    calls = K.host_trace()
+    K.host_trace_start(0)
+    rows = []
+    for a, b in marks:
+        mine = [c for c in calls if a <= c[0] <= b]
+        if not mine:
+            continue
+        inside = sum(c[1] - c[0] for c in mine)
+        between = sum(mine[i + 1][0] - mine[i][1] for i in range(len(mine) - 1))
+        rows.append((b - a, inside, between, mine[0][0] - a, b - mine[-1][1], len(mine)))
+    med = [statistics.median(r[i] for r in rows) / 1e6 for i in range(5)] if rows else [0.0] * 5
+    g = next(iter(engine.graphs.graphs.values()), None) if engine.graphs else None
+    replay_ms = None
+    if g is not None:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            g.graph.replay()
+        torch.cuda.synchronize()
+        replay_ms = round((time.perf_counter() - t0) / 10 * 1e3, 3)
+    return {"steps": len(rows), "host_calls_per_step": rows[0][5] if rows else 0,
+            "step_ms": round(med[0], 3), "graph_replay_ms": replay_ms, "in_host_calls_ms": round(med[1], 3),
+            "between_calls_ms": round(med[2], 3), "before_first_ms": round(med[3], 3),
+            "after_last_ms": round(med[4], 3), "driver_cpus": sorted({c[2] for c in calls}),
+            "pool_threads": K.num_threads()}
+
+
 def probe_layer(llm) -> dict:
     """Where a decode step's CPU time goes, one hybrid MoE layer at T = 1: the C++ kernel called directly, the
     same kernel as a host node on a stream, the eager hybrid block, and the block replayed in a CUDA graph (ms)."""
@@ -213,7 +269,25 @@ def probe_layer(llm) -> dict:
     return res
 
 
-def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], tokens: int, prof: bool) -> dict:
+def trace_variants(llm) -> list[dict]:
+    """trace_decode under the knobs that decide who runs where during a graphed step: how the main thread waits
+    for logits (blocking event / spin), cores left to the GPU-driving threads, the pool's idle spin, whether
+    CUDA's host-function thread is pinned to the free cores."""
+    from tandem.kernels import cpu as K
+
+    out, cores = [], K.physical_cores()
+    for wait, leave, spin, pin in (("blocking", 1, 2000, 1), ("blocking", 2, 2000, 1), ("spin", 1, 2000, 1),
+                                   ("blocking", 1, 2000, 0), ("blocking", 1, 300, 1), ("blocking", 0, 2000, 1)):
+        llm.engine.config.blocking_wait = wait == "blocking"
+        os.environ["TANDEM_CPU_SPIN_US"], os.environ["TANDEM_PIN_DRIVER"] = str(spin), str(pin)
+        K.set_num_threads(cores - leave)  # recreates the pool, which reads both
+        out.append({"wait": wait, "cores_left": leave, "spin_us": spin, "pin_driver": pin, **trace_decode(llm)})
+        print(f"  trace {out[-1]}", file=sys.stderr, flush=True)
+    return out
+
+
+def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], tokens: int, prof: bool,
+            trace: bool = False) -> dict:
     import tandem
     from tandem.gpu.transfer import measure_h2d
     from tandem.rules.presets import FAMILY_PRESETS
@@ -255,8 +329,12 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
                                                              "disabled": llm.engine.graphs.disabled}
     res["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     res["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    if trace:
+        res["trace"] = trace_variants(llm)
     if prof:
         res["profile"] = profile_decode(llm)
+        if prefills:
+            res["profile"] += f"\n\nprefill of {max(prefills)} tokens:\n" + profile_prefill(llm, max(prefills))
         res["probe_one_layer"] = probe_layer(llm)
     return res
 
@@ -291,6 +369,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--keep", action="store_true", help="keep the synthesized models (default: delete each)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="where a batch-1 decode step waits, under several knobs")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this model, print its JSON
     args = ap.parse_args()
@@ -299,13 +378,13 @@ def main() -> None:
     prefills = [int(x) for x in args.prefill.split(",") if x]
     batches = [int(x) for x in args.batches.split(",") if x]
     if args.one:
-        print(json.dumps(run_one(args.one, root, prefills, batches, args.decode_tokens, args.profile)))
+        print(json.dumps(run_one(args.one, root, prefills, batches, args.decode_tokens, args.profile, args.trace)))
         return
     results = []
     for spec in args.models.split(","):
         cmd = [sys.executable, __file__, "--one", spec, "--dir", str(root), "--prefill", args.prefill,
                "--batches", args.batches, "--decode-tokens", str(args.decode_tokens)] + (
-            ["--profile"] if args.profile else [])
+            ["--profile"] if args.profile else []) + (["--trace"] if args.trace else [])
         print(f"== {spec}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
         last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""

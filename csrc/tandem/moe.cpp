@@ -638,6 +638,7 @@ static int64_t monotonic_ns() {
 
 extern "C" void tandem_cpu_host_entry(void* host_job) {
   const HostJob* h = (const HostJob*)host_job;
+  pin_to_free_cores();
   const int cap = g_trace_cap.load(std::memory_order_relaxed);
   const int64_t t0 = cap ? monotonic_ns() : 0;
   try {

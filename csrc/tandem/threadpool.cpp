@@ -152,8 +152,12 @@ int cpu_numa_node(int cpu) {  // /sys/devices/system/cpu/cpuN/ holds a link "nod
   return node;
 }
 
-ThreadPool::ThreadPool(int nthreads, int numa_nodes, int spin_us) : cpus_(core_cpu_list()), spin_us_(spin_us) {
+static std::atomic<uint64_t> g_generation{0};
+
+ThreadPool::ThreadPool(int nthreads, int numa_nodes, int spin_us)
+    : cpus_(core_cpu_list()), generation_(++g_generation), spin_us_(spin_us) {
   if (nthreads <= 0) nthreads = (int)cpus_.size();
+  if (nthreads < (int)cpus_.size()) free_.assign(cpus_.begin() + nthreads, cpus_.end());
   std::map<int, int> dense;  // OS node -> 0..n-1, in order of the threads' cores
   std::vector<int> os_of_thread(nthreads);
   for (int t = 0; t < nthreads; t++) {
@@ -281,5 +285,24 @@ void set_numa_nodes(int n) {
 }
 
 int numa_nodes() { return pool().nodes(); }
+
+void pin_to_free_cores() {
+  thread_local uint64_t pinned_for = 0;
+  // never the main thread: threads it starts later (OpenMP's) would inherit the narrow mask
+  if (syscall(SYS_gettid) == getpid()) return;
+  ThreadPool& p = pool();
+  if (pinned_for == p.generation()) return;
+  pinned_for = p.generation();  // TANDEM_PIN_DRIVER is read again for each new pool
+  const char* env = std::getenv("TANDEM_PIN_DRIVER");
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (env && std::strcmp(env, "0") == 0) {
+    if (sched_getaffinity(getpid(), sizeof(set), &set) != 0) return;  // the process's mask: unpinned
+  } else {
+    if (p.free_cpus().empty()) return;
+    for (int c : p.free_cpus()) CPU_SET(c, &set);
+  }
+  pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
 
 }  // namespace tandem

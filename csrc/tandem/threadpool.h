@@ -82,12 +82,15 @@ class ThreadPool {
   int thread_node(int tid) const { return thread_node_[tid]; }  // 0 .. nodes() - 1
   int node_os_id(int node) const { return node_os_[node]; }     // OS node id, -1 when the split is virtual
   Scratch& scratch(int slot) { return scratch_[slot]; }          // slot < kScratchSlots
+  const std::vector<int>& free_cpus() const { return free_; }    // one CPU per physical core left to others
+  uint64_t generation() const { return generation_; }             // distinct for every pool made
   static constexpr int kScratchSlots = 8;
 
  private:
   void loop(int tid);
   std::vector<std::thread> workers_;
-  std::vector<int> cpus_;
+  std::vector<int> cpus_, free_;
+  uint64_t generation_;
   std::vector<int> thread_node_, node_os_;
   Scratch scratch_[kScratchSlots];
   std::mutex mu_;
@@ -112,5 +115,9 @@ int num_threads();
 // pool. Expert layers built afterwards split their intermediate dimension over this many nodes.
 void set_numa_nodes(int n);
 int numa_nodes();
+// Pin the calling thread (CUDA's host-function thread) to the cores the shared pool leaves free, once per pool:
+// left floating, it lands on cores whose pool threads spin, and a kernel call waits time slices for it.
+// No-op on the process's main thread or when no core is free; TANDEM_PIN_DRIVER=0 (read per pool) unpins.
+void pin_to_free_cores();
 
 }  // namespace tandem

@@ -3,8 +3,10 @@ in a single forward pass over the flattened batch, then samples, detokenizes and
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +27,28 @@ class EngineConfig:
     prefill_chunk: int = 2048  # prompt tokens per sequence per step
     paged: bool | None = None  # batched attention over the paged cache; None: when the model runs on a GPU
     cuda_graphs: bool = True  # replay a CUDA graph per batch-size bucket for decode steps (paged, one GPU)
+    # wait for a GPU step's logits asleep (a blocking CUDA event) instead of spinning in cudaStreamSynchronize:
+    # a spinning main thread takes a core from the CPU experts' pool and the driver thread of their host nodes
+    blocking_wait: bool = os.environ.get("TANDEM_BLOCKING_WAIT", "1") == "1"
 
     def __post_init__(self):
         for name in ("max_batch", "kv_tokens", "block_size", "prefill_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"engine setting {name} must be positive, got {getattr(self, name)}")
+
+
+@contextmanager
+def one_torch_thread(on: bool):
+    """Sampling a GPU model's logits in one torch thread: torch's OpenMP team would fight the CPU experts'
+    pinned pool threads (still spinning after the step) for cores, and wait time slices for them."""
+    n = torch.get_num_threads()
+    if on and n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if on and n > 1:
+            torch.set_num_threads(n)
 
 
 class Engine:
@@ -41,10 +60,10 @@ class Engine:
         self.cache = KVCache(-(-self.config.kv_tokens // self.config.block_size), self.config.block_size)
         embed = model.model.embed_tokens.weight
         self.device = embed.device if embed.device.type != "meta" else torch.device(device)  # where ids go
-        on_gpu = any(d.type == "cuda" for d in model_devices(model))
-        self.paged = on_gpu if self.config.paged is None else self.config.paged
+        self.on_gpu = any(d.type == "cuda" for d in model_devices(model))
+        self.paged = self.on_gpu if self.config.paged is None else self.config.paged
         self.graphs = GraphRunner(model, self.cache, self.config.max_batch) if (
-            self.paged and self.config.cuda_graphs and on_gpu) else None
+            self.paged and self.config.cuda_graphs and self.on_gpu) else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.tokens_generated = 0
@@ -85,7 +104,8 @@ class Engine:
         if not batch_seqs:
             return []
         logits = self._run(batch_seqs, qlens)
-        return self._postprocess(batch_seqs, qlens, logits)
+        with one_torch_thread(self.on_gpu):
+            return self._postprocess(batch_seqs, qlens, logits)
 
     def _schedule(self) -> tuple[list[Sequence], list[int]]:
         while self.waiting and len(self.running) < self.config.max_batch:
@@ -129,7 +149,17 @@ class Engine:
             batch = Batch(qlens, starts, bound, paged)
             hidden = self.model(ids, batch.positions(self.device), batch)
         last = torch.tensor(qlens).cumsum(0) - 1
-        return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()  # [B, V]
+        return self._to_host(self.model.compute_logits(hidden[last.to(hidden.device)]))  # [B, V]
+
+    def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.device.type != "cuda" or not self.config.blocking_wait:
+            return logits.cpu()
+        out = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+        out.copy_(logits, non_blocking=True)
+        done = torch.cuda.Event(blocking=True)
+        done.record(torch.cuda.current_stream(logits.device))
+        done.synchronize()
+        return out
 
     def _postprocess(self, seqs: list[Sequence], qlens: list[int], logits: torch.Tensor) -> list[Sequence]:
         advanced = []

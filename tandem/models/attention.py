@@ -140,15 +140,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
     q [T, H, d], k [L, Hkv, d], v [L, Hkv, dv] -> [T, H, dv]; Hkv divides H (grouped-query).
     """
     t, length = q.shape[0], k.shape[0]
-    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    gqa = k.shape[0] != q.shape[0]
+    q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, d]: the fused SDPA kernels take 4-D only
+    gqa = k.shape[1] != q.shape[1]
     if start == 0 and t == length:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         keys = torch.arange(length, device=q.device)
         mask = keys[None, :] <= torch.arange(start, start + t, device=q.device)[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 # ---------------------------------------------------------------- paged: the whole batch in tensor ops
