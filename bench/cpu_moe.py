@@ -8,7 +8,8 @@ Shapes are the routed experts of DeepSeek-V3 (H 7168, I 2048, 256 experts, top 8
 kernels' speed does not depend on the values); E is the model's expert count unless --mem-gb caps it, and it
 is reported. Decode (T = 1, 4): random distinct experts per call, cycling through all E, so weights stream
 from RAM (they are far larger than the caches); GB/s counts the bytes of the experts a call touches.
-Prefill (T = 512, 2048): each token picks K random experts among E; TFLOP/s counts 2*3*H*I per (token, expert).
+Prefill (T = 512, 2048): each token picks K random experts among E; TFLOP/s counts 2*3*H*I per (token, expert);
+bw_bound_tflops is the memory roofline (each touched expert's weights read once at the measured bandwidth).
 Experts with >= gemm_min_tokens tokens take tandem's GEMM path (AMX / AVX512-BF16) where the CPU has one.
 torch_ms: stock torch in the same run, looping over active experts as an unfused MoE does, on its own copy of
 min(E, 16) experts: decode times the format family's path (torch._weight_int8pack_mm for int8,
@@ -161,6 +162,8 @@ def bench_case(layers, torch_moes, shape, fmt, T, E, k, H, I, expert_bytes, bw, 
     else:
         row["tflops"] = round(2 * 3 * H * I * T * k / (ms / 1e3) / 1e12, 4)
         row["torch_tflops"] = round(2 * 3 * H * I * T * k / (best[1] / 1e3) / 1e12, 4)
+        # the memory roofline: no faster than reading each touched expert's weights once at the probe's speed
+        row["bw_bound_tflops"] = round(2 * 3 * H * I * T * k / (touched * expert_bytes / (bw * 1e9)) / 1e12, 2)
     return row
 
 
@@ -201,7 +204,7 @@ def run(args) -> dict:
                                  args.quick)
                 res["results"].append(row)
                 perf = (f"{row['gbs']:6.1f} GB/s {row['pct_bw']:5.1f}% bw" if T <= 4
-                        else f"{row['tflops']:7.3f} TFLOP/s      ")
+                        else f"{row['tflops']:7.3f} TFLOP/s (bw bound {row['bw_bound_tflops']:5.1f})")
                 print(f"{shape:14s} {fmt:9s} T={T:<5d} E={E:<4d}x{row['layers']} {row['ms']:9.2f} ms  {perf}  "
                       f"torch({row['torch_path']}) {row['torch_ms']:9.2f} ms  x{row['speedup']:.2f}", flush=True)
             del w
@@ -219,7 +222,10 @@ def main() -> None:
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--tokens", default="", help="token counts to run instead of the default (e.g. 512,2048)")
     ap.add_argument("--torch", default="", help="stock-torch families timed for prefill (bf16,int8,int4)")
+    ap.add_argument("--profile", action="store_true", help="the kernel prints per-phase times of each call (stderr)")
     args = ap.parse_args()
+    if args.profile:
+        os.environ["TANDEM_CPU_PROFILE"] = "1"  # read by the kernel at its first call
     args.formats = args.formats or ("int4_g32,int8" if args.quick else "int4_g32,int4_g128,int8,q4_k,bf16")
     t0 = time.perf_counter()
     res = run(args)

@@ -25,18 +25,47 @@ typedef void (*dequant_bf16_fn)(const void* w, int n, bf16_t* dst);
 // lives at base + g * K * 16, element (token t, index k) at [(k / 2) * 32 + t * 2 + (k & 1)] -- the pair
 // layout both vdpbf16ps (one 64-byte row per k pair) and AMX B tiles (16 rows of 16 token pairs) read.
 constexpr int kGemmTokens = 16;
-constexpr int kGemmRows = 32;  // weight rows per GEMM call (two AMX A tiles)
+constexpr int kGemmRows = 32;             // weight rows per panel: two 16-row halves (two AMX A tiles)
+constexpr int kGemmChunk = 256;           // K values per step: a panel's chunk (32 x 256 bf16 = 16 KB) stays in L1
+constexpr int kGemmLd = kGemmChunk + 32;  // row stride of a chunk (bf16): rows 576 B apart spread over L1 sets
 static inline size_t packed_index(int K, int t, int k) {
   return (size_t)(t / kGemmTokens) * K * kGemmTokens + (size_t)(k / 2) * 32 + (t % kGemmTokens) * 2 + (k & 1);
 }
 
-// C[r][t] = sum_k A[r][k] * X[t][k] for r < kGemmRows, t < 16 * ntg: A = kGemmRows bf16 rows of K values
-// (row stride lda elements), X packed as above (ntg token groups), C row stride ldc floats. K % 32 == 0.
-typedef void (*gemm_bf16_fn)(int K, const bf16_t* A, int lda, const bf16_t* Xp, int ntg, float* C, int ldc);
+// Where one 16-row half of a panel comes from: 16 consecutive weight rows, row_bytes apart, in one format
+// whose blocks (blck values in blck_bytes) divide kGemmChunk.
+struct GemmHalf {
+  dequant_bf16_fn deq;
+  size_t row_bytes;
+  int blck, blck_bytes;
+};
+// A panel: rows 0-15 from src[0], rows 16-31 from src[1], times one expert's packed tokens X (ntg groups).
+struct GemmPanel {
+  const uint8_t* src[2];
+  const bf16_t* X;
+  int ntg;
+};
+// A run of panels sharing K (a multiple of 32) and the halves' formats. For each panel p in order:
+// C[r][t] = sum_k W[r][k] * X[t][k] for r < 32, t < 16 * ntg (C row stride ldc = 16 * ntg floats), then
+// epilogue(ctx, p, C, ldc). Weights are dequantized chunk by chunk (kGemmChunk values of the 32 rows) into
+// `ring` (2 * kGemmRows * kGemmLd bf16); C needs kGemmRows * 16 * max ntg floats. overlap: dequantize the
+// next chunk between the tile products of this one (AMX; the vector units are idle while the tiles multiply).
+struct GemmRun {
+  int K;
+  GemmHalf half[2];
+  const GemmPanel* panels;
+  int n;
+  bf16_t* ring;
+  float* C;
+  void (*epilogue)(void* ctx, int p, const float* C, int ldc);
+  void* ctx;
+  bool overlap;
+};
+typedef void (*gemm_run_fn)(const GemmRun& run);
 
-// GEMM epilogue of gate/up: h[t][k0 + r] = silu(Cg[r][t]) * Cu[r][t] for r < kGemmRows, t < ldc (0 for t >= n),
+// GEMM epilogue of gate/up: h[t][k0 + r] = silu(Cg[r][t]) * Cu[r][t] for r < rows (even), t < ldc (0 for t >= n),
 // stored as bf16 into the packed layout of a K-long row set (K = the shard's I, k0 even) at Hp.
-typedef void (*silu_pack_fn)(const float* Cg, const float* Cu, int ldc, int n, int K, int k0, bf16_t* Hp);
+typedef void (*silu_pack_fn)(const float* Cg, const float* Cu, int ldc, int rows, int n, int K, int k0, bf16_t* Hp);
 // GEMM epilogue of down: out[tok[t]][r] += w[t] * C[r][t] for r < kGemmRows, t < n (out rows of H floats).
 typedef void (*scatter_add_fn)(const float* C, int ldc, int n, const int* tok, const float* w, float* out, int H);
 
@@ -71,7 +100,7 @@ struct KernelTable {
   const char* name;
   vec_dot_fn dot[N_WSLOTS];
   dequant_bf16_fn dequant_bf16[N_WSLOTS];  // nullptr: this format stays on the per-row path (fp32)
-  gemm_bf16_fn gemm_bf16;                  // nullptr: no prefill GEMM on this path
+  gemm_run_fn gemm_bf16;                   // nullptr: no prefill GEMM on this path
   silu_pack_fn silu_pack;
   scatter_add_fn scatter_add;
 };

@@ -6,7 +6,8 @@
 //      lays out the work; then every thread quantizes x rows (decode experts) or packs them as bf16 token
 //      groups (GEMM experts);
 //   1. items = (shard, active expert, chunk of that shard's intermediate rows): gate and up for every token of
-//      the expert, silu(g) * u stored as the down projection's input (int8 blocks or packed bf16);
+//      the expert, silu(g) * u stored as the down projection's input (int8 blocks or packed bf16). GEMM
+//      experts come first, most tokens first, each as one GEMM run of 16 gate + 16 up rows per panel;
 //   2. items = (shard, chunk of H rows) over all active experts: each thread owns its output rows, so the
 //      weighted sum needs no atomics. With several NUMA shards each writes a partial sum ...
 //   3. ... which one more pass adds up.
@@ -19,6 +20,7 @@
 #include <sched.h>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -67,6 +69,43 @@ ActRow shifted(ActRow a, int i0, int B) {  // the view of values i0.. of a row (
 
 std::atomic<int> g_gemm_min{-1};
 
+bool env_flag(const char* name, bool dflt) {
+  const char* env = std::getenv(name);
+  return env && *env ? env[0] != '0' : dflt;
+}
+
+// AMX: dequantize the next weight chunk between the tile products (TANDEM_CPU_GEMM_OVERLAP=0: one after the
+// other, for measuring).
+bool gemm_overlap_on() {
+  static const bool on = env_flag("TANDEM_CPU_GEMM_OVERLAP", true);
+  return on;
+}
+
+// TANDEM_CPU_PROFILE=1: each forward prints per-phase wall times (mean / max over threads) to stderr.
+bool profile_on() {
+  static const bool on = env_flag("TANDEM_CPU_PROFILE", false);
+  return on;
+}
+
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// Items of `units` equal work units for `threads` threads: the fewest items (at least 2 per thread) whose last
+// round keeps >= 90 % of the threads busy; returns units per item.
+int balanced_chunk(int units, int threads) {
+  int best = 1;
+  double best_eff = 0;
+  for (int m = 2; m <= 8; m++) {
+    const int per = std::max(1, (units + m * threads - 1) / (m * threads)), items = (units + per - 1) / per;
+    const double eff = (double)items / ((double)((items + threads - 1) / threads) * threads);
+    if (eff > best_eff + 1e-9) {
+      best = per;
+      best_eff = eff;
+    }
+    if (eff >= 0.9) return per;
+  }
+  return best;
+}
+
 // Decode streams each weight row once: ask for the next rows ahead (into L2), across the 4 KB page edges where
 // the hardware streamer stops. TANDEM_CPU_PREFETCH=0 turns it off (for measuring).
 bool prefetch_on() {
@@ -105,22 +144,81 @@ class MoEJob : public Job {
 
   void run(int tid, int) override {
     tls_tid_ = tid;
-    if (tid == 0) plan();
-    bar_.arrive_and_wait();
+    Clock clk(nullptr);
+    if (tid == 0) {
+      if (profile_on()) clk.start(prof_ = new double[(size_t)nthreads_ * kPhases]());  // read after the barrier
+      plan();
+      clk.lap(0);
+    }
+    wait(clk);
+    if (tid != 0 && prof_) clk.start(prof_ + (size_t)tid * kPhases);
     for (int it; (it = next0_.fetch_add(1)) < n_items0_;) prepare(it);
-    bar_.arrive_and_wait();
+    clk.lap(1);
+    wait(clk);
     const int home = P_.thread_node(tid) % S_;
-    for (int s, it; take(next1_, items1_, home, &s, &it);) gate_up(items1_[s][it]);
-    bar_.arrive_and_wait();
+    for (int s, it; take(next1_, items1_, home, &s, &it);) {
+      gate_up(items1_[s][it]);
+      clk.lap(gemm_[items1_[s][it].ai] ? 2 : 3);
+    }
+    wait(clk);
     for (int s, it; take(next2_, n_items2_, home, &s, &it);) down(s, it);
+    clk.lap(4);
     if (S_ > 1 || a_.out_dtype != DT_F32) {
-      bar_.arrive_and_wait();
+      wait(clk);
       for (int it; (it = next3_.fetch_add(1)) < n_items3_;) finish(it);
+      clk.lap(5);
+    }
+    if (prof_) {
+      wait(clk);
+      if (tid == 0) report();
     }
   }
 
+  ~MoEJob() override { delete[] prof_; }
+
  private:
   static constexpr int kMaxShards = 16;
+  // Profile phases: plan, prepare, gate/up GEMM items, gate/up decode items, down, finish, barrier waits; and
+  // the GEMM epilogues (silu_pack, scatter_add), a part of gate/up GEMM and down.
+  static constexpr int kPhases = 8, kWait = 6, kEpilogue = 7;
+  struct Clock {
+    double* acc;
+    double t;
+    explicit Clock(double* a) : acc(a), t(a ? now_s() : 0) {}  // acc: this thread's kPhases sums
+    void start(double* a) {
+      acc = a;
+      t = now_s();
+    }
+    void lap(int phase) {
+      if (!acc) return;
+      const double n = now_s();
+      acc[phase] += n - t;
+      t = n;
+    }
+  };
+  void wait(Clock& clk) {
+    bar_.arrive_and_wait();
+    clk.lap(kWait);
+  }
+  void report() const {
+    static const char* names[kPhases] = {"plan", "prepare", "gate_up_gemm", "gate_up_decode", "down", "finish",
+                                         "wait", "epilogue"};
+    int n_gemm = 0;
+    for (int g : gemm_) n_gemm += g;
+    std::string line = "tandem moe T=" + std::to_string(T_) + " experts=" + std::to_string(active_.size()) +
+                       " gemm=" + std::to_string(n_gemm) + " ms mean/max:";
+    for (int ph = 0; ph < kPhases; ph++) {
+      double sum = 0, mx = 0;
+      for (int t = 0; t < nthreads_; t++) {
+        sum += prof_[(size_t)t * kPhases + ph];
+        mx = std::max(mx, prof_[(size_t)t * kPhases + ph]);
+      }
+      char buf[96];
+      std::snprintf(buf, sizeof buf, " %s %.2f/%.2f", names[ph], 1e3 * sum / nthreads_, 1e3 * mx);
+      line += buf;
+    }
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
 
   template <typename Sizes>
   bool take(std::atomic<int>* next, const Sizes& sizes, int home, int* s, int* it) {
@@ -197,7 +295,7 @@ class MoEJob : public Job {
     const size_t o_xact = carve(xrow_ * T), o_hact = carve(hrow_ * n_dec_slots),
                  o_hbuf = carve((size_t)n_dec_slots * I * 4), o_xp = carve(xp * 2), o_hp = carve(hp * 2);
     const size_t o_part = carve(S_ > 1 || a_.out_dtype != DT_F32 ? (size_t)S_ * T * H * 4 : 0);
-    panel_stride_ = round_up(panel_bytes() + 2 * (size_t)kGemmRows * max_ntg * kGemmTokens * 4, 64);
+    panel_stride_ = round_up(ring_bytes() + (size_t)kGemmRows * max_ntg * kGemmTokens * 4, 64);
     const size_t o_thr = carve(max_ntg ? panel_stride_ * nthreads_ : 0);
     uint8_t* base = P.scratch(0).get(std::max<size_t>(need, 64));
     xact_ = base + o_xact;
@@ -208,21 +306,25 @@ class MoEJob : public Job {
     part_ = (float*)(base + o_part);
     thr_ = base + o_thr;
     n_items0_ = T + (int)pack_items_.size();
-    // Phase 1 items per shard: GEMM experts in kGemmRows-row chunks; decode experts in chunks of whole down
-    // activation blocks, sized for ~8 items per thread of the shard's share.
+    // Phase 1 items per shard: GEMM experts (most tokens first: the short ones fill the end) in runs of up
+    // to 256 rows, ~8 items per thread (each item reads its expert's packed tokens into L2 once); decode
+    // experts in chunks of whole down activation blocks, sized for ~8 items per thread of the shard's share.
     const int unit = std::max(Bd_ > 0 ? Bd_ : 16, 16);
     const int per_shard_threads = std::max(1, nthreads_ / S_);
+    std::vector<int> by_size;
+    for (int ai = 0; ai < n_act; ai++)
+      if (gemm_[ai]) by_size.push_back(ai);
+    std::stable_sort(by_size.begin(), by_size.end(),
+                     [this](int a, int b) { return off_[a + 1] - off_[a] > off_[b + 1] - off_[b]; });
     items1_.assign(S_, {});
     for (int s = 0; s < S_; s++) {
       const Shard& sh = ex_.shards()[s];
       const int In = sh.i1 - sh.i0;
-      int n_dec = 0;
-      for (int ai = 0; ai < n_act; ai++) {
-        if (gemm_[ai])  // 4 panels per item: the expert's packed tokens stay in L2 across them
-          for (int r = 0; r < In; r += 4 * kGemmRows) items1_[s].push_back({s, ai, r, std::min(In, r + 4 * kGemmRows)});
-        else
-          n_dec++;
-      }
+      const size_t g_want = (size_t)8 * per_shard_threads, g_rows = by_size.size() * (size_t)In;
+      const int run = (int)std::clamp<size_t>(round_up((g_rows + g_want - 1) / g_want, 16), 32, 256);
+      for (int ai : by_size)
+        for (int r = 0; r < In; r += run) items1_[s].push_back({s, ai, r, std::min(In, r + run)});
+      const int n_dec = n_act - (int)by_size.size();
       if (!n_dec) continue;
       const size_t rows = (size_t)n_dec * In, want = (size_t)8 * per_shard_threads;
       const int chunk = (int)std::min<size_t>(round_up(In, unit), round_up((rows + want - 1) / want, unit));
@@ -230,11 +332,12 @@ class MoEJob : public Job {
         if (!gemm_[ai])
           for (int r = 0; r < In; r += chunk) items1_[s].push_back({s, ai, r, std::min(In, r + chunk)});
     }
-    // Phase 2 items: chunks of H rows (whole GEMM panels), about 8 per thread of the shard (4 with GEMM
-    // experts: their packed h stays in L2 across the panels of a chunk).
-    const int hunit = H % kGemmRows == 0 ? kGemmRows : 16;
-    const int per_thread = max_ntg ? 4 : 8;
-    chunk2_ = (int)std::max<size_t>(hunit, round_up(H / (per_thread * per_shard_threads), hunit));
+    // Phase 2 items: chunks of H rows. With GEMM experts, whole panels in few, balanced items (each item
+    // reads every GEMM expert's packed h once); else about 8 per thread of the shard.
+    if (max_ntg)
+      chunk2_ = kGemmRows * balanced_chunk(H / kGemmRows, per_shard_threads);
+    else
+      chunk2_ = (int)std::max<size_t>(16, round_up(H / (8 * per_shard_threads), 16));
     n_items2_.assign(S_, T > 0 ? (H + chunk2_ - 1) / chunk2_ : 0);  // also with no active expert: zero out
     chunk3_ = 256;
     n_items3_ = T > 0 ? (int)(((size_t)T * H + chunk3_ - 1) / chunk3_) : 0;
@@ -272,11 +375,14 @@ class MoEJob : public Job {
     }
   }
 
-  uint8_t* thread_scratch(int tid) const { return thr_ + panel_stride_ * tid; }
-  // A weight panel: kGemmRows rows of K bf16, row stride K + 32 (not a multiple of 4 KB: the rows of a tile
-  // would share one L1 set), then the C buffers.
-  static int panel_lda(int K) { return K + 32; }
-  size_t panel_bytes() const { return round_up((size_t)kGemmRows * panel_lda(std::max(ex_.H(), ex_.I())) * 2, 64); }
+  // A thread's GEMM scratch: the ring of two dequantized weight chunks, then the C buffer.
+  static size_t ring_bytes() { return round_up((size_t)2 * kGemmRows * kGemmLd * 2, 64); }
+  bf16_t* ring(int tid) const { return (bf16_t*)(thr_ + panel_stride_ * tid); }
+  float* cbuf(int tid) const { return (float*)(thr_ + panel_stride_ * tid + ring_bytes()); }
+  GemmHalf half_of(const ExpertMatrix& m) const {
+    const WTypeInfo info = info_of(m.type);
+    return {kt_->dequant_bf16[wtype_slot(m.type)], m.row_bytes, info.blck, info.bytes};
+  }
 
   void gate_up(const Item& item) {
     if (gemm_[item.ai]) return gate_up_gemm(item);
@@ -310,58 +416,99 @@ class MoEJob : public Job {
       quantize_act(hbuf_ + (size_t)c * I + sh.i0 + r0, r1 - r0, Bd_, hact_ + (size_t)c * hrow_, I, sh.i0 + r0);
   }
 
-  // kGemmRows rows of gate and up for all tokens of a GEMM expert: bf16 panels, two GEMMs, h packed as bf16.
+  // Rows [r0, r1) of gate and up for all tokens of a GEMM expert: one GEMM run, a panel = 16 gate + 16 up
+  // rows (the packed tokens read once for both), h = silu(g) * u packed as bf16 by the epilogue.
+  // Epilogue time, when profiling (the epilogues run inside the GEMM kernels).
+  struct EpilogueClock {
+    const MoEJob* job;
+    double t;
+    explicit EpilogueClock(const MoEJob* j) : job(j), t(j->prof_ ? now_s() : 0) {}
+    ~EpilogueClock() {
+      if (job->prof_) job->prof_[(size_t)tls_tid_ * kPhases + kEpilogue] += now_s() - t;
+    }
+  };
+
+  struct GateUpCtx {
+    const MoEJob* job;
+    const KernelTable* kt;
+    bf16_t* hp;
+    int n, In, r0;
+  };
+  static void gate_up_epilogue(void* ctx, int p, const float* C, int ldc) {
+    const GateUpCtx& c = *(const GateUpCtx*)ctx;
+    EpilogueClock clk(c.job);
+    c.kt->silu_pack(C, C + (size_t)16 * ldc, ldc, 16, c.n, c.In, c.r0 + 16 * p, c.hp);
+  }
+
   void gate_up_gemm(const Item& item) {
-    const int H = ex_.H(), tid = my_tid();
+    const int tid = my_tid();
     const Shard& sh = ex_.shards()[item.shard];
     const int In = sh.i1 - sh.i0, e = active_[item.ai];
-    const int n = off_[item.ai + 1] - off_[item.ai], ntg = (n + kGemmTokens - 1) / kGemmTokens, ldc = ntg * kGemmTokens;
-    bf16_t* A = (bf16_t*)thread_scratch(tid);
-    float* Cg = (float*)(thread_scratch(tid) + panel_bytes());
-    float* Cu = Cg + (size_t)kGemmRows * ldc;
+    const int n = off_[item.ai + 1] - off_[item.ai], ntg = (n + kGemmTokens - 1) / kGemmTokens;
     const bf16_t* X = xp_ + xp_off_[item.ai];
-    const int lda = panel_lda(H);
-    bf16_t* hp = hp_ + hp_off_[item.ai] + (size_t)ntg * kGemmTokens * sh.i0;  // this shard's [ntg][In] groups
-    for (int r0 = item.r0; r0 < item.r1; r0 += kGemmRows) {
-      for (int p = 0; p < 2; p++) {
-        const ExpertMatrix& W = sh.m[p];
-        const dequant_bf16_fn deq = kt_->dequant_bf16[wtype_slot(W.type)];
-        for (int r = 0; r < kGemmRows; r++) deq(W.row(e, r0 + r), H, A + (size_t)r * lda);
-        kt_->gemm_bf16(H, A, lda, X, ntg, p == 0 ? Cg : Cu, ldc);
+    const ExpertMatrix &G = sh.m[0], &U = sh.m[1];
+    std::vector<GemmPanel> panels;
+    for (int r = item.r0; r < item.r1; r += 16) panels.push_back({{G.row(e, r), U.row(e, r)}, X, ntg});
+    GateUpCtx ctx{this, kt_, hp_ + hp_off_[item.ai] + (size_t)ntg * kGemmTokens * sh.i0, n, In, item.r0};
+    const GemmRun run{ex_.H(), {half_of(G), half_of(U)}, panels.data(), (int)panels.size(), ring(tid), cbuf(tid),
+                      gate_up_epilogue, &ctx, gemm_overlap_on()};
+    kt_->gemm_bf16(run);
+  }
+
+  // Down rows [h0, h1) of every GEMM expert as one GEMM run (32 rows per panel), weighted into the output.
+  struct DownCtx {
+    const MoEJob* job;
+    const int* panel_ai;
+    int h0, panels_per_expert;
+    float* o;
+  };
+  static void down_epilogue(void* ctx, int p, const float* C, int ldc) {
+    const DownCtx& c = *(const DownCtx*)ctx;
+    const MoEJob& J = *c.job;
+    EpilogueClock clk(c.job);
+    const int ai = c.panel_ai[p], s0 = J.off_[ai], n = J.off_[ai + 1] - s0;
+    const int hb = c.h0 + p % c.panels_per_expert * kGemmRows;
+    J.kt_->scatter_add(C, ldc, n, J.slot_tok_.data() + s0, J.slot_w_.data() + s0, c.o + hb, J.ex_.H());
+  }
+
+  void down_gemm(const Shard& sh, int h0, int h1, float* o) {
+    const int tid = my_tid(), In = sh.i1 - sh.i0;
+    const ExpertMatrix& D = sh.m[2];
+    std::vector<GemmPanel> panels;
+    std::vector<int> panel_ai;
+    for (size_t ai = 0; ai < active_.size(); ai++) {
+      if (!gemm_[ai]) continue;
+      const int e = active_[ai], ntg = (off_[ai + 1] - off_[ai] + kGemmTokens - 1) / kGemmTokens;
+      const bf16_t* X = hp_ + hp_off_[ai] + (size_t)ntg * kGemmTokens * sh.i0;
+      for (int hb = h0; hb < h1; hb += kGemmRows) {
+        panels.push_back({{D.row(e, hb), D.row(e, hb + 16)}, X, ntg});
+        panel_ai.push_back((int)ai);
       }
-      kt_->silu_pack(Cg, Cu, ldc, n, In, r0, hp);
     }
+    if (panels.empty()) return;
+    DownCtx ctx{this, panel_ai.data(), h0, (h1 - h0) / kGemmRows, o};
+    const GemmRun run{In, {half_of(D), half_of(D)}, panels.data(), (int)panels.size(), ring(tid), cbuf(tid),
+                      down_epilogue, &ctx, gemm_overlap_on()};
+    kt_->gemm_bf16(run);
   }
 
   int my_tid() const { return tls_tid_; }
 
   // Phase 2: rows [h0, h1) of the output (or of shard s's partial sum) over every active expert.
   void down(int s, int it) {
-    const int tid = my_tid(), H = ex_.H(), T = T_;
+    const int H = ex_.H(), T = T_;
     const Shard& sh = ex_.shards()[s];
     const int In = sh.i1 - sh.i0;
     const int h0 = it * chunk2_, h1 = std::min(H, h0 + chunk2_);
     float* o = S_ == 1 && a_.out_dtype == DT_F32 ? (float*)a_.out : part_ + (size_t)s * T * H;
     for (int t = 0; t < T; t++) std::fill(o + (size_t)t * H + h0, o + (size_t)t * H + h1, 0.f);
+    if (gemm_ok_) down_gemm(sh, h0, h1, o);
     const ExpertMatrix& D = sh.m[2];
     const vec_dot_fn dd = kt_->dot[wtype_slot(D.type)];
     ActRow acts[kTokenTile];
     for (size_t ai = 0; ai < active_.size(); ai++) {
       const int e = active_[ai], s0 = off_[ai], s1 = off_[ai + 1];
-      if (gemm_[ai]) {
-        const int n = s1 - s0, ntg = (n + kGemmTokens - 1) / kGemmTokens, ldc = ntg * kGemmTokens;
-        bf16_t* A = (bf16_t*)thread_scratch(tid);
-        float* C = (float*)(thread_scratch(tid) + panel_bytes());
-        const dequant_bf16_fn deq = kt_->dequant_bf16[wtype_slot(D.type)];
-        const bf16_t* X = hp_ + hp_off_[ai] + (size_t)ntg * kGemmTokens * sh.i0;
-        const int lda = panel_lda(In);
-        for (int hb = h0; hb < h1; hb += kGemmRows) {
-          for (int r = 0; r < kGemmRows; r++) deq(D.row(e, hb + r), In, A + (size_t)r * lda);
-          kt_->gemm_bf16(In, A, lda, X, ntg, C, ldc);
-          kt_->scatter_add(C, ldc, n, slot_tok_.data() + s0, slot_w_.data() + s0, o + hb, H);
-        }
-        continue;
-      }
+      if (gemm_[ai]) continue;
       const int c0 = dpos_[ai];
       const bool pf = prefetch_on();
       for (int st = s0; st < s1; st += kTokenTile) {
@@ -412,6 +559,7 @@ class MoEJob : public Job {
   float *hbuf_ = nullptr, *part_ = nullptr;
   bf16_t *xp_ = nullptr, *hp_ = nullptr;
   size_t panel_stride_ = 0;
+  double* prof_ = nullptr;  // TANDEM_CPU_PROFILE: kPhases seconds per thread
   std::atomic<int> next0_{0}, next3_{0};
   std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
   int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256;

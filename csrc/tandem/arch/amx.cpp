@@ -1,4 +1,5 @@
-// AMX path (Sapphire Rapids and later): the VNNI decode kernels, and the prefill GEMM on AMX-BF16 tiles.
+// AMX path (Sapphire Rapids and later): the VNNI decode kernels, and the prefill GEMM on AMX-BF16 tiles with
+// the weights' dequantization to bf16 interleaved between the tile products.
 // Tile config (palette 1): tmm0..3 = C (16 weight rows x 16 tokens fp32: rows 0-15/16-31 x groups g/g+1),
 // tmm4/5 = A (16 weight rows x 32 bf16 of K: 64 bytes), tmm6/7 = B (16 k pairs x 16 tokens x 2 bf16: 64 bytes).
 // One tdpbf16ps: C[m][n] += sum over 16 k pairs of A[m][2k..2k+1] . B[k][2n..2n+1], i.e. the packed
@@ -33,64 +34,145 @@ static inline void load_tile_config() {
   _tile_loadconfig(&cfg);
 }
 
-// With more than one pair of token groups, K goes in chunks: the A chunk (32 rows x 256 bf16 = 16 KB) stays in
-// L1 while every pair passes over it, C tiles parked in the C buffer between chunks.
-constexpr int kChunk = 256;
-
+// One k step of a pass: 2 A tiles (the chunk's rows 0-15 / 16-31) x 1 or 2 B tiles (token groups g, g+1).
 template <bool PAIR>
-static inline void amx_pass(int k0, int k1, const bf16_t* A, const bf16_t* A1, size_t sa, const bf16_t* x0,
-                            const bf16_t* x1, float* c00, float* c10, size_t sc) {
-  if (k0 == 0) {
-    _tile_zero(0);
-    _tile_zero(2);
-    if (PAIR) {
-      _tile_zero(1);
-      _tile_zero(3);
-    }
-  } else {
-    _tile_loadd(0, c00, sc);
-    _tile_loadd(2, c10, sc);
-    if (PAIR) {
-      _tile_loadd(1, c00 + kGemmTokens, sc);
-      _tile_loadd(3, c10 + kGemmTokens, sc);
-    }
-  }
-  for (int k = k0; k < k1; k += 32) {
-    _tile_loadd(4, A + k, sa);
-    _tile_loadd(5, A1 + k, sa);
-    _tile_loadd(6, x0 + (size_t)k * kGemmTokens, 64);
-    if (PAIR) _tile_loadd(7, x1 + (size_t)k * kGemmTokens, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(2, 5, 6);
-    if (PAIR) {
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c00, sc);
-  _tile_stored(2, c10, sc);
+static inline void tile_step(const bf16_t* A0, const bf16_t* A1, const bf16_t* x0, const bf16_t* x1) {
+  constexpr size_t sa = kGemmLd * 2;
+  _tile_loadd(4, A0, sa);
+  _tile_loadd(5, A1, sa);
+  _tile_loadd(6, x0, 64);
+  if (PAIR) _tile_loadd(7, x1, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(2, 5, 6);
   if (PAIR) {
-      _tile_stored(1, c00 + kGemmTokens, sc);
-      _tile_stored(3, c10 + kGemmTokens, sc);
-    }
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
 }
 
-static void gemm_bf16_amx(int K, const bf16_t* A, int lda, const bf16_t* Xp, int ntg, float* C, int ldc) {
-  load_tile_config();
-  const size_t sa = (size_t)lda * 2, sc = (size_t)ldc * 4, group = (size_t)K * kGemmTokens;
-  const bf16_t* A1 = A + (size_t)16 * lda;
-  float* C1 = C + (size_t)16 * ldc;
-  const int chunk = ntg > 2 ? kChunk : K;
-  for (int k0 = 0; k0 < K; k0 += chunk) {
-    const int k1 = K - k0 < chunk ? K : k0 + chunk;
-    int g = 0;
-    for (; g + 2 <= ntg; g += 2)
-      amx_pass<true>(k0, k1, A, A1, sa, Xp + g * group, Xp + (g + 1) * group, C + g * kGemmTokens,
-                     C1 + g * kGemmTokens, sc);
-    if (g < ntg)
-      amx_pass<false>(k0, k1, A, A1, sa, Xp + g * group, nullptr, C + g * kGemmTokens, C1 + g * kGemmTokens, sc);
+template <bool PAIR>
+static inline void tiles_zero() {
+  _tile_zero(0);
+  _tile_zero(2);
+  if (PAIR) {
+    _tile_zero(1);
+    _tile_zero(3);
   }
-  _tile_release();
+}
+
+// C tiles of token groups g (, g + 1): tmm0/1 = rows 0-15 at c0, tmm2/3 = rows 16-31 at c1.
+template <bool PAIR>
+static inline void tiles_load(const float* c0, const float* c1, size_t sc) {
+  _tile_loadd(0, c0, sc);
+  _tile_loadd(2, c1, sc);
+  if (PAIR) {
+    _tile_loadd(1, c0 + kGemmTokens, sc);
+    _tile_loadd(3, c1 + kGemmTokens, sc);
+  }
+}
+
+template <bool PAIR>
+static inline void tiles_store(float* c0, float* c1, size_t sc) {
+  _tile_stored(0, c0, sc);
+  _tile_stored(2, c1, sc);
+  if (PAIR) {
+    _tile_stored(1, c0 + kGemmTokens, sc);
+    _tile_stored(3, c1 + kGemmTokens, sc);
+  }
+}
+
+// The run goes in units = (panel, chunk of kGemmChunk values). Unit u's chunk (32 rows) sits in ring slot u & 1
+// (L1) while its tile products run over every token group; between k steps the next unit's rows are
+// dequantized into the other slot, and the unit after that is prefetched. One pass over the token groups
+// (ntg <= 2): C stays in the tiles across the panel's chunks; more: C parked in the C buffer between chunks.
+class AmxRun {
+ public:
+  explicit AmxRun(const GemmRun& j)
+      : j_(j), nch_((j.K + kGemmChunk - 1) / kGemmChunk), U_(j.n * nch_), slot_{j.ring, j.ring + kGemmRows * kGemmLd} {}
+
+  void run() {
+    load_tile_config();
+    for (int r = 0; r < kGemmRows; r++) deq_row(0, r);
+    for (int u = 0; u < U_; u++) unit(u);
+    _tile_release();
+  }
+
+ private:
+  int k0(int u) const { return u % nch_ * kGemmChunk; }
+  int kc(int u) const { return std::min(kGemmChunk, j_.K - k0(u)); }
+
+  void deq_row(int u, int r) {  // row r of unit u into its slot; prefetch row r of unit u + 1
+    deq_chunk_row(j_, j_.panels[u / nch_], r, k0(u), kc(u), slot_[u & 1] + (size_t)r * kGemmLd);
+    if (u + 1 < U_) prefetch_chunk_row(j_, j_.panels[(u + 1) / nch_], r, k0(u + 1), kc(u + 1));
+  }
+
+  // After k step `step` of `steps`: the next unit's rows dequantized so far, in proportion.
+  inline void pump(int u, int step, int steps) {
+    if (!j_.overlap || u + 1 >= U_) return;
+    for (const int want = (step * kGemmRows + steps - 1) / steps; done_ < want; done_++) deq_row(u + 1, done_);
+  }
+
+  template <bool PAIR>
+  void pass(int u, const bf16_t* x0, const bf16_t* x1, int steps, int* step) {
+    const bf16_t* A0 = slot_[u & 1];
+    const bf16_t* A1 = A0 + 16 * kGemmLd;
+    for (int k = 0; k < kc(u); k += 32) {
+      tile_step<PAIR>(A0 + k, A1 + k, x0 + (size_t)k * kGemmTokens, x1 + (size_t)k * kGemmTokens);
+      pump(u, ++*step, steps);
+    }
+  }
+
+  void unit(int u) {
+    const int p = u / nch_, c = u % nch_;
+    const GemmPanel& P = j_.panels[p];
+    const int ntg = P.ntg, ldc = ntg * kGemmTokens, npass = (ntg + 1) / 2, steps = npass * (kc(u) / 32);
+    const size_t sc = (size_t)ldc * 4, group = (size_t)j_.K * kGemmTokens;
+    const bf16_t* X = P.X + (size_t)k0(u) * kGemmTokens;
+    float* C0 = j_.C;
+    float* C1 = j_.C + (size_t)16 * ldc;
+    const bool first = c == 0, last = c == nch_ - 1;
+    done_ = 0;
+    int step = 0;
+    if (npass == 1) {
+      if (ntg == 2) {
+        if (first) tiles_zero<true>();
+        pass<true>(u, X, X + group, steps, &step);
+        if (last) tiles_store<true>(C0, C1, sc);
+      } else {
+        if (first) tiles_zero<false>();
+        pass<false>(u, X, X, steps, &step);
+        if (last) tiles_store<false>(C0, C1, sc);
+      }
+    } else {
+      for (int g = 0; g < ntg; g += 2) {
+        float *c0 = C0 + g * kGemmTokens, *c1 = C1 + g * kGemmTokens;
+        const bf16_t* x0 = X + g * group;
+        if (g + 1 < ntg) {
+          if (first) tiles_zero<true>();
+          else tiles_load<true>(c0, c1, sc);
+          pass<true>(u, x0, x0 + group, steps, &step);
+          tiles_store<true>(c0, c1, sc);
+        } else {
+          if (first) tiles_zero<false>();
+          else tiles_load<false>(c0, c1, sc);
+          pass<false>(u, x0, x0, steps, &step);
+          tiles_store<false>(c0, c1, sc);
+        }
+      }
+    }
+    if (u + 1 < U_)
+      for (; done_ < kGemmRows; done_++) deq_row(u + 1, done_);
+    if (last) j_.epilogue(j_.ctx, p, j_.C, ldc);
+  }
+
+  const GemmRun& j_;
+  const int nch_, U_;
+  bf16_t* const slot_[2];
+  int done_ = 0;
+};
+
+static void gemm_run_amx(const GemmRun& j) {
+  if (j.n > 0) AmxRun(j).run();
 }
 
 }  // namespace isa_amx
@@ -100,7 +182,7 @@ const KernelTable* kernels_amx() {
     using namespace isa_amx;
     KernelTable k = vnni_table("amx");
     fill_dequant_bf16(k);
-    k.gemm_bf16 = gemm_bf16_amx;
+    k.gemm_bf16 = gemm_run_amx;
     return k;
   }();
   return &t;
