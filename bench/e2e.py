@@ -171,12 +171,15 @@ def profile_decode(llm) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
-def profile_prefill(llm, n: int) -> str:
-    """Torch profiler table of one n-token prefill, by GPU time."""
+def profile_prefill(llm, n: int, chrome_trace: Path | None = None) -> str:
+    """Torch profiler table of one n-token prefill, by GPU time; optionally its timeline as a Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         prefill(llm, n)
+    if chrome_trace is not None:
+        chrome_trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(chrome_trace))
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
 
 
@@ -287,7 +290,7 @@ def trace_variants(llm) -> list[dict]:
 
 
 def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], tokens: int, prof: bool,
-            trace: bool = False) -> dict:
+            trace: bool = False, gguf: str | None = None, profile_dir: str | None = None) -> dict:
     import tandem
     from tandem.gpu.transfer import measure_h2d
     from tandem.rules.presets import FAMILY_PRESETS
@@ -295,17 +298,26 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
 
     preset, layers = spec.split(":") if ":" in spec else (spec, None)
     layers = int(layers) if layers else None
-    out = root / f"{preset}-{layers}"
     t0 = time.perf_counter()
-    if not (out / "config.json").exists():
-        synthesize(preset, out, layers, progress=False)
+    if gguf:  # the GGUF's own blocks on the CPU kernel (Q4_K_M-like: 4.5-6.6 bits per weight), the 1gpu preset
+        from tandem.synth_gguf import synthesize_gguf
+
+        out = root / f"{preset}-{layers}-{gguf}.gguf"
+        if not out.exists():
+            synthesize_gguf(preset, out, layers, quant=gguf, progress=False)
+        rules = "1gpu"
+    else:
+        out = root / f"{preset}-{layers}"
+        if not (out / "config.json").exists():
+            synthesize(preset, out, layers, progress=False)
+        rules = str(rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}.yaml"))
     synth_s = time.perf_counter() - t0
-    rules = rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}.yaml")
     t0 = time.perf_counter()
-    llm = tandem.load(out, rules=str(rules), dtype="bfloat16", progress=False)
+    llm = tandem.load(out, rules=rules, dtype="bfloat16", progress=False)
     load_s = time.perf_counter() - t0
     c = model_counts(llm)
-    res = {"model": preset, "layers": layers, "synth_s": round(synth_s, 1), "load_s": round(load_s, 1),
+    res = {"model": preset, "layers": layers, "weights": gguf or "safetensors bf16 -> int4_g32",
+           "synth_s": round(synth_s, 1), "load_s": round(load_s, 1),
            "routed_expert_gb": round(c["routed_bytes"] / 1e9, 2)}
     res["ram_read_gbs"] = round(ram_read_gbs(), 1)
     res["h2d_gbs"] = round(measure_h2d(torch.device("cuda"), 1 << 30) / 1e9, 1)
@@ -313,9 +325,11 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     prefill(llm, 512)  # warm-up: Triton/graph compiles, the layer-wise threshold measured once
     res["layerwise_threshold"] = llm.model.model._threshold
     for p in prefills:
+        first = prefill(llm, p + 1)  # a length not seen before: plan caches (cuDNN attention) cold
         tps = prefill(llm, p)
         bound_s = max(c["routed_bytes"] / (res["h2d_gbs"] * 1e9), prefill_flops(c, p) / (res["gpu_bf16_tflops"] * 1e12))
-        res[f"prefill_{p}"] = {"tok_s": round(tps, 1), "bound_tok_s": round(p / bound_s, 1),
+        res[f"prefill_{p}"] = {"tok_s": round(tps, 1), "first_call_tok_s": round(first, 1),
+                               "bound_tok_s": round(p / bound_s, 1),
                                "ratio": round(tps * bound_s / p, 3),
                                "layerwise": p >= (res["layerwise_threshold"] or 1 << 30)}
         print(f"  {preset} prefill {p}: {tps:.0f} tok/s (bound {p / bound_s:.0f})", file=sys.stderr, flush=True)
@@ -334,7 +348,8 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     if prof:
         res["profile"] = profile_decode(llm)
         if prefills:
-            res["profile"] += f"\n\nprefill of {max(prefills)} tokens:\n" + profile_prefill(llm, max(prefills))
+            res["profile"] += f"\n\nprefill of {max(prefills)} tokens:\n" + profile_prefill(
+                llm, max(prefills), profile_dir and Path(profile_dir) / f"prefill-{preset}-{max(prefills)}.json.gz")
         res["probe_one_layer"] = probe_layer(llm)
     return res
 
@@ -370,6 +385,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the synthesized models (default: delete each)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--trace", action="store_true", help="where a batch-1 decode step waits, under several knobs")
+    ap.add_argument("--gguf", help="synthesize a GGUF of this quant (e.g. Q4_K_M-like) instead of bf16 safetensors "
+                                   "quantized to int4_g32 at load")
+    ap.add_argument("--profile-dir", help="with --profile: write the largest prefill's timeline (Chrome trace) here")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this model, print its JSON
     args = ap.parse_args()
@@ -378,13 +396,17 @@ def main() -> None:
     prefills = [int(x) for x in args.prefill.split(",") if x]
     batches = [int(x) for x in args.batches.split(",") if x]
     if args.one:
-        print(json.dumps(run_one(args.one, root, prefills, batches, args.decode_tokens, args.profile, args.trace)))
+        print(json.dumps(run_one(args.one, root, prefills, batches, args.decode_tokens, args.profile, args.trace,
+                                 args.gguf, args.profile_dir)))
         return
     results = []
     for spec in args.models.split(","):
         cmd = [sys.executable, __file__, "--one", spec, "--dir", str(root), "--prefill", args.prefill,
-               "--batches", args.batches, "--decode-tokens", str(args.decode_tokens)] + (
-            ["--profile"] if args.profile else []) + (["--trace"] if args.trace else [])
+               "--batches", args.batches, "--decode-tokens", str(args.decode_tokens)]
+        cmd += ["--profile"] if args.profile else []
+        cmd += ["--trace"] if args.trace else []
+        cmd += ["--gguf", args.gguf] if args.gguf else []
+        cmd += ["--profile-dir", args.profile_dir] if args.profile_dir else []
         print(f"== {spec}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
         last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
@@ -398,6 +420,7 @@ def main() -> None:
         results.append(r)
         if not args.keep:
             shutil.rmtree(root / spec.replace(":", "-"), ignore_errors=True)
+            (root / f"{spec.replace(':', '-')}-{args.gguf}.gguf").unlink(missing_ok=True)
     machine = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "cpu_cores": os.cpu_count(), "torch": torch.__version__}
     print(table(results))
