@@ -224,6 +224,24 @@ def build_llama(r: Runner, args) -> dict:
     return {"src": str(src), "bin": str(build / "bin"), "cmake_flags": flags, "llama_cpp_commit": llama_commit(src)}
 
 
+def export_build(bins: Path, out: Path, part_mib: int = 15) -> list[Path]:
+    """The built binaries (llama-bench, the greedy driver, the shared libraries) as an xz tarball in parts of
+    part_mib MiB under `out`: a device call returns files of at most 16 MiB, and a later call carries them back
+    (unpack with `cat llama-bin.tar.xz.* | tar xJ -C BUILD/bin`, run with LD_LIBRARY_PATH=BUILD/bin)."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in bins.iterdir() if p.name in ("llama-bench", "llamacpp_greedy") or ".so" in p.name)
+    blob = subprocess.run(["tar", "cf", "-", "-C", str(bins), *names], capture_output=True, check=True).stdout
+    packed = subprocess.run(["xz", "-T0", "-6"], input=blob, capture_output=True, check=True).stdout
+    step = part_mib << 20
+    parts = []
+    for i in range(0, len(packed), step):
+        parts.append(out / f"llama-bin.tar.xz.{i // step:02d}")
+        parts[-1].write_bytes(packed[i : i + step])
+    print(f"{len(names)} files, {len(blob) / 2**20:.0f} MiB -> {len(packed) / 2**20:.1f} MiB in {len(parts)} parts "
+          f"under {out}")
+    return parts
+
+
 def environment(args) -> dict:
     """Versions and machine, for the report."""
     import torch
@@ -539,6 +557,9 @@ def run(args) -> int:
         r.step("env", 5, lambda: environment(args))
         b = r.step("build", 60, lambda: build_llama(r, args))
         bins = Path(b["bin"]) if b else Path("BUILD/bin")
+        if args.export_build:
+            export_build(bins, Path(args.export_build))
+            return 0
         for m in models:
             gguf = work / f"{m.replace(':', '-')}-{args.quant}.gguf"
             r.step(f"{m}:gguf", 60, lambda m=m, gguf=gguf: synth_gguf(r, m, gguf, args.quant))
@@ -593,6 +614,8 @@ def main() -> int:
     p.add_argument("--cpu-only", action="store_true", help="no GPU: tiny models, CPU builds (a local check)")
     p.add_argument("--llama-build", default=None, help="an existing llama.cpp build directory (skips the build)")
     p.add_argument("--llama-src", default=None, help="its source (vendor/llama.cpp) for the greedy driver")
+    p.add_argument("--export-build", default=None, help="after the build, write its binaries to this folder as "
+                   "xz parts of 15 MiB (to carry into a later device call) and stop")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args()
     if args.cmd == "pack":
