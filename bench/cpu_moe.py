@@ -33,7 +33,7 @@ from tandem.kernels import cpu as K
 
 SHAPES = {"deepseek-v3": (7168, 2048, 256, 8), "qwen3-30b-a3b": (2048, 768, 128, 8)}
 TORCH_FAMILY = {"bf16": "bf16", "int8": "int8", "q8_0": "int8", "int4_g32": "int4", "int4_g128": "int4",
-                "q4_0": "int4", "q4_k": "int4"}
+                "q4_0": "int4", "q4_k": "int4", "q5_k": "int4", "q6_k": "int8"}
 
 
 def machine() -> str:
@@ -69,16 +69,17 @@ def make_experts(fmt: str, H: int, I: int, E: int, layers: int = 1) -> list[K.Mo
     g = torch.Generator().manual_seed(0)
     one = [torch.randn(I, H, generator=g) / H**0.5, torch.randn(I, H, generator=g) / H**0.5,
            torch.randn(H, I, generator=g) / I**0.5]
-    if fmt in ("q4_0", "q4_k"):  # GGUF formats have no tandem quantizer: random valid blocks
+    if fmt in ("q4_0", "q4_k", "q5_k", "q6_k"):  # GGUF formats have no tandem quantizer: random valid blocks
         import numpy as np
 
         rng = np.random.default_rng(0)
         blocks = []
         for rows, cols in ((I, H), (I, H), (H, I)):
-            qk, nb = {"q4_0": (32, 18), "q4_k": (256, 144)}[fmt]
+            qk, nb = K.BLOCKS[K.FORMATS[fmt]]
             b = rng.integers(0, 256, size=(rows * cols // qk, nb), dtype=np.uint8)
-            b[:, 0:2] = np.full(len(b), 0.001, np.float16).view(np.uint8).reshape(-1, 2)
-            if fmt == "q4_k":
+            d = 208 if fmt == "q6_k" else 0  # the fp16 scale(s): q6_k's d is last, the others' d (and dmin) first
+            b[:, d:d + 2] = np.full(len(b), 0.001, np.float16).view(np.uint8).reshape(-1, 2)
+            if fmt in ("q4_k", "q5_k"):
                 b[:, 2:4] = b[:, 0:2]
             blocks.append(torch.from_numpy(b.reshape(-1)))
     else:
