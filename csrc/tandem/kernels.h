@@ -66,6 +66,9 @@ typedef void (*gemm_run_fn)(const GemmRun& run);
 // GEMM epilogue of gate/up: h[t][k0 + r] = silu(Cg[r][t]) * Cu[r][t] for r < rows (even), t < ldc (0 for t >= n),
 // stored as bf16 into the packed layout of a K-long row set (K = the shard's I, k0 even) at Hp.
 typedef void (*silu_pack_fn)(const float* Cg, const float* Cu, int ldc, int rows, int n, int K, int k0, bf16_t* Hp);
+// Pack one token group: rows tok[0..n) (n <= 16) of x (H values each, bf16 or fp32; byte offsets of every row
+// below 2^31) as bf16 pairs into the packed layout at dst (a group of a K = H row set), zeros for t >= n.
+typedef void (*pack_tokens_fn)(const void* x, bool x_bf16, int H, const int* tok, int n, bf16_t* dst);
 // GEMM epilogue of down: out[tok[t]][r] += w[t] * C[r][t] for r < kGemmRows, t < n (out rows of H floats).
 typedef void (*scatter_add_fn)(const float* C, int ldc, int n, const int* tok, const float* w, float* out, int H);
 
@@ -102,6 +105,7 @@ struct KernelTable {
   dequant_bf16_fn dequant_bf16[N_WSLOTS];  // nullptr: this format stays on the per-row path (fp32)
   gemm_run_fn gemm_bf16;                   // nullptr: no prefill GEMM on this path
   silu_pack_fn silu_pack;
+  pack_tokens_fn pack_tokens;
   scatter_add_fn scatter_add;
 };
 

@@ -89,12 +89,12 @@ bool profile_on() {
 
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
-// Items of `units` equal work units for `threads` threads: the fewest items (at least 2 per thread) whose last
-// round keeps >= 90 % of the threads busy; returns units per item.
-int balanced_chunk(int units, int threads) {
+// Items of `units` equal work units for `threads` threads: the fewest items (at least min_per_thread per
+// thread) whose last round keeps >= 90 % of the threads busy; returns units per item.
+int balanced_chunk(int units, int threads, int min_per_thread) {
   int best = 1;
   double best_eff = 0;
-  for (int m = 2; m <= 8; m++) {
+  for (int m = min_per_thread; m <= 8; m++) {
     const int per = std::max(1, (units + m * threads - 1) / (m * threads)), items = (units + per - 1) / per;
     const double eff = (double)items / ((double)((items + threads - 1) / threads) * threads);
     if (eff > best_eff + 1e-9) {
@@ -163,7 +163,7 @@ class MoEJob : public Job {
     wait(clk);
     for (int s, it; take(next2_, n_items2_, home, &s, &it);) down(s, it);
     clk.lap(4);
-    if (S_ > 1 || a_.out_dtype != DT_F32) {
+    if (S_ > 1) {
       wait(clk);
       for (int it; (it = next3_.fetch_add(1)) < n_items3_;) finish(it);
       clk.lap(5);
@@ -294,7 +294,7 @@ class MoEJob : public Job {
     auto carve = [&need](size_t bytes) { const size_t at = need; need += round_up(bytes, 64); return at; };
     const size_t o_xact = carve(xrow_ * T), o_hact = carve(hrow_ * n_dec_slots),
                  o_hbuf = carve((size_t)n_dec_slots * I * 4), o_xp = carve(xp * 2), o_hp = carve(hp * 2);
-    const size_t o_part = carve(S_ > 1 || a_.out_dtype != DT_F32 ? (size_t)S_ * T * H * 4 : 0);
+    const size_t o_part = carve(S_ > 1 || a_.out_dtype != DT_F32 ? (size_t)S_ * T * H * 4 : 0);  // fp32 sums
     panel_stride_ = round_up(ring_bytes() + (size_t)kGemmRows * max_ntg * kGemmTokens * 4, 64);
     const size_t o_thr = carve(max_ntg ? panel_stride_ * nthreads_ : 0);
     uint8_t* base = P.scratch(0).get(std::max<size_t>(need, 64));
@@ -332,10 +332,10 @@ class MoEJob : public Job {
         if (!gemm_[ai])
           for (int r = 0; r < In; r += chunk) items1_[s].push_back({s, ai, r, std::min(In, r + chunk)});
     }
-    // Phase 2 items: chunks of H rows. With GEMM experts, whole panels in few, balanced items (each item
-    // reads every GEMM expert's packed h once); else about 8 per thread of the shard.
-    if (max_ntg)
-      chunk2_ = kGemmRows * balanced_chunk(H / kGemmRows, per_shard_threads);
+    // Phase 2 items: chunks of H rows. With GEMM experts, whole panels in balanced items (each item reads
+    // every GEMM expert's packed h once, from L3); else about 8 per thread of the shard.
+    if (max_ntg)  // >= 4 per thread: a thread slowed by a neighbour on its core holds the others up less
+      chunk2_ = kGemmRows * balanced_chunk(H / kGemmRows, per_shard_threads, 4);
     else
       chunk2_ = (int)std::max<size_t>(16, round_up(H / (8 * per_shard_threads), 16));
     n_items2_.assign(S_, T > 0 ? (H + chunk2_ - 1) / chunk2_ : 0);  // also with no active expert: zero out
@@ -349,15 +349,19 @@ class MoEJob : public Job {
   // Phase 0 item: quantize token row `it` (if a decode expert reads it), or pack one GEMM token group.
   void prepare(int it) {
     const int H = ex_.H();
-    std::vector<float> row(H);
+    static thread_local std::vector<float> row;
     if (it < T_) {
       if (!need_x_[it]) return;
+      row.resize(H);
       load_row_f32(a_.x, a_.x_dtype, it, H, row.data());
       quantize_act(row.data(), H, Bx_, xact_ + (size_t)it * xrow_, H, 0);
       return;
     }
     const auto [ai, g] = pack_items_[it - T_];
     const int s0 = off_[ai] + g * kGemmTokens, n = std::min(kGemmTokens, off_[ai + 1] - s0);
+    if (kt_->pack_tokens && (int64_t)a_.T * H * 4 < ((int64_t)1 << 31))  // byte offsets of rows fit int32
+      return kt_->pack_tokens(a_.x, a_.x_dtype == DT_BF16, H, slot_tok_.data() + s0, n,
+                              xp_ + xp_off_[ai] + (size_t)g * kGemmTokens * H);
     uint32_t* dst = (uint32_t*)(xp_ + xp_off_[ai] + (size_t)g * kGemmTokens * H);  // [H/2][16] bf16 pairs
     for (int t = 0; t < kGemmTokens; t++) {
       if (t >= n) {
@@ -369,6 +373,7 @@ class MoEJob : public Job {
         for (int kk = 0; kk < H / 2; kk++) dst[kk * kGemmTokens + t] = src[kk];
         continue;
       }
+      row.resize(H);
       load_row_f32(a_.x, a_.x_dtype, slot_tok_[s0 + t], H, row.data());
       for (int kk = 0; kk < H / 2; kk++)
         dst[kk * kGemmTokens + t] = f32_to_bf16(row[2 * kk]) | ((uint32_t)f32_to_bf16(row[2 * kk + 1]) << 16);
@@ -527,6 +532,9 @@ class MoEJob : public Job {
         }
       }
     }
+    if (S_ == 1 && a_.out_dtype == DT_BF16)  // one shard: this item's rows are final, round them here
+      for (int t = 0; t < T; t++)
+        for (int h = h0; h < h1; h++) ((bf16_t*)a_.out)[(size_t)t * H + h] = f32_to_bf16(o[(size_t)t * H + h]);
   }
 
   // Phase 3: out = sum of the shards' partial sums, in the output dtype.
