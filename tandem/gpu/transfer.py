@@ -106,6 +106,9 @@ class Slot:
 
 PAGE = 4096
 OWN_PAGES = 32 << 20  # glibc serves allocations this large by mmap (its threshold's ceiling): pages of their own
+# cudaHostRegisterPortable (pinned for every GPU's context); then with cudaHostRegisterReadOnly added, which a
+# read-only mapping (a GGUF file's experts, used in place) needs
+REGISTER_FLAGS = (1, 1 | 8)
 
 
 class HostRegistry:
@@ -138,8 +141,9 @@ class HostRegistry:
         start, stop = ptr // PAGE * PAGE, -(-(ptr + n) // PAGE) * PAGE
         if any(a < stop and start < b for a, b in self.ranges):
             return False
-        if not _on_own_thread(lambda: int(torch.cuda.cudart().cudaHostRegister(start, stop - start, 1)) == 0):
-            return False  # 1 = cudaHostRegisterPortable: pinned for every GPU's context
+        if not any(_on_own_thread(lambda f=f: int(torch.cuda.cudart().cudaHostRegister(start, stop - start, f)) == 0)
+                   for f in REGISTER_FLAGS):
+            return False
         self.ranges.append((start, stop))
         self.keep.append(t)
         return True
