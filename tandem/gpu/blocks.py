@@ -244,10 +244,27 @@ def from_gguf(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...], fmt: st
     if ggml_type in GGUF_CONVERT and GGUF_CONVERT[ggml_type][0] == fmt and k % 128 == 0:
         out = GGUF_CONVERT[ggml_type][1](data.view(-1, qt.bytes))
         return QuantTensor(fmt, out.reshape(*shape[:-1], -1), shape)
-    w = gq.dequantize(data, ggml_type, shape, torch.float32, device)
     if fmt in FLOAT_FORMATS:
-        return QuantTensor(fmt, w.to(FLOAT_FORMATS[fmt]), shape)
-    return QuantTensor(fmt, quantize(w, fmt), shape)
+        return QuantTensor(fmt, gq.dequantize(data, ggml_type, shape, FLOAT_FORMATS[fmt], device, CHUNK_VALUES),
+                           shape)
+    return QuantTensor(fmt, _requantize(data, ggml_type, shape, fmt), shape)
+
+
+CHUNK_VALUES = 1 << 26  # values a GGUF conversion dequantizes at a time on the device (256 MiB of float32)
+
+
+def _requantize(data: torch.Tensor, ggml_type: int, shape: tuple[int, ...], fmt: str) -> torch.Tensor:
+    """GGUF bytes -> blocks of `fmt`, a chunk of rows at a time (float32 scratch of CHUNK_VALUES, few launches)."""
+    qt, k = gq.TYPES[ggml_type], shape[-1]
+    rows = data.numel() // (k // qt.block * qt.bytes)
+    src = data.view(rows, -1)
+    out = torch.empty(rows, row_bytes(fmt, k), dtype=torch.uint8, device=data.device)
+    step = max(1, CHUNK_VALUES // k)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        w = gq.dequantize(src[r : r + n].reshape(-1), ggml_type, (n, k), torch.float32, data.device, CHUNK_VALUES)
+        out[r : r + n] = quantize(w, fmt)
+    return out.view(*shape[:-1], -1)
 
 
 def from_float(w: torch.Tensor, fmt: str) -> QuantTensor:

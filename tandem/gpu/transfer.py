@@ -96,8 +96,8 @@ def _convert(raw: torch.Tensor, type_id: int, shape: tuple[int, int, int]) -> B.
 
 @dataclass
 class Slot:
-    staging13: torch.Tensor  # pinned [E, 2I, rb]
-    staging2: torch.Tensor  # pinned [E, D, rb]
+    staging13: torch.Tensor | None  # pinned [E, 2I, rb], from the registry when the direct upload is refused
+    staging2: torch.Tensor | None  # pinned [E, D, rb]
     gpu13: torch.Tensor
     gpu2: torch.Tensor
     ready: torch.cuda.Event  # upload done (staging reusable, GPU weights readable)
@@ -121,13 +121,33 @@ class HostRegistry:
     them when it is collected (with the model operator that keeps it); smaller buffers go through staging."""
 
     def __init__(self):
-        self.ranges: list[tuple[int, int]] = []  # [start, stop) byte addresses, page-aligned
+        self.ranges: list[tuple[int, int]] = []  # [start, stop) byte addresses, page-aligned, disjoint
         self.keep: list[torch.Tensor] = []  # the registered tensors, alive while their pages are locked
+        self.stage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> pinned staging (gate+up, down)
         fin = weakref.finalize(self, _unregister, self.ranges, self.keep)
         fin.atexit = False  # at exit the process goes, and its registrations with it
 
     def covers(self, start: int, stop: int) -> bool:
-        return any(a <= start and stop <= b for a, b in self.ranges)
+        return not self._gaps(start, stop)
+
+    def _gaps(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The parts of [start, stop) no registered range covers."""
+        gaps, at = [], start
+        for a, b in sorted(self.ranges):
+            if b <= at or a >= stop:
+                continue
+            if a > at:
+                gaps.append((at, a))
+            at = max(at, b)
+        return gaps + ([(at, stop)] if at < stop else [])
+
+    def staging(self, slot: int, n13: int, n2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pinned staging buffers of a streamer's slot, kept across prefills (pinning GBs takes ~0.1 s per GB)."""
+        have = self.stage.get(slot)
+        if have is None or have[0].numel() < n13 or have[1].numel() < n2:
+            have = self.stage[slot] = (torch.empty(n13, dtype=torch.uint8, pin_memory=True),
+                                       torch.empty(n2, dtype=torch.uint8, pin_memory=True))
+        return have
 
     def register(self, t: torch.Tensor) -> bool:
         """Page-lock the pages of `t`; False (the caller stages) where they may hold other data, overlap a range
@@ -138,13 +158,12 @@ class HostRegistry:
         whole = ptr % PAGE == 0 and n % PAGE == 0
         if not (whole or n >= OWN_PAGES):
             return False
-        start, stop = ptr // PAGE * PAGE, -(-(ptr + n) // PAGE) * PAGE
-        if any(a < stop and start < b for a, b in self.ranges):
-            return False
-        if not any(_on_own_thread(lambda f=f: int(torch.cuda.cudart().cudaHostRegister(start, stop - start, f)) == 0)
-                   for f in REGISTER_FLAGS):
-            return False
-        self.ranges.append((start, stop))
+        # the pages not yet locked: tensors side by side in one mapping (a GGUF's stacked experts) share a page
+        for a, b in self._gaps(ptr // PAGE * PAGE, -(-(ptr + n) // PAGE) * PAGE):
+            if not any(_on_own_thread(lambda a=a, b=b, f=f: int(torch.cuda.cudart().cudaHostRegister(a, b - a, f)) == 0)
+                       for f in REGISTER_FLAGS):
+                return False
+            self.ranges.append((a, b))
         self.keep.append(t)
         return True
 
@@ -178,16 +197,15 @@ class LayerStreamer:
         big13 = max(lb.gate.nbytes + lb.up.nbytes for lb in layers)
         big2 = max(lb.down.nbytes for lb in layers)
         self.side = torch.cuda.Stream(self.device)
-        self.slots = [Slot(torch.empty(big13, dtype=torch.uint8, pin_memory=True),
-                           torch.empty(big2, dtype=torch.uint8, pin_memory=True),
-                           torch.empty(big13, dtype=torch.uint8, device=self.device),
+        self.slots = [Slot(None, None, torch.empty(big13, dtype=torch.uint8, device=self.device),
                            torch.empty(big2, dtype=torch.uint8, device=self.device),
                            torch.cuda.Event(), torch.cuda.Event()) for _ in range(2)]
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tandem-stream")
         # upload from the kernel's page-locked memory; False: through the staging slots. Registered before any
         # upload is queued, once per buffer (the registry outlives this streamer)
-        registry = registry if registry is not None else HostRegistry()
-        self.direct = all(registry.register(t) for lb in layers for t in (lb.gate, lb.up, lb.down))
+        self.registry = registry if registry is not None else HostRegistry()
+        self.direct = all(self.registry.register(t) for lb in layers for t in (lb.gate, lb.up, lb.down))
+        self.big = (big13, big2)
         self.pending: dict[int, Future] = {}
         self.workspace = Workspace()  # dequantized experts of a long prefill, one chunk of one layer at a time
 
@@ -210,6 +228,8 @@ class LayerStreamer:
                 log.info("layer-wise prefill: uploading from the kernel's memory failed (%s); staging instead", err)
                 self.direct = False
         slot.ready.synchronize()  # the previous upload from this staging is done
+        if slot.staging13 is None:
+            slot.staging13, slot.staging2 = self.registry.staging(idx % 2, *self.big)
         st13 = slot.staging13[:n13].view(e, 2 * i, -1)
         st13[:, :i].copy_(lb.gate)  # gate rows then up rows: the joined layout of GpuExperts
         st13[:, i:].copy_(lb.up)

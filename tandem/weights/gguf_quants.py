@@ -200,8 +200,9 @@ ROWS_PER_CHUNK = 1 << 20  # values dequantized at a time, bounding float32 scrat
 
 
 def dequantize(data: torch.Tensor, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> torch.Tensor:
-    """Raw bytes `data` (uint8) of a tensor of `shape` and `ggml_type` -> a fresh tensor of `dtype` on `device`."""
+               device: str | torch.device = "cpu", chunk_values: int = ROWS_PER_CHUNK) -> torch.Tensor:
+    """Raw bytes `data` (uint8) of a tensor of `shape` and `ggml_type` -> a fresh tensor of `dtype` on `device`,
+    `chunk_values` values at a time (the float32 scratch)."""
     qt = TYPES[ggml_type]
     if qt.float_dtype is not None:
         t = data.view(qt.float_dtype).view(shape)
@@ -209,7 +210,7 @@ def dequantize(data: torch.Tensor, ggml_type: int, shape: tuple[int, ...], dtype
     fn = DEQUANT[ggml_type]
     blocks = data.view(-1, qt.bytes)
     out = torch.empty(blocks.shape[0] * qt.block, dtype=dtype, device=device)
-    step = max(1, ROWS_PER_CHUNK // qt.block)
+    step = max(1, chunk_values // qt.block)
     for i in range(0, blocks.shape[0], step):
         chunk = blocks[i : i + step].to(device)
         out[i * qt.block : (i + step) * qt.block] = fn(chunk).reshape(-1).to(dtype)

@@ -94,6 +94,14 @@ def test_gguf_blocks_convert_to_the_kernel_layout(ggml_type, fmt, exact):
         assert ((deq - ref).view(rows, -1, 32).abs() <= step * 0.51 + 1e-7).all()
 
 
+def test_gguf_requantize_in_chunks_equals_one_pass(monkeypatch):
+    """A 6-bit tensor converted a few rows at a time (the device's bounded scratch) gives the same blocks."""
+    raw = _random_blocks(14, 16 * 512 // 256).reshape(-1)
+    whole = B.from_gguf(raw, 14, (16, 512), None, "cpu")
+    monkeypatch.setattr(B, "CHUNK_VALUES", 3 * 512)  # 3 rows per chunk: 6 chunks, the last one short
+    assert torch.equal(B.from_gguf(raw, 14, (16, 512), None, "cpu").data, whole.data)
+
+
 def test_routing_sorts_slots_by_expert_with_padding():
     ids = torch.tensor([[0, 2], [2, 3], [-1, 0], [3, 3], [1, 9]])  # -1 and 9 (>= E) are dropped
     r = moe_align(ids, 4, 4)
@@ -187,6 +195,23 @@ def test_host_registry_locks_only_pages_of_their_own(monkeypatch):
     start, stop = reg.ranges[0]
     assert start % transfer.PAGE == 0 and stop % transfer.PAGE == 0 and start <= big.data_ptr() < stop
     assert reg.keep == [big]  # held until unregistered
+
+
+def test_host_registry_adjacent_tensors_share_a_page(monkeypatch):
+    """Two large tensors side by side in one mapping (a GGUF's stacked experts, not page-aligned): the second
+    locks only the pages the first did not; the ranges stay disjoint and together cover both."""
+    from tandem.gpu import transfer
+
+    calls = []
+    monkeypatch.setattr(transfer, "_on_own_thread", lambda fn: calls.append(fn) or True)
+    reg = transfer.HostRegistry()
+    n = transfer.OWN_PAGES
+    buf = torch.empty(2 * n + 3 * transfer.PAGE, dtype=torch.uint8)
+    first, second = buf[100 : 100 + n], buf[100 + n : 100 + 2 * n]  # the boundary falls inside a page
+    assert reg.register(first) and reg.register(second) and len(calls) == 2
+    (a0, b0), (a1, b1) = sorted(reg.ranges)
+    assert b0 == a1 and a0 <= first.data_ptr() and second.data_ptr() + n <= b1
+    assert reg.covers(first.data_ptr(), second.data_ptr() + n) and reg.keep == [first, second]
 
 
 # ---------------------------------------------------------------------- long prefill: dequantize once, dense GEMMs
