@@ -253,7 +253,8 @@ def environment(args) -> dict:
             return ""
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "tandem_commit": run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) or "unknown",
+           "tandem_commit": os.environ.get("TANDEM_COMMIT") or run(["git", "-C", str(ROOT), "rev-parse", "--short",
+                                                                       "HEAD"]) or "unknown",  # env: an export
            "cpu": next((ln.split(":", 1)[1].strip() for ln in run(["lscpu"]).splitlines()
                         if ln.startswith("Model name")), platform.processor()),
            "cores": os.cpu_count(), "threads": args.threads}
