@@ -157,6 +157,24 @@ def test_forward_matches_reference(path, isa, fmt, T):
     assert _rel(out, _reference(W, x, ids, tw, B)) < tol_emulated
 
 
+def test_formats_per_projection(path, isa):
+    """Gate, up and down in different GGUF formats (as Q4_K_M files mix them): a GEMM panel's gate and up halves
+    come from rows of different block sizes. Tolerances as in _tols (the decode path rounds x per 256 and h per
+    32 here, so only the exact reference is used for it)."""
+    E, I, H = 6, 256, 512  # noqa: E741
+    fmts = ("q4_k", "q6_k", "q8_0")
+    rng = np.random.default_rng(21)
+    raw = [gguf_ref.random_blocks(f, E * I * H, rng) for f in fmts]
+    w = K.MoEExperts.from_gguf_blocks(*raw, tuple(gguf_ref.GGML_TYPE[f] for f in fmts), E, I, H)
+    W = _weights64(w)
+    x, ids, tw = _inputs(40, 3, E, H, seed=22)
+    out = w.forward(x, ids, tw)
+    tol, B, tol_emulated = _tols("q4_k", path)
+    assert _rel(out, _reference(W, x, ids, tw)) < tol
+    if path == "gemm":
+        assert _rel(out, _reference(W, x, ids, tw, B)) < tol_emulated
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4_g32", "q4_k"])
 def test_mixed_decode_and_gemm_experts(fmt):
     """Default threshold: in one call, experts with many tokens take the GEMM path, the others decode."""

@@ -12,8 +12,6 @@
 #include "tandem/arch/avx512_vnni.inc"
 #include "tandem/arch/dequant_bf16.inc"
 
-#include <cstdlib>
-
 namespace tandem {
 namespace isa_amx {
 
@@ -36,16 +34,10 @@ static inline void load_tile_config() {
   _tile_loadconfig(&cfg);
 }
 
-// One k step of a pass: 2 A tiles (the chunk's rows 0-15 / 16-31) x 1 or 2 B tiles (token groups g, g+1).
-// TANDEM_CPU_AMX_PREFETCH_X=1: prefetch the token tiles two k steps ahead into L1 (measured in the bench).
-static bool prefetch_x_on() {
-  const char* e = std::getenv("TANDEM_CPU_AMX_PREFETCH_X");
-  return e && e[0] == '1';
-}
-
 // One k step of a pass: 2 A tiles (the chunk's rows 0-15 / 16-31, in L1) x 1 or 2 B tiles (token groups g, g+1).
 // The token tiles are read once per panel and step (from L2): loaded with the streaming hint, so they do not
-// push the weight chunks out of L1 (measured: 3-17 % faster than plain loads).
+// push the weight chunks out of L1 (measured: 3-17 % faster than plain loads; prefetching them into L1 two
+// steps ahead instead: 5-20 % slower).
 template <bool PAIR>
 static inline void tile_step(const bf16_t* A0, const bf16_t* A1, const bf16_t* x0, const bf16_t* x1) {
   constexpr size_t sa = kGemmLd * 2;
@@ -59,10 +51,6 @@ static inline void tile_step(const bf16_t* A0, const bf16_t* A1, const bf16_t* x
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(3, 5, 7);
   }
-}
-
-static inline void prefetch_tile(const bf16_t* x) {
-  for (int l = 0; l < 16; l++) _mm_prefetch((const char*)x + l * 64, _MM_HINT_T0);
 }
 
 template <bool PAIR>
@@ -103,8 +91,7 @@ static inline void tiles_store(float* c0, float* c1, size_t sc) {
 class AmxRun {
  public:
   explicit AmxRun(const GemmRun& j)
-      : j_(j), pfx_(prefetch_x_on()), nch_((j.K + kGemmChunk - 1) / kGemmChunk), U_(j.n * nch_),
-        slot_{j.ring, j.ring + kGemmRows * kGemmLd} {}
+      : j_(j), nch_((j.K + kGemmChunk - 1) / kGemmChunk), U_(j.n * nch_), slot_{j.ring, j.ring + kGemmRows * kGemmLd} {}
 
   void run() {
     load_tile_config();
@@ -134,10 +121,6 @@ class AmxRun {
     const bf16_t* A1 = A0 + 16 * kGemmLd;
     const int n = kc(u);
     for (int k = 0; k < n; k += 32) {
-      if (pfx_ && k + 64 < n) {
-        prefetch_tile(x0 + (size_t)(k + 64) * kGemmTokens);
-        if (PAIR) prefetch_tile(x1 + (size_t)(k + 64) * kGemmTokens);
-      }
       tile_step<PAIR>(A0 + k, A1 + k, x0 + (size_t)k * kGemmTokens, x1 + (size_t)k * kGemmTokens);
       pump(u, ++*step, steps);
     }
@@ -187,7 +170,6 @@ class AmxRun {
   }
 
   const GemmRun& j_;
-  const bool pfx_;
   const int nch_, U_;
   bf16_t* const slot_[2];
   int done_ = 0;
