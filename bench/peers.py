@@ -11,9 +11,10 @@ What it runs, per model (default: Qwen3-30B-A3B and DeepSeek-V2-Lite at full dep
          -ub 512 and 2048 (the better one is reported), -n 64 for decode; built here from the llama-cpp-python
          source package (its vendored llama.cpp) with CUDA for sm_90 and native CPU flags, cached in --work
   hf     transformers + accelerate: `tandem synth PRESET --dtype bfloat16` safetensors at the same shapes,
-         device_map="auto" with max_memory giving cuda:0 the VRAM tandem used (nvidia-smi peak) and the rest to CPU
-         RAM; as deep as the disk holds (a 64 GiB disk does not hold Qwen3-30B-A3B in bf16 beside the rest): the
-         table gives the measured depth and the rate scaled to full depth (offloaded layers cost the same each)
+         device_map="auto" with max_memory giving cuda:0 the VRAM tandem used (nvidia-smi peak; for a model cut to
+         L of N layers, L/N of it) and the rest to CPU RAM; as deep as the disk holds or --hf-layers (a 64 GiB disk
+         does not hold Qwen3-30B-A3B in bf16 beside the rest): the table gives the measured depth and the rate
+         scaled to full depth (offloaded layers cost the same each)
   agree  greedy ids for 16 steps from tandem and from llama.cpp (bench/llamacpp_greedy.cpp, same split) on the GGUF:
          equal, or the first position where they part with both engines' top-2 logit margins there
 Peak VRAM: nvidia-smi's memory.used polled during each engine's process, minus the idle reading before it.
@@ -339,15 +340,16 @@ def run_hf(r: Runner, args, m: str, vram_mib: float) -> dict:
           "--dtype", "bfloat16"])
     cmd = [sys.executable, str(Path(__file__).resolve()), "_hf", str(out), "--prefill", args.prefill,
            "--decode-tokens", str(args.hf_decode_tokens), "--threads", str(args.threads)]
+    gpu_mib = max(int(vram_mib * layers / full), 1024)  # the cut model gets the same share of tandem's VRAM
     if not args.cpu_only:
-        cmd += ["--gpu-mib", str(max(int(vram_mib), 1024))]
+        cmd += ["--gpu-mib", str(gpu_mib)]
     try:
         res_out, peak = r.sh(cmd, gpu=not args.cpu_only)
     finally:
         if not r.dry and not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     res = json.loads(res_out.strip().splitlines()[-1]) if res_out else {}
-    res.update(layers=layers, full_layers=full, peak_vram_mib_smi=round(peak))
+    res.update(layers=layers, full_layers=full, peak_vram_mib_smi=round(peak), gpu_budget_mib=gpu_mib)
     return res
 
 
@@ -520,7 +522,7 @@ def report(state: dict, args, models: list[str]) -> str:
         lines.append(f"| {m} | {names[0]} | " + " | ".join(cells(t)) + f" | {vram(t)} |")
         lines.append(f"| {m} | {names[1]} | " + " | ".join(cells(ll, t)) + f" | {vram(ll)} |")
         if hf:
-            depth = f"{hf.get('layers')}/{hf.get('full_layers')} layers"
+            depth = f"{hf.get('layers')}/{hf.get('full_layers')} layers, max_memory {hf.get('gpu_budget_mib')} MiB"
             same = hf.get("layers") == hf.get("full_layers")
             lines.append(f"| {m} | {names[2]} ({depth}, measured) | " + " | ".join(cells(hf, t if same
                                                                                                     else None)) +
@@ -572,7 +574,8 @@ def run(args) -> int:
                 gguf.unlink(missing_ok=True)  # room on the disk for the safetensors
             if not args.no_hf:
                 vram = (t or {}).get("peak_vram_mib_smi", 0)
-                r.step(f"{m}:hf", 420, lambda m=m, vram=vram: run_hf(r, args, m, vram))
+                need = 60 + 40 * args.hf_layers if args.hf_layers else 420  # synth, load, 3 prefills, decode
+                r.step(f"{m}:hf", need, lambda m=m, vram=vram: run_hf(r, args, m, vram))
     except Incomplete as e:
         print(f"incomplete: {e}; run the same command again (finished steps are kept in {r.state_path})")
         return 3
