@@ -2,7 +2,8 @@
 against the physical bounds measured in the same run.
 
     python bench/e2e.py [--models qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4] [--dir /tmp/tandem-e2e]
-                        [--prefill 512,2048,8192] [--batches 1,8] [--decode-tokens 32] [--profile] [--json]
+                        [--prefill 512,2048,8192] [--batches 1,8] [--decode-tokens 32] [--gguf Q4_K_M-like]
+                        [--profile [--profile-dir DIR]] [--trace] [--json]
 
 Each model is `tandem synth PRESET --layers L` (random weights in the real per-layer shapes, truncated depth:
 every figure below is per token through those L layers, so ratios hold for the full depth), loaded with the
@@ -14,7 +15,12 @@ with the CPU experts as host nodes) at batch 1 and 8.
 Bounds, measured in the same run: decode = RAM read bandwidth / routed-expert bytes a step reads (batch 8: the
 distinct experts 8 tokens touch, expected value); prefill = max(routed-expert bytes / host-to-device bandwidth,
 FLOPs / measured GPU bf16 matmul rate), FLOPs = 2 P (active non-embedding parameters) + causal attention.
-`ratio` = measured tok/s / bound tok/s. --profile prints a torch profiler table of one decode step.
+`ratio` = measured tok/s / bound tok/s. Each prefill length runs twice and the second is timed (the first, at a
+new length, builds kernel plans; it is reported as first_call_tok_s). --profile prints torch profiler tables of
+decode steps and of the longest prefill (--profile-dir: its timeline as a Chrome trace). --trace times where a
+batch-1 decode step waits (the CPU experts' host-node calls, from the C++ kernel's trace, against the GPU work
+between them) under the knobs that decide who runs where. --gguf: the model as a synthesized GGUF of that quant,
+its blocks used as they are by the CPU kernel.
 """
 
 from __future__ import annotations
