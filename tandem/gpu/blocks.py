@@ -12,6 +12,10 @@ tests. Formats (values per block, bytes per block):
     int4_g128 128, 68   fp16 d | fp16 m | qs[64]: j low, j+64 high  w = d q + m      (int4 scale + min, group 128)
     bf16 / fp16 / fp32: a plain float tensor.
 
+GGUF's K-quants (q4_k, q5_k, q6_k: 256 values in 144, 176, 210 bytes, ggml's layouts, tandem.weights.gguf_quants)
+stay as the file stores them where only dequantization reads them (a long prefill's dense path,
+tandem.gpu.dequant); the grouped GEMM reads them converted (to_grouped).
+
 A weight [*, N, K] (leading dims: experts) is stored as uint8 [*, N, K / block * bytes]: each output row is
 whole blocks along K, as ggml stores rows.
 """
@@ -36,6 +40,12 @@ ALIASES = {"int8": "q8_0", "int4": "int4_g32", "int4_sym": "q4_0", "int4_sym_g32
            "bfloat16": "bf16", "float16": "fp16"}
 # ggml type id -> the block format it already is (zero conversion)
 GGUF_SAME = {8: "q8_0", 2: "q4_0"}
+# GGUF K-quants kept as they are for the dequantizer only (not weight formats of the grouped GEMM): format ->
+# (values per block, bytes per block, kernel code), and ggml type id -> format
+KQUANT_FORMATS: dict[str, tuple[int, int, int]] = {"q4_k": (256, 144, 5), "q5_k": (256, 176, 6),
+                                                   "q6_k": (256, 210, 7)}
+GGUF_KQUANT = {12: "q4_k", 13: "q5_k", 14: "q6_k"}
+KQUANT_GGUF = {f: t for t, f in GGUF_KQUANT.items()}
 
 
 def canonical(fmt: str, group_size: int | None = None) -> str:
@@ -73,7 +83,7 @@ class QuantTensor:
 
     @property
     def code(self) -> int:
-        return BLOCK_FORMATS[self.fmt][2] if self.fmt in BLOCK_FORMATS else 0
+        return _layout(self.fmt)[2] if self.fmt not in FLOAT_FORMATS else 0
 
     @property
     def device(self) -> torch.device:
@@ -97,8 +107,12 @@ class QuantTensor:
         return QuantTensor(self.fmt, self.data.to(device), self.shape)
 
 
+def _layout(fmt: str) -> tuple[int, int, int]:
+    return KQUANT_FORMATS[fmt] if fmt in KQUANT_FORMATS else BLOCK_FORMATS[fmt]
+
+
 def row_bytes(fmt: str, k: int) -> int:
-    blk, nbytes, _ = BLOCK_FORMATS[fmt]
+    blk, nbytes, _ = _layout(fmt)
     return k // blk * nbytes
 
 
@@ -173,6 +187,9 @@ def _unpack_halves(qs: torch.Tensor) -> torch.Tensor:
 
 def dequantize(data: torch.Tensor, fmt: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Blocks uint8 [*, N, row_bytes] of `fmt` -> fp32 [*shape]."""
+    if fmt in KQUANT_FORMATS:
+        t = gq.TYPES[KQUANT_GGUF[fmt]]
+        return gq.DEQUANT[t.id](data.reshape(-1, t.bytes)).reshape(shape)
     fmt = canonical(fmt)
     blk, nbytes, _ = BLOCK_FORMATS[fmt]
     b = data.reshape(-1, nbytes)
@@ -260,11 +277,27 @@ def _requantize(data: torch.Tensor, ggml_type: int, shape: tuple[int, ...], fmt:
     src = data.view(rows, -1)
     out = torch.empty(rows, row_bytes(fmt, k), dtype=torch.uint8, device=data.device)
     step = max(1, CHUNK_VALUES // k)
+    kq = GGUF_KQUANT.get(ggml_type)
     for r in range(0, rows, step):
         n = min(step, rows - r)
-        w = gq.dequantize(src[r : r + n].reshape(-1), ggml_type, (n, k), torch.float32, data.device, CHUNK_VALUES)
+        if kq is not None:  # one Triton launch on a GPU (tandem.gpu.dequant), the torch dequantizer on the CPU
+            from tandem.gpu.dequant import dequantize_into
+
+            w = dequantize_into(QuantTensor(kq, src[r : r + n], (n, k)),
+                                torch.empty(n, k, dtype=torch.float32, device=data.device))
+        else:
+            w = gq.dequantize(src[r : r + n].reshape(-1), ggml_type, (n, k), torch.float32, data.device,
+                              CHUNK_VALUES)
         out[r : r + n] = quantize(w, fmt)
     return out.view(*shape[:-1], -1)
+
+
+def to_grouped(w: QuantTensor) -> QuantTensor:
+    """w in a format the grouped GEMM reads: K-quants converted on their device as from_gguf converts them (q4_k to
+    int4_g32, a relayout; q5_k / q6_k to q8_0); any other format as it is."""
+    if w.fmt not in KQUANT_FORMATS:
+        return w
+    return from_gguf(w.data.reshape(-1), KQUANT_GGUF[w.fmt], w.shape, None, w.device)
 
 
 def from_float(w: torch.Tensor, fmt: str) -> QuantTensor:

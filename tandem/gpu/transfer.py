@@ -3,7 +3,9 @@
 While layer i computes on the GPU with the experts in slot i % 2, a worker thread copies layer i+1's blocks from
 the CPU kernel's memory into pinned staging and the side stream uploads them into the other slot: the transfer
 of the next layer overlaps the compute of this one. The CPU kernel's blocks move as they are (the GPU kernels
-read the same layouts); GGUF types the GPU kernel does not read (Q4_K, Q5_K, Q6_K) are converted on the GPU.
+read the same layouts), GGUF's K-quants (Q4_K, Q5_K, Q6_K) too: a long prefill's dense path dequantizes them
+into its workspace (tandem.gpu.dequant); below its threshold the grouped GEMM, which does not read them, gets
+them converted on the GPU at the layer's first call (StreamedExperts).
 
 Legend: E experts, I expert intermediate size, D hidden size.
 """
@@ -21,6 +23,7 @@ import torch
 
 from tandem.gpu import blocks as B
 from tandem.gpu.prefill_gemm import Workspace
+from tandem.ops.experts_gpu import GpuExperts
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +73,11 @@ def cpu_blocks(backend) -> LayerBlocks | None:
 
 
 def gpu_format(type_id: int, k: int) -> str:
-    """The format a CPU weight type becomes on the GPU (as is where the GPU kernel reads it)."""
+    """The format a CPU weight type is uploaded as (as is where a GPU kernel reads it)."""
     if type_id in DIRECT:
         return DIRECT[type_id]
+    if type_id in B.GGUF_KQUANT:
+        return B.GGUF_KQUANT[type_id]
     return B.gguf_natural_format(type_id, k)
 
 
@@ -86,12 +91,21 @@ def to_gpu_experts(w13_raw: torch.Tensor, down_raw: torch.Tensor, blocks: LayerB
 
 
 def _convert(raw: torch.Tensor, type_id: int, shape: tuple[int, int, int]) -> B.QuantTensor:
-    if type_id in DIRECT:
-        fmt = DIRECT[type_id]
+    fmt = gpu_format(type_id, shape[-1])
+    if type_id in DIRECT or type_id in B.GGUF_KQUANT:  # the uploaded bytes as they are
         if fmt in B.FLOAT_FORMATS:
             return B.QuantTensor(fmt, raw.view(B.FLOAT_FORMATS[fmt]).view(shape), shape)
         return B.QuantTensor(fmt, raw.view(*shape[:2], -1), shape)
-    return B.from_gguf(raw.reshape(-1), type_id, shape, None, raw.device)  # Q4_K/Q5_K/Q6_K: on the GPU
+    return B.from_gguf(raw.reshape(-1), type_id, shape, None, raw.device)  # other GGUF types: on the GPU
+
+
+class StreamedExperts(GpuExperts):
+    """A streamed layer's experts as uploaded. The dense path reads w13 / w2 as they are; forward (the grouped
+    GEMM, below the dense threshold) first converts K-quants to formats it reads, on the current stream."""
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        self.w13, self.w2 = B.to_grouped(self.w13), B.to_grouped(self.w2)
+        return super().forward(x, topk_ids, topk_weights)
 
 
 @dataclass
@@ -260,16 +274,14 @@ class LayerStreamer:
             slot.ready.record(self.side)
         return w13, w2
 
-    def take(self, idx: int):
-        """Layer idx's experts on the GPU (GpuExperts), ordered after their upload on the current stream."""
-        from tandem.ops.experts_gpu import GpuExperts
-
+    def take(self, idx: int) -> StreamedExperts:
+        """Layer idx's experts on the GPU, ordered after their upload on the current stream."""
         w13, w2 = self.pending.pop(idx).result()
         cur = torch.cuda.current_stream(self.device)
         cur.wait_event(self.slots[idx % 2].ready)
         for t in (w13.data, w2.data):
             t.record_stream(cur)  # converted on the side stream, read on this one: not reused before
-        return GpuExperts(w13, w2, self.act, self.device, "streamed for a layer-wise prefill")
+        return StreamedExperts(w13, w2, self.act, self.device, "streamed for a layer-wise prefill")
 
     def done(self, idx: int) -> None:
         """Layer idx's compute is queued; its slot is free once the stream passes this point."""

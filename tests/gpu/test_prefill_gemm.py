@@ -1,6 +1,6 @@
 """The long-prefill path on the GPU: the Triton dequantizer against the torch reference per format, and the dense
 expert GEMMs (torch._grouped_mm and the per-expert loop) against a float64 reference and the grouped quantized
-GEMM they replace."""
+GEMM they replace, including GGUF K-quant experts dequantized from the file's own blocks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from gpu_ref import rel_err
 from tandem.gpu import blocks as B
 from tandem.gpu.dequant import dequantize_into
 from tandem.gpu.prefill_gemm import Workspace, dense_experts
+from tandem.weights import gguf_quants as gq
 
 pytestmark = pytest.mark.gpu
 FORMATS = ["q8_0", "q4_0", "int4_g32", "int4_g128"]
@@ -30,6 +31,71 @@ def test_triton_dequantizer_equals_the_reference(fmt):
     assert (out - ref).abs().max().item() <= 2 * scale * 2**-23
     half = dequantize_into(qt[1:], torch.empty(2, 100, 384, dtype=torch.bfloat16, device="cuda"))
     assert ((half.float() - ref[1:]).abs() <= ref[1:].abs() * 2**-8 + scale * 2**-22).all()
+
+
+def _kquant(ggml_type: int, shape: tuple[int, ...], seed: int) -> B.QuantTensor:
+    """Random GGUF K-quant blocks [*, N, K] with sane fp16 d (and dmin): a tensor as a GGUF file stores it."""
+    qt = gq.TYPES[ggml_type]
+    n = torch.Size(shape).numel() // qt.block
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (n, qt.bytes), dtype=torch.uint8, generator=g)
+    for at in [208] if ggml_type == 14 else [0, 2]:
+        raw[:, at : at + 2] = (torch.rand(n, generator=g) * 0.002 + 1e-4).half().view(torch.uint8).view(n, 2)
+    return B.QuantTensor(B.GGUF_KQUANT[ggml_type], raw.view(*shape[:-1], -1).cuda(), shape)
+
+
+@pytest.mark.parametrize("ggml_type", [12, 13, 14])
+def test_triton_kquant_dequantizer_equals_ggml(ggml_type):
+    """3 experts of 100 rows x 768 (3 super-blocks) of Q4_K / Q5_K / Q6_K against gguf_quants' dequantizer: fp32
+    within one rounding of the product d sc q (an fma may skip it) and one of the result (Q6_K, no sum: exact),
+    bf16 that value rounded once (within one bf16 step where the fp32 values differ)."""
+    qt = _kquant(ggml_type, (3, 100, 768), seed=ggml_type)
+    ref = gq.dequantize(qt.data.reshape(-1), ggml_type, qt.shape, device="cuda")
+    if ggml_type == 14:
+        prod = ref
+    else:  # the same blocks with dmin 0: the products d sc q alone
+        raw = qt.data.clone().view(-1, gq.TYPES[ggml_type].bytes)
+        raw[:, 2:4] = 0
+        prod = gq.dequantize(raw.reshape(-1), ggml_type, qt.shape, device="cuda")
+    out = dequantize_into(qt, torch.empty(qt.shape, device="cuda"))
+    assert ((out - ref).abs() <= (prod.abs() + ref.abs()) * 2**-23).all()
+    if ggml_type == 14:
+        assert torch.equal(out, ref)
+    half = dequantize_into(qt[1:], torch.empty(2, 100, 768, dtype=torch.bfloat16, device="cuda"))
+    same = out[1:] == ref[1:]
+    assert torch.equal(half[same], ref[1:][same].to(torch.bfloat16))
+    assert ((half.float() - ref[1:]).abs() <= ref[1:].abs() * 2**-8 + prod[1:].abs() * 2**-22).all()
+
+
+@pytest.mark.parametrize("down_type", [14, 13, 12])
+@pytest.mark.parametrize("dtype,grouped", [(torch.float32, False), (torch.bfloat16, True)])
+def test_dense_prefill_from_gguf_blocks(down_type, dtype, grouped):
+    """A Q4_K_M-like layer as the layer-wise prefill streams it (gate/up Q4_K, down Q6_K / Q5_K / Q4_K, the file's
+    blocks): the dense path equals the float64 reference of ggml's values; the streamed experts' grouped GEMM
+    (K-quants converted at its first call: Q4_K -> int4_g32, 5/6-bit -> q8_0) agrees within that conversion."""
+    from tandem.gpu.transfer import StreamedExperts
+
+    e, i, d, t, k = 8, 256, 512, 700, 4
+    w13 = _kquant(12, (e, 2 * i, d), seed=5)
+    w2 = _kquant(down_type, (e, d, i), seed=6)
+    deq13 = gq.dequantize(w13.data.reshape(-1), 12, w13.shape, device="cuda")
+    deq2 = gq.dequantize(w2.data.reshape(-1), down_type, w2.shape, device="cuda")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(t, d, generator=g).cuda()
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).cuda()
+    ids[::9, 1] = -1
+    w = torch.rand(t, k, generator=g).cuda()
+    ref = _reference(x, ids, w, deq13[:, :i], deq13[:, i:], deq2)
+    ws = Workspace(limit_bytes=3 * 3 * i * d * torch.finfo(dtype).bits // 8)  # chunks of 3 experts
+    y = dense_experts(x.to(dtype), ids, w, w13, w2, F.silu, ws, grouped=grouped)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # as test_dense_prefill_experts_on_the_gpu
+    assert rel_err(y, ref) < tol
+    streamed = StreamedExperts(w13, w2, F.silu, "cuda")
+    y_grouped = streamed.forward(x.to(dtype), ids, w)
+    assert streamed.w13.fmt == "int4_g32" and streamed.w2.fmt == ("int4_g32" if down_type == 12 else "q8_0")
+    # the conversion's error: fp16 sub-block scales (2^-11 relative) and, for 5/6 bits, int8 steps over groups of 32
+    # that span two Q6_K sub-blocks of unrelated scales (measured 0.45% in fp32 on the CPU), plus bf16's rounding
+    assert rel_err(y_grouped, ref) < 2e-2
 
 
 def _reference(x, ids, w, gate, up, down):

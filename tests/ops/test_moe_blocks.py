@@ -65,7 +65,7 @@ def _random_blocks(ggml_type: int, n_blocks: int, seed: int = 0) -> torch.Tensor
     qt = gq.TYPES[ggml_type]
     g = torch.Generator().manual_seed(seed)
     b = torch.randint(0, 256, (n_blocks, qt.bytes), dtype=torch.uint8, generator=g)
-    scales = {2: [0], 3: [0, 2], 8: [0], 12: [0, 2], 14: [208]}[ggml_type]
+    scales = {2: [0], 3: [0, 2], 8: [0], 12: [0, 2], 13: [0, 2], 14: [208]}[ggml_type]
     for at in scales:
         val = torch.rand(n_blocks, generator=g) * 0.02 + 0.001
         b[:, at : at + 2] = val.half().view(torch.uint8).view(n_blocks, 2)
@@ -73,7 +73,8 @@ def _random_blocks(ggml_type: int, n_blocks: int, seed: int = 0) -> torch.Tensor
 
 
 @pytest.mark.parametrize("ggml_type,fmt,exact", [(8, "q8_0", True), (2, "q4_0", True), (3, "int4_g32", True),
-                                                 (12, "int4_g32", False), (14, "q8_0", False)])
+                                                 (12, "int4_g32", False), (13, "q8_0", False),
+                                                 (14, "q8_0", False)])
 def test_gguf_blocks_convert_to_the_kernel_layout(ggml_type, fmt, exact):
     """GGUF tensors become kernel blocks on the device that loads them: Q8_0/Q4_0 as they are, Q4_1 relaid
     exactly, Q4_K relaid with its sub-block scales d*sc and mins dmin*m rounded to fp16 (relative 2^-11 of
@@ -232,6 +233,49 @@ def test_dequantize_into_equals_the_cpu_kernels_dequantizer(fmt, monkeypatch):
     assert torch.equal(half, ref[1:].to(torch.bfloat16))
     with pytest.raises(ValueError, match="dequantize_into"):
         dequant.dequantize_into(qt, torch.empty(3, 40, 128))
+
+
+@pytest.mark.parametrize("ggml_type", [12, 13, 14])
+def test_kquant_blocks_dequantize_into_the_reference(ggml_type, monkeypatch):
+    """GGUF K-quants kept as the file stores them: fp32 equal to ggml's dequantizer, bf16 that rounded once."""
+    from tandem.gpu import dequant
+
+    monkeypatch.setattr(dequant, "CHUNK_VALUES", 1000)  # several chunks of rows
+    rows, cols = 3 * 20, 512
+    raw = _random_blocks(ggml_type, rows * cols // 256, seed=ggml_type).reshape(3, 20, -1)
+    qt = B.QuantTensor(B.GGUF_KQUANT[ggml_type], raw, (3, 20, cols))
+    ref = gq.dequantize(raw.reshape(-1), ggml_type, (3, 20, cols))
+    assert B.row_bytes(qt.fmt, cols) == raw.shape[-1] and torch.equal(qt.dequantize(), ref)
+    assert torch.equal(dequant.dequantize_into(qt, torch.empty(3, 20, cols)), ref)
+    half = dequant.dequantize_into(qt[1:], torch.empty(2, 20, cols, dtype=torch.bfloat16))
+    assert torch.equal(half, ref[1:].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype,grouped", [(torch.float32, False), (torch.bfloat16, True)])
+def test_gguf_kquant_experts_stream_as_they_are(dtype, grouped):
+    """A Q4_K_M layer (gate/up Q4_K, down Q6_K) uploads its bytes unchanged; the dense path dequantizes them,
+    and the grouped GEMM gets them converted as a GGUF load converts them (Q4_K -> int4_g32, Q6_K -> q8_0)."""
+    from tandem.gpu.prefill_gemm import Workspace, dense_experts
+
+    e, i, d, t, k = 4, 256, 256, 29, 2
+    gate, up = (_random_blocks(12, e * i * d // 256, seed=s).view(e, i, -1) for s in (1, 2))
+    down = _random_blocks(14, e * d * i // 256, seed=3).view(e, d, -1)
+    lb = LayerBlocks((12, 12, 14), gate, up, down, (e, i, d))
+    w13, w2 = to_gpu_experts(torch.cat((gate, up), 1).reshape(-1), down.reshape(-1), lb)
+    assert (w13.fmt, w2.fmt) == ("q4_k", "q6_k") and torch.equal(w2.data, down)
+    g13, g2 = B.to_grouped(w13), B.to_grouped(w2)
+    assert (g13.fmt, g2.fmt) == ("int4_g32", "q8_0") and B.to_grouped(g13) is g13
+    assert torch.equal(g2.data, B.from_gguf(down.reshape(-1), 14, (e, d, i), None, "cpu").data)
+    deq13, deq2 = w13.dequantize(), w2.dequantize()
+    assert torch.equal(deq13[:, :i], gq.dequantize(gate.reshape(-1), 12, (e, i, d)))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(t, d, generator=g)
+    ids = torch.randint(0, e, (t, k), generator=g)
+    w = torch.rand(t, k, generator=g)
+    ref = _experts_reference(x, ids, w, deq13[:, :i], deq13[:, i:], deq2)
+    y = dense_experts(x.to(dtype), ids, w, w13, w2, torch.nn.functional.silu, Workspace(), grouped=grouped)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err  # as test_dense_prefill_experts_equal_the_reference
 
 
 def _experts_reference(x, ids, w, gate, up, down):
