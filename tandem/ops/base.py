@@ -138,8 +138,15 @@ def build_device_op(module: nn.Module, cfg: OpConfig, ctx: LoadContext) -> nn.Mo
     """The operator that keeps a module as it is and only places it (moe, mlp, `default`).
 
     A `default` container with no tensors of its own (a decoder layer, a ModuleList) is left untouched: its
-    children run where they are placed, and moving its input would only add a copy.
+    children run where they are placed, and moving its input would only add a copy. A `default` RMSNorm or
+    RotaryEmbedding becomes the norm / rope operator (fused kernels on a GPU, the same results on the CPU).
     """
+    if cfg.op == "default":
+        from tandem.ops.registry import OPS, resolve  # imported here: the registry's operators import this module
+
+        for spec in (OPS["norm"], OPS["rope"]):
+            if isinstance(module, spec.targets):
+                return resolve(spec.build)(module, cfg, ctx)
     load_own_tensors(module, cfg.name, cfg.generate_device, ctx)
     if cfg.op == "default" and not has_own_tensors(module):
         return module

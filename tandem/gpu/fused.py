@@ -1,0 +1,127 @@
+"""Fused RMSNorm and RoPE on the GPU (Triton): one launch each instead of the ~7 (norm) and ~15 (rope) small
+kernels of the torch reference (tandem.models.layers), which dominate a decode step's GPU time between the CPU
+experts. Same arithmetic as the reference, step by step, in fp32 (products and sums rounded one by one: no FMA
+contraction), so results match it to the last bit but for the order of the norm's sum and the rsqrt.
+
+Both allocate their output with torch.empty and never read a value on the host: they run inside CUDA-graph
+capture. Rows may be strided (MLA's latent and rope slices); the last dim must be contiguous (else copied).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+MAX_NORM_DIM = 16384  # one row per tile in registers; wider rows take the torch reference
+
+try:  # Triton where a GPU runs it; the CPU path (tests, CPU-only installs) needs only torch
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:
+    triton = None
+
+# TANDEM_FUSED=0 keeps the torch reference on the GPU too (A/B measurements); read once, at import
+ENABLED = triton is not None and os.environ.get("TANDEM_FUSED", "1") != "0"
+# the interpreter (TRITON_INTERPRET=1, CPU tensors) has no libdevice: it takes numpy's cos/sin there
+_PRECISE_TRIG = os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, R, D, stride_x, inv_d, eps, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        """BLOCK_R rows of x [R, D] (row stride stride_x) -> out [R, D] contiguous."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        mask = (rows[:, None] < R) & (cols[None, :] < D)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) * inv_d + eps)  # [BLOCK_R]; torch's mean: sum times 1/D
+        y = (xf * inv_rms[:, None]).to(x.dtype).to(tl.float32)  # the reference rounds to x's dtype first
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        out = out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :]
+        tl.store(out, (y * w[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(x_ptr, pos_ptr, inv_ptr, out_ptr, R, H, stride_n, stride_h, scale, HALF: tl.constexpr,
+                     INTERLEAVED: tl.constexpr, PRECISE: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_J: tl.constexpr):
+        """BLOCK_R rows (token n, head h) of x [N, H, 2 HALF] rotated by the angles of positions[n]."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        j = tl.arange(0, BLOCK_J)
+        valid_r = rows < R
+        mask = valid_r[:, None] & (j[None, :] < HALF)
+        n, h = rows // H, rows % H
+        pos = tl.load(pos_ptr + n, mask=valid_r, other=0)
+        freqs = pos.to(tl.float32)[:, None] * tl.load(inv_ptr + j, mask=j < HALF, other=0.0)[None, :]
+        if PRECISE:  # libdevice's cosf / sinf, as torch's CUDA kernels (tl.cos may take the approximate unit)
+            cos, sin = libdevice.cos(freqs) * scale, libdevice.sin(freqs) * scale
+        else:
+            cos, sin = tl.cos(freqs) * scale, tl.sin(freqs) * scale
+        if INTERLEAVED:  # pairs (x[2j], x[2j+1])
+            i1, i2 = 2 * j, 2 * j + 1
+        else:  # halves (x[j], x[j + d/2])
+            i1, i2 = j, j + HALF
+        src = x_ptr + (n.to(tl.int64) * stride_n + h.to(tl.int64) * stride_h)[:, None]
+        x1 = tl.load(src + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + i2[None, :], mask=mask, other=0.0).to(tl.float32)
+        dst = out_ptr + rows[:, None].to(tl.int64) * (2 * HALF)
+        ty = out_ptr.dtype.element_ty
+        tl.store(dst + i1[None, :], (x1 * cos - x2 * sin).to(ty), mask=mask)
+        tl.store(dst + i2[None, :], (x2 * cos + x1 * sin).to(ty), mask=mask)
+
+
+def _tile(rows: int, block_cols: int) -> tuple[int, int]:
+    """(rows per program, warps): up to 4096 values per program (short rows, the q/k heads, share one), ~32 per
+    thread; a wider row is one program of up to 16 warps."""
+    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, 4096 // block_cols))
+    return block_r, min(16, max(4, block_r * block_cols // 1024))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype) over the last dim, one launch.
+
+    The result has torch's promoted dtype of weight and x (bf16 weight: x's dtype; fp32 weight: fp32)."""
+    d = x.shape[-1]
+    if weight.shape != (d,):
+        raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} for rows of {d}")
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rows = x.reshape(-1, d)  # a view wherever the rows have one stride (MLA's latent slice too)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if rows.shape[0] == 0:
+        return out
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r, warps = _tile(rows.shape[0], block_d)
+    grid = (triton.cdiv(rows.shape[0], block_r),)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # Triton launches on the current device
+        _rms_norm_kernel[grid](rows, weight, out, rows.shape[0], d, rows.stride(0), 1.0 / d, eps,
+                               BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, enable_fp_fusion=False)
+    return out
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
+         interleaved: bool) -> torch.Tensor:
+    """x [N, H, d] rotated by the angles positions[n] * inv_freq (cos, sin times scale) -> contiguous, x's dtype.
+
+    As tandem.models.layers.rotate: pairs (x[2j], x[2j+1]) if interleaved, else halves; fp32 math."""
+    if x.dim() != 3 or x.shape[-1] != 2 * inv_freq.numel() or positions.shape != x.shape[:1]:
+        raise ValueError(f"rope: x {tuple(x.shape)} must be [N, H, {2 * inv_freq.numel()}] with positions [N], "
+                         f"got positions {tuple(positions.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n, h, d = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if n * h == 0:
+        return out
+    block_j = max(8, triton.next_power_of_2(d // 2))
+    block_r, warps = _tile(n * h, 2 * block_j)
+    grid = (triton.cdiv(n * h, block_r),)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        _rope_kernel[grid](x, positions, inv_freq.float().contiguous(), out, n * h, h, x.stride(0), x.stride(1),
+                           float(scale), HALF=d // 2, INTERLEAVED=bool(interleaved), PRECISE=_PRECISE_TRIG,
+                           BLOCK_R=block_r, BLOCK_J=block_j, num_warps=warps, enable_fp_fusion=False)
+    return out
