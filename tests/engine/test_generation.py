@@ -168,3 +168,23 @@ def test_model_without_tokenizer_works_on_ids(tmp_path):
     assert len(llm.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True).token_ids) == 4
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate("hello")
+
+
+def test_one_torch_thread_while_sampling_a_gpu_models_logits():
+    """Sampling runs in one torch thread for a GPU model (the CPU experts' pool owns the cores) and the thread
+    count comes back afterwards, also after an error; a CPU model keeps torch's threads."""
+    from tandem.engine.engine import one_torch_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_torch_thread(True):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_torch_thread(True):
+            raise RuntimeError("sampling failed")
+        assert torch.get_num_threads() == 2
+        with one_torch_thread(False):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
