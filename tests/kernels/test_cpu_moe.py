@@ -335,3 +335,41 @@ def test_bad_inputs():
         K.MoEExperts(4, 100, 256, "int8")  # I not a multiple of the block
     with pytest.raises(ValueError):
         K.MoEExperts.from_gguf_blocks(b"\0" * 10, b"", b"", 8, 2, 32, 32)
+
+
+def test_host_entry_pins_its_calling_thread_to_the_free_cores():
+    """The host entry pins the thread that calls it (CUDA's host-function thread) to the cores the pool leaves
+    free, once per pool; never the process's main thread; TANDEM_PIN_DRIVER=0 leaves it unpinned."""
+    import threading
+
+    cores = K.physical_cores()
+    if cores < 2:
+        pytest.skip("needs 2 cores: one for the pool, one left free")
+    E, I, H = _dims("int8")  # noqa: E741
+    w = _make("int8", E, I, H)
+    x, ids, tw = _inputs(3, 2, E, H)
+    out = torch.zeros(3, H)
+    job = w.host_job(x, ids.int(), tw, out)
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(job.fn)
+
+    def affinity_after_call() -> set[int]:
+        seen = []
+        th = threading.Thread(target=lambda: (fn(job.arg), seen.append(os.sched_getaffinity(0))))
+        th.start()
+        th.join()
+        return seen[0]
+
+    main = os.sched_getaffinity(0)
+    try:
+        K.set_num_threads(cores - 1)
+        pinned = affinity_after_call()
+        assert len(pinned) == 1 and pinned < main
+        fn(job.arg)  # on the main thread: never pinned
+        assert os.sched_getaffinity(0) == main
+        os.environ["TANDEM_PIN_DRIVER"] = "0"
+        K.set_num_threads(cores - 1)  # a new pool: the variable is read again
+        assert affinity_after_call() == main
+    finally:
+        os.environ.pop("TANDEM_PIN_DRIVER", None)
+        K.set_num_threads(None)
+    assert torch.allclose(out, w.forward(x, ids, tw))
