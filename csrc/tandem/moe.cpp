@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -308,8 +309,11 @@ class MoEJob : public Job {
     n_items0_ = T + (int)pack_items_.size();
     // Phase 1 items per shard: GEMM experts (most tokens first: the short ones fill the end) in runs of up
     // to 256 rows, ~8 items per thread (each item reads its expert's packed tokens into L2 once); decode
-    // experts in chunks of whole down activation blocks, sized for ~8 items per thread of the shard's share.
-    const int unit = std::max(Bd_ > 0 ? Bd_ : 16, 16);
+    // experts in chunks of 16 rows, sized for ~8 items per thread of the shard's share (whole 256-row down
+    // activation blocks left 24 items for 16 threads at Qwen3's T = 1); the item that completes a down
+    // activation block quantizes it (hdone_ counts its rows).
+    const int unit = 16;
+    hdone_.reset(Bd_ > 0 ? new std::atomic<int>[(size_t)n_act * (I / Bd_)]() : nullptr);
     const int per_shard_threads = std::max(1, nthreads_ / S_);
     std::vector<int> by_size;
     for (int ai = 0; ai < n_act; ai++)
@@ -417,8 +421,19 @@ class MoEJob : public Job {
         }
       }
     }
-    for (int c = c0; c < c0 + s1 - s0; c++)
-      quantize_act(hbuf_ + (size_t)c * I + sh.i0 + r0, r1 - r0, Bd_, hact_ + (size_t)c * hrow_, I, sh.i0 + r0);
+    if (Bd_ == 0) {  // fp32 activations: copied as they are
+      for (int c = c0; c < c0 + s1 - s0; c++)
+        quantize_act(hbuf_ + (size_t)c * I + sh.i0 + r0, r1 - r0, 0, hact_ + (size_t)c * hrow_, I, sh.i0 + r0);
+      return;
+    }
+    for (int k0 = (sh.i0 + r0) / Bd_ * Bd_; k0 < sh.i0 + r1; k0 += Bd_) {  // blocks this item wrote rows of
+      const int rows = std::min(k0 + Bd_, sh.i0 + r1) - std::max(k0, sh.i0 + r0);
+      // acq_rel: the last item to add sees every other item's rows of hbuf
+      if (hdone_[(size_t)item.ai * (I / Bd_) + k0 / Bd_].fetch_add(rows, std::memory_order_acq_rel) + rows != Bd_)
+        continue;
+      for (int c = c0; c < c0 + s1 - s0; c++)
+        quantize_act(hbuf_ + (size_t)c * I + k0, Bd_, Bd_, hact_ + (size_t)c * hrow_, I, k0);
+    }
   }
 
   // Rows [r0, r1) of gate and up for all tokens of a GEMM expert: one GEMM run, a panel = 16 gate + 16 up
@@ -562,6 +577,7 @@ class MoEJob : public Job {
   std::vector<size_t> xp_off_, hp_off_;
   std::vector<std::pair<int, int>> pack_items_;  // (active expert, token group)
   std::vector<std::vector<Item>> items1_;
+  std::unique_ptr<std::atomic<int>[]> hdone_;  // rows of h written per (active expert, down activation block)
   std::vector<int> n_items2_;
   uint8_t *xact_ = nullptr, *hact_ = nullptr, *thr_ = nullptr;
   float *hbuf_ = nullptr, *part_ = nullptr;
