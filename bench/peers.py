@@ -566,8 +566,8 @@ def run(args) -> int:
         for m in models:
             gguf = work / f"{m.replace(':', '-')}-{args.quant}.gguf"
             r.step(f"{m}:gguf", 60, lambda m=m, gguf=gguf: synth_gguf(r, m, gguf, args.quant))
-            t = r.step(f"{m}:tandem", 240, lambda gguf=gguf: run_tandem(r, args, gguf))
-            r.step(f"{m}:llamacpp", 240, lambda gguf=gguf: run_llama_bench(r, args, bins, gguf))
+            t = r.step(f"{m}:tandem", 150, lambda gguf=gguf: run_tandem(r, args, gguf))
+            r.step(f"{m}:llamacpp", 150, lambda gguf=gguf: run_llama_bench(r, args, bins, gguf))
             r.step(f"{m}:agree", 60, lambda gguf=gguf, t=t: run_greedy(r, args, bins, gguf, (t or {}).get(
                 "greedy_ids")))
             if not args.keep and not args.dry_run:
