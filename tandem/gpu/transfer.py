@@ -173,13 +173,15 @@ class HostRegistry:
         if not (whole or n >= OWN_PAGES):
             return False
         # the pages not yet locked: tensors side by side in one mapping (a GGUF's stacked experts) share a page
+        ok = True
         for a, b in self._gaps(ptr // PAGE * PAGE, -(-(ptr + n) // PAGE) * PAGE):
             if not any(_on_own_thread(lambda a=a, b=b, f=f: int(torch.cuda.cudart().cudaHostRegister(a, b - a, f)) == 0)
                        for f in REGISTER_FLAGS):
-                return False
+                ok = False
+                break
             self.ranges.append((a, b))
-        self.keep.append(t)
-        return True
+        self.keep.append(t)  # also after a refusal midway: the pages locked before it must outlive their lock
+        return ok
 
 
 def _on_own_thread(fn):
