@@ -30,6 +30,9 @@ from tqdm import tqdm
 from tandem.models import build_model
 from tandem.synth import CHAT_TEMPLATE, init_scale, preset_config
 from tandem.weights.gguf import GLOBAL, LAYER, MIXTRAL_EXPERT
+from tandem.weights.gguf_file import ARRAY as ARR
+from tandem.weights.gguf_file import BOOL, SCALARS
+from tandem.weights.gguf_file import STRING as STR
 from tandem.weights.gguf_quants import NAMES, TYPES
 from tandem.weights.loader import tensors_of
 
@@ -44,8 +47,7 @@ GGML = {name: (NAMES[name], TYPES[NAMES[name]].block, TYPES[NAMES[name]].bytes)
 QUANTS = {"F32": (0, "F32"), "F16": (1, "F16"), "BF16": (32, "BF16"), "Q8_0": (7, "Q8_0"),
           "Q4_K_M-like": (15, "Q4_K")}
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quantize, for rows not of whole 256-blocks
-# GGUF metadata value types
-U32, F32, BOOL, STR, ARR, I32 = 4, 6, 7, 8, 9, 5
+U32, I32, F32 = 4, 5, 6  # GGUF metadata value types this writer uses besides BOOL, STR, ARR (the reader's table)
 CONTROL, NORMAL, UNUSED = 3, 1, 5
 
 
@@ -395,8 +397,8 @@ def _pack_value(vtype: int, value) -> bytes:
         head = struct.pack("<IQ", etype, len(items))
         if etype == STR:
             return head + b"".join(_pack_string(s) for s in items)
-        return head + np.asarray(items, dtype={I32: "<i4", U32: "<u4", F32: "<f4"}[etype]).tobytes()
-    return struct.pack({U32: "<I", I32: "<i", F32: "<f", BOOL: "<?"}[vtype], value)
+        return head + np.asarray(items, dtype=np.dtype(SCALARS[etype][1]).newbyteorder("<")).tobytes()
+    return struct.pack("<?" if vtype == BOOL else "<" + SCALARS[vtype][0], value)
 
 
 def _header(metadata: list, specs: list[Spec]) -> bytes:
