@@ -19,9 +19,10 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from tandem.models.transformer import SparseMoE
+from tandem.models.transformer import SparseMoE, TopKRouter
 from tandem.ops.base import DeviceOp, LoadContext, OpConfig, load_own_tensors
 
 GRAPH_TOKENS = 512  # tokens the graph buffers hold: the largest decode batch a captured graph may have
@@ -220,18 +221,51 @@ class HybridMoE(DeviceOp):
             self._hot_gpu = GpuExperts.from_weights(b.gate, b.up, b.down, b.act, x.device, weight_format=fmt)
         return self._hot_gpu.forward(x, local, w)
 
-    def _stage(self, x, ids, w, for_graph: bool) -> Staging:
+    def _fused_router(self) -> bool:
+        """Whether the router's softmax / top-k runs inside the staging kernel (TopKRouter, no hot experts)."""
+        from tandem.gpu import staging
+
+        gate = self.gate
+        return (staging.ENABLED and getattr(self.experts, "hot", None) is None and type(gate).forward is
+                TopKRouter.forward and gate.weight.shape[0] <= staging.MAX_EXPERTS)
+
+    def _route_and_stage(self, x: torch.Tensor, for_graph: bool):
+        """Router, then x / ids / weights into the pinned buffers: (staging, hot experts' local ids, weights)."""
+        from tandem.gpu import staging
+
         n = x.shape[0]
+        if self._fused_router():
+            st = self.pool.get(n, x.shape[1], self.gate.top_k, kernel_dtype(x.dtype), for_graph)
+            logits = F.linear(x, self.gate.weight)
+            staging.route_out(x, logits, self.gate.top_k, self.gate.norm_topk_prob, st.x, st.ids, st.weights)
+            return st, None, None
+        ids, w, local = self._route(x)
         st = self.pool.get(n, x.shape[1], ids.shape[1], kernel_dtype(x.dtype), for_graph)
-        st.x[:n].copy_(x.to(st.x.dtype), non_blocking=True)
-        st.ids[:n].copy_(ids, non_blocking=True)
-        st.weights[:n].copy_(w.float(), non_blocking=True)
-        return st
+        if staging.ENABLED:
+            staging.stage_out(x, ids, w, st.x, st.ids, st.weights)
+        else:
+            st.x[:n].copy_(x.to(st.x.dtype), non_blocking=True)
+            st.ids[:n].copy_(ids, non_blocking=True)
+            st.weights[:n].copy_(w.float(), non_blocking=True)
+        return st, local, w
+
+    @staticmethod
+    def _unstage(st: Staging, x: torch.Tensor, *adds: torch.Tensor | None) -> torch.Tensor:
+        """The CPU experts' output on x's device in x's dtype, plus `adds` (None skipped)."""
+        from tandem.gpu import staging
+
+        n = x.shape[0]
+        if staging.ENABLED:
+            return staging.stage_in(st.out[:n], x.dtype, x.device, *adds)
+        y = st.out[:n].to(x.device, non_blocking=True).to(x.dtype)
+        for t in adds:
+            if t is not None:
+                y = y + t
+        return y
 
     def _hybrid(self, x: torch.Tensor, kernel) -> torch.Tensor:
         n = x.shape[0]
-        ids, w, local = self._route(x)
-        st = self._stage(x, ids, w, for_graph=False)
+        st, local, w = self._route_and_stage(x, for_graph=False)
         if self._side is None:
             self._side = torch.cuda.Stream(x.device)  # made before any capture, used by the captured variant
         copied = torch.cuda.Event()
@@ -241,18 +275,14 @@ class HybridMoE(DeviceOp):
         handle = kernel.submit(st.x[:n], st.ids[:n], st.weights[:n], out=st.out[:n])
         hot = self._hot(x, local, w)
         handle.sync()
-        y = st.out[:n].to(x.device, non_blocking=True).to(x.dtype)
-        if hot is not None:
-            y = y + hot
-        return y if shared is None else y + shared
+        return self._unstage(st, x, hot, shared)
 
     def _captured(self, x: torch.Tensor, kernel) -> torch.Tensor:
         from tandem.gpu.host_func import launch_host_func
 
         n = x.shape[0]
         cur = torch.cuda.current_stream()
-        ids, w, local = self._route(x)
-        st = self._stage(x, ids, w, for_graph=True)
+        st, local, w = self._route_and_stage(x, for_graph=True)
         if self._side is None:
             self._side = torch.cuda.Stream(x.device)
         self._side.wait_stream(cur)
@@ -263,12 +293,8 @@ class HybridMoE(DeviceOp):
         if job is None:
             job = st.jobs[id(kernel), n] = kernel.host_job(st.x[:n], st.ids[:n], st.weights[:n], st.out[:n])
         launch_host_func(job.fn, job.arg, cur)
-        y = st.out[:n].to(x.device, non_blocking=True).to(x.dtype)
         cur.wait_stream(self._side)
-        for t in (shared, hot):
-            if t is not None:
-                y = y + t
-        return y
+        return self._unstage(st, x, shared, hot)
 
     def warm_graph_buffers(self, n: int, dtype: torch.dtype) -> None:
         """Allocate the graph buffers before a capture (the engine's eager warm-up does it too)."""

@@ -1,0 +1,157 @@
+"""The hybrid MoE layer's hand-off between the GPU and the pinned host buffers of the CPU experts, as kernels.
+
+A decode step's layer crosses twice: x, topk ids and weights to the host, the experts' output back. As copies that
+is three device-to-host memcpys (plus the router's softmax / top-k / renormalize kernels before them) and one
+host-to-device memcpy followed by the adds; each is a node of a few microseconds, and at batch 1 they sit between
+the GPU's work and the CPU's, one after the other. Here the GPU's SMs read and write the pinned buffers directly
+(mapped host memory: with unified addressing a pinned tensor's address is valid on the device):
+
+    stage_out     x, ids, weights -> pinned x, ids (int64), weights (fp32)             one launch
+    route_out     router logits [N, E] -> softmax, top-k, renormalize -> pinned ids,
+                  weights; x -> pinned x                                               one launch
+    stage_in      pinned out (+ up to two device tensors) -> a device tensor            one launch
+
+Same arithmetic as the torch path (softmax in fp32, top-k of the probabilities, renormalized by their sum), so ids
+are equal and weights equal to an ulp; the kernels never read a value on the host, so they run inside CUDA-graph
+capture. TANDEM_STAGING_KERNELS=0 keeps the memcpy path (A/B measurements).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:
+    triton = None
+
+ENABLED = triton is not None and os.environ.get("TANDEM_STAGING_KERNELS", "1") != "0"
+MAX_EXPERTS = 1024  # one router row in registers
+BLOCK_D = 1024  # hidden values one program moves
+_PRECISE_EXP = os.environ.get("TRITON_INTERPRET", "0") != "1"  # the interpreter has no libdevice
+
+if triton is not None:
+
+    @triton.jit
+    def _route_row(logits_ptr, ids_ptr, w_ptr, row, E, K, stride_l, RENORM: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
+        """softmax(logits[row]) in fp32, its top K (largest first, lowest index on ties), optionally renormalized."""
+        e = tl.arange(0, BLOCK_E)
+        z = tl.load(logits_ptr + row.to(tl.int64) * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        if PRECISE:  # libdevice's expf, as torch's softmax
+            p = libdevice.exp(z - tl.max(z, 0))
+        else:
+            p = tl.exp(z - tl.max(z, 0))
+        p = p / tl.sum(p, 0)
+        p = tl.where(e < E, p, -1.0)
+        slots = tl.arange(0, BLOCK_K)
+        top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+        top_i = tl.zeros([BLOCK_K], dtype=tl.int64)
+        for j in range(K):
+            best = tl.max(p, 0)
+            idx = tl.min(tl.where(p == best, e, BLOCK_E), 0)
+            top_w = tl.where(slots == j, best, top_w)
+            top_i = tl.where(slots == j, idx.to(tl.int64), top_i)
+            p = tl.where(e == idx, -2.0, p)
+        if RENORM:
+            top_w = top_w / tl.sum(tl.where(slots < K, top_w, 0.0), 0)
+        out = row.to(tl.int64) * K + slots
+        tl.store(ids_ptr + out, top_i, mask=slots < K)
+        tl.store(w_ptr + out, top_w, mask=slots < K)
+
+    @triton.jit
+    def _stage_out_kernel(x_ptr, ids_ptr, w_ptr, hx_ptr, hids_ptr, hw_ptr, D, K, stride_x, stride_i, stride_w,
+                          ROUTE: tl.constexpr, RENORM: tl.constexpr, E, BLOCK_E: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+        """Program (row, c): x[row, c-th chunk] -> hx; program (row, 0) also writes the row's ids and weights, from
+        ids/w as given or (ROUTE) from the router logits at ids_ptr."""
+        row, c = tl.program_id(0), tl.program_id(1)
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=cols < D)
+        tl.store(hx_ptr + row.to(tl.int64) * D + cols, x.to(hx_ptr.dtype.element_ty), mask=cols < D)
+        if c == 0:
+            if ROUTE:
+                _route_row(ids_ptr, hids_ptr, hw_ptr, row, E, K, stride_i, RENORM, BLOCK_E, BLOCK_K, PRECISE)
+            else:
+                slots = tl.arange(0, BLOCK_K)
+                i = tl.load(ids_ptr + row.to(tl.int64) * stride_i + slots, mask=slots < K)
+                w = tl.load(w_ptr + row.to(tl.int64) * stride_w + slots, mask=slots < K)
+                out = row.to(tl.int64) * K + slots
+                tl.store(hids_ptr + out, i.to(tl.int64), mask=slots < K)
+                tl.store(hw_ptr + out, w.to(tl.float32), mask=slots < K)
+
+    @triton.jit
+    def _stage_in_kernel(h_ptr, a_ptr, b_ptr, y_ptr, D, HAS_A: tl.constexpr, HAS_B: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """y[row, chunk] = (h [+ a] [+ b]) in y's dtype; h is read once from host memory, the adds in fp32 as torch
+        does them for bf16 (each sum rounded to y's dtype, in the reference's order)."""
+        row, c = tl.program_id(0), tl.program_id(1)
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        at = row.to(tl.int64) * D + cols
+        ty = y_ptr.dtype.element_ty
+        y = tl.load(h_ptr + at, mask=cols < D).to(ty)
+        if HAS_A:
+            y = (y.to(tl.float32) + tl.load(a_ptr + at, mask=cols < D).to(tl.float32)).to(ty)
+        if HAS_B:
+            y = (y.to(tl.float32) + tl.load(b_ptr + at, mask=cols < D).to(tl.float32)).to(ty)
+        tl.store(y_ptr + at, y, mask=cols < D)
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device (nothing to set for the interpreter's CPU tensors)."""
+    return torch.cuda.device(device) if torch.device(device).type == "cuda" else nullcontext()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def stage_out(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, hx: torch.Tensor, hids: torch.Tensor,
+              hw: torch.Tensor) -> None:
+    """x [N, D], ids [N, K], weights [N, K] (device) -> the first N rows of the pinned hx, hids (int64), hw (fp32)."""
+    n, d = x.shape
+    k = ids.shape[1]
+    x, ids, weights = _rows(x), _rows(ids), _rows(weights)
+    grid = (n, triton.cdiv(d, BLOCK_D))
+    with _on(x.device):
+        _stage_out_kernel[grid](x, ids, weights, hx, hids, hw, d, k, x.stride(0), ids.stride(0), weights.stride(0),
+                                ROUTE=False, RENORM=False, E=1, BLOCK_E=16, BLOCK_K=triton.next_power_of_2(k),
+                                BLOCK=BLOCK_D, PRECISE=_PRECISE_EXP, num_warps=4)
+
+
+def route_out(x: torch.Tensor, logits: torch.Tensor, top_k: int, renormalize: bool, hx: torch.Tensor,
+              hids: torch.Tensor, hw: torch.Tensor) -> None:
+    """TopKRouter's softmax / top-k / renormalize of `logits` [N, E] and x [N, D], written to the first N rows of
+    the pinned hx, hids (int64), hw (fp32) in one launch."""
+    n, d = x.shape
+    e = logits.shape[1]
+    if e > MAX_EXPERTS:
+        raise ValueError(f"route_out: {e} experts exceed the fused router's {MAX_EXPERTS}")
+    x, logits = _rows(x), _rows(logits)
+    grid = (n, triton.cdiv(d, BLOCK_D))
+    with _on(x.device):
+        _stage_out_kernel[grid](x, logits, logits, hx, hids, hw, d, top_k, x.stride(0), logits.stride(0), 0,
+                                ROUTE=True, RENORM=bool(renormalize), E=e, BLOCK_E=triton.next_power_of_2(e),
+                                BLOCK_K=triton.next_power_of_2(top_k), BLOCK=BLOCK_D, PRECISE=_PRECISE_EXP,
+                                num_warps=4)
+
+
+def stage_in(h: torch.Tensor, dtype: torch.dtype, device: torch.device, *adds: torch.Tensor | None) -> torch.Tensor:
+    """The pinned h [N, D] read on `device` as `dtype`, plus each device tensor in `adds` (None skipped), in order."""
+    a, b = (list(t for t in adds if t is not None) + [None, None])[:2]
+    if len([t for t in adds if t is not None]) > 2:
+        raise ValueError("stage_in adds at most two tensors")
+    n, d = h.shape
+    y = torch.empty(n, d, dtype=dtype, device=device)
+    a = None if a is None else a.contiguous()
+    b = None if b is None else b.contiguous()
+    grid = (n, triton.cdiv(d, BLOCK_D))
+    with _on(device):
+        _stage_in_kernel[grid](h, a if a is not None else y, b if b is not None else y, y, d, HAS_A=a is not None,
+                               HAS_B=b is not None, BLOCK=BLOCK_D, num_warps=4)
+    return y
