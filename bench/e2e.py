@@ -3,7 +3,7 @@ against the physical bounds measured in the same run.
 
     python bench/e2e.py [--models qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4] [--dir /tmp/tandem-e2e]
                         [--prefill 512,2048,8192] [--batches 1,8] [--decode-tokens 32] [--gguf Q4_K_M-like]
-                        [--profile [--profile-dir DIR]] [--trace] [--json]
+                        [--profile [--profile-dir DIR]] [--trace [--trace-knobs all|default]] [--json]
 
 Each model is `tandem synth PRESET --layers L` (random weights in the real per-layer shapes, truncated depth:
 every figure below is per token through those L layers, so ratios hold for the full depth), loaded with the
@@ -19,8 +19,14 @@ FLOPs / measured GPU bf16 matmul rate), FLOPs = 2 P (active non-embedding parame
 new length, builds kernel plans; it is reported as first_call_tok_s). --profile prints torch profiler tables of
 decode steps and of the longest prefill (--profile-dir: its timeline as a Chrome trace). --trace times where a
 batch-1 decode step waits (the CPU experts' host-node calls, from the C++ kernel's trace, against the GPU work
-between them) under the knobs that decide who runs where. --gguf: the model as a synthesized GGUF of that quant,
-its blocks used as they are by the CPU kernel.
+between them) under the knobs that decide who runs where (--trace-knobs default: the default knobs only), and
+from the default knobs' trace the steady-state figures per MoE layer (`layer_figures`): one layer = its host
+call + the GPU work up to the next call, against that layer's bound (its expert bytes / the run's RAM read
+rate), and a full-depth estimate: the step's fixed part (embedding, dense layers, LM head, sampling, graph
+launch: the step minus its MoE layers, measured) + the full model's MoE layer count x the measured layer time.
+--gguf: the model as a synthesized GGUF of that quant, its blocks used by the CPU kernel as they are (Q4_K_M-like)
+or relaid to int4_g32 (Q4_1: routed experts in Q4_1, everything else BF16; int4_g32 without a bf16 file, so a
+full-depth Qwen3-30B-A3B fits a 64 GB disk).
 """
 
 from __future__ import annotations
@@ -113,6 +119,35 @@ def decode_bytes(c: dict, batch: int) -> float:
     e, k = c["experts"], c["top_k"]
     distinct = e * (1 - (1 - k / e) ** batch)
     return c["n_moe"] * distinct * c["per_expert_bytes"]
+
+
+def full_depth_moe_layers(preset: str) -> int:
+    """MoE layers of the full-depth model: all layers but DeepSeek's leading dense ones (first_k_dense_replace)."""
+    from tandem.synth import PRESETS
+
+    cfg = PRESETS[preset]
+    return cfg["num_hidden_layers"] - (cfg.get("first_k_dense_replace") or 0)
+
+
+def layer_figures(t: dict, c: dict, ram_gbs: float, full_moe: int) -> dict:
+    """Steady-state decode b1 per MoE layer from one trace (`trace_decode`), its bound, and the full-depth estimate.
+
+    Measured: layer_ms (median over steps of host call + GPU work to the next call, per layer), fixed_ms (the
+    step minus its MoE layers: embedding, the dense layers at their own time, LM head, sampling, graph launch).
+    Bound: the layer's routed-expert bytes (top_k experts) / the RAM read rate. Estimated (full depth): fixed_ms +
+    full_moe x layer_ms against full_moe x the layer's bytes at the RAM read rate; equal to the measurement when the
+    run had every layer."""
+    layer_bytes = c["top_k"] * c["per_expert_bytes"]
+    bound_ms = layer_bytes / (ram_gbs * 1e9) * 1e3
+    est_step = t["fixed_ms"] + full_moe * t["layer_ms"]
+    full_bound = ram_gbs * 1e9 / (full_moe * layer_bytes)
+    return {"moe_layers_measured": t["host_calls_per_step"], "call_ms": t["call_ms"], "gap_ms": t["gap_ms"],
+            "layer_ms": t["layer_ms"], "layer_mb": round(layer_bytes / 1e6, 2), "layer_bound_ms": round(bound_ms, 4),
+            "layer_ratio": round(bound_ms / t["layer_ms"], 3) if t["layer_ms"] else None,
+            "fixed_ms": t["fixed_ms"], "step_ms": t["step_ms"], "full_moe_layers": full_moe,
+            "estimated": full_moe != t["host_calls_per_step"], "full_step_ms": round(est_step, 3),
+            "full_tok_s": round(1e3 / est_step, 2), "full_bound_tok_s": round(full_bound, 2),
+            "full_ratio": round(1e3 / est_step / full_bound, 3)}
 
 
 # ---------------------------------------------------------------------- one model (child process)
@@ -216,10 +251,13 @@ def trace_decode(llm, steps: int = 24) -> dict:
         mine = [c for c in calls if a <= c[0] <= b]
         if not mine:
             continue
+        n = len(mine)
         inside = sum(c[1] - c[0] for c in mine)
-        between = sum(mine[i + 1][0] - mine[i][1] for i in range(len(mine) - 1))
-        rows.append((b - a, inside, between, mine[0][0] - a, b - mine[-1][1], len(mine)))
-    med = [statistics.median(r[i] for r in rows) / 1e6 for i in range(5)] if rows else [0.0] * 5
+        between = sum(mine[i + 1][0] - mine[i][1] for i in range(n - 1))
+        layer = inside / n + (between / (n - 1) if n > 1 else 0)  # one MoE layer: its call + the GPU work to the next
+        rows.append((b - a, inside, between, mine[0][0] - a, b - mine[-1][1], inside / n,
+                     between / (n - 1) if n > 1 else 0, layer, b - a - n * layer, n))
+    med = [statistics.median(r[i] for r in rows) / 1e6 for i in range(9)] if rows else [0.0] * 9
     g = next(iter(engine.graphs.graphs.values()), None) if engine.graphs else None
     replay_ms = None
     if g is not None:
@@ -229,10 +267,11 @@ def trace_decode(llm, steps: int = 24) -> dict:
             g.graph.replay()
         torch.cuda.synchronize()
         replay_ms = round((time.perf_counter() - t0) / 10 * 1e3, 3)
-    return {"steps": len(rows), "host_calls_per_step": rows[0][5] if rows else 0,
+    return {"steps": len(rows), "host_calls_per_step": rows[0][-1] if rows else 0,
             "step_ms": round(med[0], 3), "graph_replay_ms": replay_ms, "in_host_calls_ms": round(med[1], 3),
             "between_calls_ms": round(med[2], 3), "before_first_ms": round(med[3], 3),
-            "after_last_ms": round(med[4], 3), "driver_cpus": sorted({c[2] for c in calls}),
+            "after_last_ms": round(med[4], 3), "call_ms": round(med[5], 4), "gap_ms": round(med[6], 4),
+            "layer_ms": round(med[7], 4), "fixed_ms": round(med[8], 3), "driver_cpus": sorted({c[2] for c in calls}),
             "pool_threads": K.num_threads()}
 
 
@@ -278,15 +317,18 @@ def probe_layer(llm) -> dict:
     return res
 
 
-def trace_variants(llm) -> list[dict]:
+KNOBS = (("blocking", 1, 2000, 1), ("blocking", 2, 2000, 1), ("spin", 1, 2000, 1), ("blocking", 1, 2000, 0),
+         ("blocking", 1, 300, 1), ("blocking", 0, 2000, 1))  # the first: the defaults
+
+
+def trace_variants(llm, knobs=KNOBS) -> list[dict]:
     """trace_decode under the knobs that decide who runs where during a graphed step: how the main thread waits
     for logits (blocking event / spin), cores left to the GPU-driving threads, the pool's idle spin, whether
     CUDA's host-function thread is pinned to the free cores."""
     from tandem.kernels import cpu as K
 
     out, cores = [], K.physical_cores()
-    for wait, leave, spin, pin in (("blocking", 1, 2000, 1), ("blocking", 2, 2000, 1), ("spin", 1, 2000, 1),
-                                   ("blocking", 1, 2000, 0), ("blocking", 1, 300, 1), ("blocking", 0, 2000, 1)):
+    for wait, leave, spin, pin in knobs:
         llm.engine.config.blocking_wait = wait == "blocking"
         os.environ["TANDEM_CPU_SPIN_US"], os.environ["TANDEM_PIN_DRIVER"] = str(spin), str(pin)
         K.set_num_threads(cores - leave)  # recreates the pool, which reads both
@@ -296,7 +338,8 @@ def trace_variants(llm) -> list[dict]:
 
 
 def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], tokens: int, prof: bool,
-            trace: bool = False, gguf: str | None = None, profile_dir: str | None = None) -> dict:
+            trace: bool = False, gguf: str | None = None, profile_dir: str | None = None,
+            trace_knobs: str = "all") -> dict:
     import tandem
     from tandem.gpu.transfer import measure_h2d
     from tandem.rules.presets import FAMILY_PRESETS
@@ -305,7 +348,7 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     preset, layers = spec.split(":") if ":" in spec else (spec, None)
     layers = int(layers) if layers else None
     t0 = time.perf_counter()
-    if gguf:  # the GGUF's own blocks on the CPU kernel (Q4_K_M-like: 4.5-6.6 bits per weight), the 1gpu preset
+    if gguf:  # the GGUF's blocks on the CPU kernel (Q4_K_M-like: 4.5-6.6 bits; Q4_1: int4_g32), the 1gpu preset
         from tandem.synth_gguf import synthesize_gguf
 
         out = root / f"{preset}-{layers}-{gguf}.gguf"
@@ -322,7 +365,8 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     llm = tandem.load(out, rules=rules, dtype="bfloat16", progress=False)
     load_s = time.perf_counter() - t0
     c = model_counts(llm)
-    res = {"model": preset, "layers": layers, "weights": gguf or "safetensors bf16 -> int4_g32",
+    weights = {"Q4_1": "GGUF Q4_1 experts -> int4_g32, rest BF16"}.get(gguf, gguf)
+    res = {"model": preset, "layers": layers, "weights": weights or "safetensors bf16 -> int4_g32",
            "synth_s": round(synth_s, 1), "load_s": round(load_s, 1),
            "routed_expert_gb": round(c["routed_bytes"] / 1e9, 2)}
     res["ram_read_gbs"] = round(ram_read_gbs(), 1)
@@ -350,7 +394,10 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     res["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     res["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
     if trace:
-        res["trace"] = trace_variants(llm)
+        res["trace"] = trace_variants(llm, KNOBS if trace_knobs == "all" else KNOBS[:1])
+        if res["trace"][0]["host_calls_per_step"] > 1:  # the defaults' trace; one call has no GPU gap to measure
+            res["decode_b1_layers"] = layer_figures(res["trace"][0], c, res["ram_read_gbs"],
+                                                    full_depth_moe_layers(preset))
     if prof:
         res["profile"] = profile_decode(llm)
         if prefills:
@@ -378,6 +425,22 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['model']} ({r['layers']}) | {cell('prefill_512')} | {cell('prefill_2048')} | "
                      f"{cell('prefill_8192')} | {cell('decode_b1')} | {cell('decode_b8')} | {r['peak_vram_gb']} | "
                      f"{r['peak_rss_gb']} |")
+    rows = [r for r in results if "decode_b1_layers" in r]
+    if rows:
+        lines += ["", "Decode b1 per MoE layer (trace, default knobs; ms). Measured: host call, GPU between, layer, "
+                  "fixed part, step. Bound: layer MB / RAM read rate. Full depth: measured when the run had every "
+                  "layer, else estimated = fixed + full MoE layers x layer ms.", "",
+                  "| model (layers) | MoE layers | host call | GPU between | layer | layer bound (MB) | layer % of "
+                  "bound | fixed | step | full depth (MoE layers) | full step | full tok/s (% of bound) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            f = r["decode_b1_layers"]
+            kind = "estimated" if f["estimated"] else "measured"
+            lines.append(f"| {r['model']} ({r['layers']}) | {f['moe_layers_measured']} | {f['call_ms']:.3f} | "
+                         f"{f['gap_ms']:.3f} | {f['layer_ms']:.3f} | {f['layer_bound_ms']:.3f} ({f['layer_mb']:.1f}) "
+                         f"| {100 * f['layer_ratio']:.0f}% | {f['fixed_ms']:.2f} | {f['step_ms']:.2f} | "
+                         f"{kind} ({f['full_moe_layers']}) | {f['full_step_ms']:.2f} | {f['full_tok_s']:.1f} "
+                         f"({100 * f['full_ratio']:.0f}% of {f['full_bound_tok_s']:.0f}) |")
     return "\n".join(lines)
 
 
@@ -391,8 +454,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the synthesized models (default: delete each)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--trace", action="store_true", help="where a batch-1 decode step waits, under several knobs")
-    ap.add_argument("--gguf", help="synthesize a GGUF of this quant (e.g. Q4_K_M-like) instead of bf16 safetensors "
-                                   "quantized to int4_g32 at load")
+    ap.add_argument("--trace-knobs", choices=("all", "default"), default="all",
+                    help="with --trace: every knob variant, or the default knobs only")
+    ap.add_argument("--gguf", help="synthesize a GGUF of this quant (Q4_K_M-like, or Q4_1: experts Q4_1, rest BF16) "
+                                   "instead of bf16 safetensors quantized to int4_g32 at load")
     ap.add_argument("--profile-dir", help="with --profile: write the largest prefill's timeline (Chrome trace) here")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this model, print its JSON
@@ -403,14 +468,14 @@ def main() -> None:
     batches = [int(x) for x in args.batches.split(",") if x]
     if args.one:
         print(json.dumps(run_one(args.one, root, prefills, batches, args.decode_tokens, args.profile, args.trace,
-                                 args.gguf, args.profile_dir)))
+                                 args.gguf, args.profile_dir, args.trace_knobs)))
         return
     results = []
     for spec in args.models.split(","):
         cmd = [sys.executable, __file__, "--one", spec, "--dir", str(root), "--prefill", args.prefill,
                "--batches", args.batches, "--decode-tokens", str(args.decode_tokens)]
         cmd += ["--profile"] if args.profile else []
-        cmd += ["--trace"] if args.trace else []
+        cmd += ["--trace", "--trace-knobs", args.trace_knobs] if args.trace else []
         cmd += ["--gguf", args.gguf] if args.gguf else []
         cmd += ["--profile-dir", args.profile_dir] if args.profile_dir else []
         print(f"== {spec}", file=sys.stderr, flush=True)

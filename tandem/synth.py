@@ -246,5 +246,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
     p.add_argument("--gguf", action="store_true", help="write one GGUF file (--out FILE) that llama.cpp loads")
-    p.add_argument("--quant", default="Q4_K_M-like", help="with --gguf: Q4_K_M-like | Q8_0 | BF16 | F16 | F32")
+    p.add_argument("--quant", default="Q4_K_M-like",
+                   help="with --gguf: Q4_K_M-like | Q4_1 (routed experts; the rest BF16) | Q8_0 | BF16 | F16 | F32")
     p.set_defaults(func=run)

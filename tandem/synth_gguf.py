@@ -4,14 +4,17 @@ The file is what llama.cpp's converter (convert_hf_to_gguf.py) and llama-quantiz
 its tensor names (blk.N.ffn_gate_exps, stacked experts [E, out, in], DeepSeek's kv_b split into attn_k_b /
 attn_v_b), its metadata keys and value types per architecture, the tokenizer (tandem/assets/tokenizer.json as
 tokenizer.ggml.*, padded with [PADn] tokens to the model's vocabulary) and the chat template. Types follow a
-recipe: F32 / F16 / BF16 / Q8_0 everywhere, or Q4_K_M-like, llama-quantize's Q4_K_M choices restated (see
-`tensor_type`). Norms, biases and routers stay F32, as llama.cpp keeps them.
+recipe: F32 / F16 / BF16 / Q8_0 everywhere, Q4_K_M-like, llama-quantize's Q4_K_M choices restated (see
+`tensor_type`), or Q4_1: routed experts (ffn_*_exps) in Q4_1 and every other matrix BF16, the file a CPU-expert
+benchmark wants (tandem runs Q4_1 experts as int4_g32, the same layout). Norms, biases and routers stay F32, as
+llama.cpp keeps them.
 
 Tensors stream to disk in constant memory: each (type, scale) gets a pool of valid random blocks, sampled once,
 and a tensor is written as windows of whole blocks of its pool. Quantized blocks are made directly (random quants,
 scale fields chosen so the weights have the intended standard deviation and zero mean) rather than by quantizing
 floats: the weights are random anyway, and every block is a valid one of its type, so kernels, dequantizers and
-llama.cpp read them as they would a real file; only the value distribution is uniform rather than normal.
+llama.cpp read them as they would a real file; only the value distribution is uniform rather than normal. Q4_1
+pools are the exception: normal floats quantized with ggml's reference rounding (`quantize_q4_1`).
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ ARCH = {"llama": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_mo
         "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2"}
 # ggml type: (id, values per block, bytes per block)
 GGML = {name: (NAMES[name], TYPES[NAMES[name]].block, TYPES[NAMES[name]].bytes)
-        for name in ("F32", "F16", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16")}
+        for name in ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16")}
 # --quant -> (llama_ftype of general.file_type, type of the weight matrices)
 QUANTS = {"F32": (0, "F32"), "F16": (1, "F16"), "BF16": (32, "BF16"), "Q8_0": (7, "Q8_0"),
-          "Q4_K_M-like": (15, "Q4_K")}
+          "Q4_K_M-like": (15, "Q4_K"), "Q4_1": (3, "BF16")}
+EXPERT_QUANTS = {"Q4_1": "Q4_1"}  # --quant -> type of the routed experts (ffn_*_exps) where it differs
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quantize, for rows not of whole 256-blocks
 U32, I32, F32 = 4, 5, 6  # GGUF metadata value types this writer uses besides BOOL, STR, ARR (the reader's table)
 CONTROL, NORMAL, UNUSED = 3, 1, 5
@@ -139,13 +143,16 @@ def _more_bits(i: int, n: int) -> bool:
 def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layer: int, n_expert: int) -> str:
     """The ggml type of tensor `name` under `quant`: llama-quantize's choice for the same tensor (llama-quant.cpp).
 
-    Vectors, norms, biases and routers (ffn_gate_inp) stay F32. Q4_K_M: output Q6_K; attn_v / attn_kv_b and
-    every ffn_down* (experts, shared, dense) Q6_K in the "more bits" layers, else Q4_K; 8-expert models (Mixtral)
-    attn_v and attn_k Q8_0 and attn_output Q5_K; everything else Q4_K. A row that is not whole blocks of the
-    type falls back as llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16).
+    Vectors, norms, biases and routers (ffn_gate_inp) stay F32. Q4_1: routed experts Q4_1 (F16 where a row is
+    not whole blocks of 32), the rest BF16. Q4_K_M: output Q6_K; attn_v / attn_kv_b and every ffn_down* (experts,
+    shared, dense) Q6_K in the "more bits" layers, else Q4_K; 8-expert models (Mixtral) attn_v and attn_k Q8_0 and
+    attn_output Q5_K; everything else Q4_K. A row that is not whole blocks of the type falls back as
+    llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16).
     """
     if len(shape) < 2 or "_norm." in name or "ffn_gate_inp" in name or not name.endswith("weight"):
         return "F32"
+    if quant in EXPERT_QUANTS and "_exps." in name:
+        return _fit(EXPERT_QUANTS[quant], shape[-1])
     ftype_type = QUANTS[quant][1]
     if quant != "Q4_K_M-like":
         return _fit(ftype_type, shape[-1])
@@ -203,8 +210,25 @@ SCALE = {"Q8_0": (0, 1 / 73.3), "Q4_0": (0, 1 / 4.32), "Q5_0": (0, 1 / 8.94),
 MID = {"Q4_K": 7.5, "Q5_K": 15.5}
 
 
+def quantize_q4_1(x: np.ndarray) -> np.ndarray:
+    """Float rows [n, 32] -> Q4_1 blocks [n, 20] (d f16 | m f16 | 16 bytes of nibbles), ggml's reference rounding:
+    m = min, d = (max - min) / 15 in fp32, q = min(15, trunc((x - m) / d + 0.5)) with 1/d taken in fp32 (0 when
+    d is 0), value j in the low nibble of byte j and value j + 16 in the high one."""
+    x = np.asarray(x, np.float32)
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = (hi - lo) / np.float32(15)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.minimum(np.floor((x - lo) * inv + np.float32(0.5)), 15).astype(np.uint8)  # >= 0: trunc is floor
+    return np.concatenate((_f16_bytes(d), _f16_bytes(lo), _nibble_pack(q)), axis=1)
+
+
 def rescale_blocks(blocks: np.ndarray, t: str, std: float, rng: np.random.Generator) -> None:
     """Give each block of `blocks` ([n, bytes], type `t`) a fresh super-block scale around `std` (x0.75-1.25)."""
+    if t == "Q4_1":  # d and m scale together: the same quants, the block's values times the factor
+        f = rng.uniform(0.75, 1.25, (blocks.shape[0], 1)).astype(np.float32)
+        for at in (0, 2):
+            blocks[:, at : at + 2] = _f16_bytes(blocks[:, at : at + 2].copy().view(np.float16).astype(np.float32) * f)
+        return
     at, unit = SCALE[t]
     d = std * unit * rng.uniform(0.75, 1.25, blocks.shape[0]).astype(np.float32)
     blocks[:, at : at + 2] = _f16_bytes(d)
@@ -225,6 +249,8 @@ def random_blocks(t: str, n: int, std: float, rng: np.random.Generator) -> np.nd
             bits = x.view(np.uint32)
             x = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
         return x.astype(np.float16 if t == "F16" else x.dtype).view(np.uint8).reshape(n, -1)
+    if t == "Q4_1":  # normal floats through ggml's rounding: d and m from each block's own range
+        return quantize_q4_1(rng.standard_normal((n, 32), dtype=np.float32) * np.float32(std))
     if t not in SCALE:
         raise ValueError(f"synth --gguf: no random blocks for type {t}")
     d = np.zeros((n, 2), np.uint8)  # filled by rescale_blocks
