@@ -69,19 +69,19 @@ NB_MODULE(_tandem_cpu, m) {
   m.def("block_info", [](int type) {
     WTypeInfo i{};
     if (!wtype_info(type, &i)) throw nb::value_error("unknown weight type");
-    return std::make_tuple(i.blck, i.bytes, i.act_blck);
+    return std::make_tuple(i.blck, i.bytes, i.act_blck, i.row_extra);
   });
   m.def("quantize_rows", [](int type, uintptr_t src, int64_t rows, int cols, uintptr_t dst) {
     WTypeInfo i{};
     if (!wtype_info(type, &i) || !has_quantizer(type) || cols % i.blck) throw nb::value_error("bad type/cols");
-    const size_t rb = (size_t)(cols / i.blck) * i.bytes;
+    const size_t rb = row_bytes_of(i, cols);
     for (int64_t r = 0; r < rows; r++)
       quantize_row(type, (const float*)src + r * cols, (uint8_t*)dst + r * rb, cols);
   }, nb::call_guard<nb::gil_scoped_release>());
   m.def("dequantize_rows", [](int type, uintptr_t src, int64_t rows, int cols, uintptr_t dst) {
     WTypeInfo i{};
     if (!wtype_info(type, &i) || cols % i.blck) throw nb::value_error("bad type/cols");
-    const size_t rb = (size_t)(cols / i.blck) * i.bytes;
+    const size_t rb = row_bytes_of(i, cols);
     for (int64_t r = 0; r < rows; r++)
       dequantize_row(type, (const uint8_t*)src + r * rb, (float*)dst + r * cols, cols);
   }, nb::call_guard<nb::gil_scoped_release>());

@@ -118,7 +118,8 @@ bool isa_supported(int isa) {
     case ISA_AVX512: return avx512;
     case ISA_AVX512_VNNI: return avx512 && f.avx512vnni;
     case ISA_AVX512_BF16: return avx512 && f.avx512vnni && f.avx512bf16;
-    case ISA_AMX: return avx512 && f.avx512vnni && f.avx512bf16 && f.amx_tile && f.amx_bf16 && amx_permission();
+    case ISA_AMX:
+      return avx512 && f.avx512vnni && f.avx512bf16 && f.amx_tile && f.amx_bf16 && f.amx_int8 && amx_permission();
     default: return false;
   }
 }

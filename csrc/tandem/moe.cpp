@@ -2,12 +2,13 @@
 //
 // One job on the pool, phases split by barriers:
 //   0. thread 0 groups the (token, k) slots by expert, marks each active expert decode (few tokens: per-row
-//      dot kernels on int8 activations) or GEMM (>= gemm_min_tokens: bf16 panels on AMX / AVX512-BF16), and
-//      lays out the work; then every thread quantizes x rows (decode experts) or packs them as bf16 token
-//      groups (GEMM experts);
+//      dot kernels on int8 activations) or GEMM (>= gemm_min_tokens: bf16 panels on AMX / AVX512-BF16, or
+//      for int8_row layers int8 on AMX-INT8 / VNNI), and lays out the work; then every thread quantizes x
+//      rows (decode experts) or packs them as bf16 (int8: per-token quantized) token groups (GEMM experts);
 //   1. items = (shard, active expert, chunk of that shard's intermediate rows): gate and up for every token of
-//      the expert, silu(g) * u stored as the down projection's input (int8 blocks or packed bf16). GEMM
-//      experts come first, most tokens first, each as one GEMM run of 16 gate + 16 up rows per panel;
+//      the expert, silu(g) * u stored as the down projection's input (int8 blocks or packed bf16; int8 GEMM:
+//      fp32, then 1b. per token group, quantized per token over the whole I and packed). GEMM experts come
+//      first, most tokens first, each as one GEMM run of 16 gate + 16 up rows per panel;
 //   2. items = (shard, chunk of H rows) over all active experts: each thread owns its output rows, so the
 //      weighted sum needs no atomics. With several NUMA shards each writes a partial sum ...
 //   3. ... which one more pass adds up.
@@ -75,6 +76,13 @@ bool env_flag(const char* name, bool dflt) {
   return env && *env ? env[0] != '0' : dflt;
 }
 
+// int8_row layers: the int8 GEMM where the kernel path has one (TANDEM_CPU_GEMM_I8=0: decode path only, for
+// measuring).
+bool gemm_i8_on() {
+  static const bool on = env_flag("TANDEM_CPU_GEMM_I8", true);
+  return on;
+}
+
 // AMX: dequantize the next weight chunk between the tile products (TANDEM_CPU_GEMM_OVERLAP=0: one after the
 // other, for measuring).
 bool gemm_overlap_on() {
@@ -139,7 +147,11 @@ class MoEJob : public Job {
     bool gemm = kt->gemm_bf16 && kt->silu_pack && kt->scatter_add && ex.H() % 32 == 0;
     for (const Shard& s : ex.shards()) gemm = gemm && (s.i1 - s.i0) % 32 == 0;
     for (int p = 0; p < 3; p++) gemm = gemm && kt->dequant_bf16[wtype_slot(ex.type(p))];
-    gemm_ok_ = gemm;
+    bool i8 = kt->gemm_i8 && kt->pack_tokens_i8 && kt->silu_store && kt->h_scale && kt->h_pack && kt->scatter_add &&
+              gemm_i8_on();
+    for (int p = 0; p < 3; p++) i8 = i8 && ex.type(p) == W_I8_ROW;  // H, I: multiples of its 64-value blocks
+    i8_ = i8;
+    gemm_ok_ = gemm || i8;
     for (int s = 0; s < S_; s++) next1_[s] = next2_[s] = 0;
   }
 
@@ -162,6 +174,11 @@ class MoEJob : public Job {
       clk.lap(gemm_[items1_[s][it].ai] ? 2 : 3);
     }
     wait(clk);
+    if (i8_ && !pack_items_.empty()) {
+      for (int it; (it = next1b_.fetch_add(1)) < (int)pack_items_.size();) quant_h(it);
+      clk.lap(8);
+      wait(clk);
+    }
     for (int s, it; take(next2_, n_items2_, home, &s, &it);) down(s, it);
     clk.lap(4);
     if (S_ > 1) {
@@ -179,9 +196,10 @@ class MoEJob : public Job {
 
  private:
   static constexpr int kMaxShards = 16;
-  // Profile phases: plan, prepare, gate/up GEMM items, gate/up decode items, down, finish, barrier waits; and
-  // the GEMM epilogues (silu_pack, scatter_add), a part of gate/up GEMM and down.
-  static constexpr int kPhases = 8, kWait = 6, kEpilogue = 7;
+  // Profile phases: plan, prepare, gate/up GEMM items, gate/up decode items, down, finish, barrier waits; the
+  // GEMM epilogues (silu_pack / silu_store, scatter_add), a part of gate/up GEMM and down; h's quantization
+  // (int8 GEMM).
+  static constexpr int kPhases = 9, kWait = 6, kEpilogue = 7;
   struct Clock {
     double* acc;
     double t;
@@ -203,11 +221,11 @@ class MoEJob : public Job {
   }
   void report() const {
     static const char* names[kPhases] = {"plan", "prepare", "gate_up_gemm", "gate_up_decode", "down", "finish",
-                                         "wait", "epilogue"};
+                                         "wait", "epilogue", "h_quant"};
     int n_gemm = 0;
     for (int g : gemm_) n_gemm += g;
     std::string line = "tandem moe T=" + std::to_string(T_) + " experts=" + std::to_string(active_.size()) +
-                       " gemm=" + std::to_string(n_gemm) + " ms mean/max:";
+                       " gemm=" + std::to_string(n_gemm) + (i8_ ? " int8" : "") + " ms mean/max:";
     for (int ph = 0; ph < kPhases; ph++) {
       double sum = 0, mx = 0;
       for (int t = 0; t < nthreads_; t++) {
@@ -293,8 +311,11 @@ class MoEJob : public Job {
     ThreadPool& P = P_;
     size_t need = 0;
     auto carve = [&need](size_t bytes) { const size_t at = need; need += round_up(bytes, 64); return at; };
+    const size_t es = i8_ ? 1 : 2;  // bytes per packed value: int8 or bf16
     const size_t o_xact = carve(xrow_ * T), o_hact = carve(hrow_ * n_dec_slots),
-                 o_hbuf = carve((size_t)n_dec_slots * I * 4), o_xp = carve(xp * 2), o_hp = carve(hp * 2);
+                 o_hbuf = carve((size_t)n_dec_slots * I * 4), o_xp = carve(xp * es), o_hp = carve(hp * es);
+    // int8 GEMM: h in fp32 ([group][I][16] per expert) until its per-token scale is known; per-token scales
+    const size_t o_hf = carve(i8_ ? hp * 4 : 0), o_xs = carve(i8_ ? xp / H * 4 : 0), o_hs = carve(i8_ ? xp / H * 4 : 0);
     const size_t o_part = carve(S_ > 1 || a_.out_dtype != DT_F32 ? (size_t)S_ * T * H * 4 : 0);  // fp32 sums
     panel_stride_ = round_up(ring_bytes() + (size_t)kGemmRows * max_ntg * kGemmTokens * 4, 64);
     const size_t o_thr = carve(max_ntg ? panel_stride_ * nthreads_ : 0);
@@ -304,6 +325,11 @@ class MoEJob : public Job {
     hbuf_ = (float*)(base + o_hbuf);
     xp_ = (bf16_t*)(base + o_xp);
     hp_ = (bf16_t*)(base + o_hp);
+    xq_ = (int8_t*)(base + o_xp);
+    hq_ = (int8_t*)(base + o_hp);
+    hf_ = (float*)(base + o_hf);
+    xs_ = (float*)(base + o_xs);
+    hs_ = (float*)(base + o_hs);
     part_ = (float*)(base + o_part);
     thr_ = base + o_thr;
     n_items0_ = T + (int)pack_items_.size();
@@ -363,6 +389,9 @@ class MoEJob : public Job {
     }
     const auto [ai, g] = pack_items_[it - T_];
     const int s0 = off_[ai] + g * kGemmTokens, n = std::min(kGemmTokens, off_[ai + 1] - s0);
+    if (i8_)
+      return kt_->pack_tokens_i8(a_.x, a_.x_dtype == DT_BF16, H, slot_tok_.data() + s0, n,
+                                 xq_ + xp_off_[ai] + (size_t)g * kGemmTokens * H, xs_ + gslot(ai) + g * kGemmTokens);
     if (kt_->pack_tokens && (int64_t)a_.T * H * 4 < ((int64_t)1 << 31))  // byte offsets of rows fit int32
       return kt_->pack_tokens(a_.x, a_.x_dtype == DT_BF16, H, slot_tok_.data() + s0, n,
                               xp_ + xp_off_[ai] + (size_t)g * kGemmTokens * H);
@@ -460,14 +489,38 @@ class MoEJob : public Job {
     c.kt->silu_pack(C, C + (size_t)16 * ldc, ldc, 16, c.n, c.In, c.r0 + 16 * p, c.hp);
   }
 
+  // int8 GEMM: h = silu(g) * u in fp32 at its rows i0 + r0 + 16 p of the expert's [group][I][16] buffer.
+  struct GateUpI8Ctx {
+    const MoEJob* job;
+    float* hf;
+    int n, k0;
+  };
+  static void gate_up_epilogue_i8(void* ctx, int p, const float* C, int ldc) {
+    const GateUpI8Ctx& c = *(const GateUpI8Ctx*)ctx;
+    EpilogueClock clk(c.job);
+    c.job->kt_->silu_store(C, C + (size_t)16 * ldc, ldc, 16, c.n, c.k0 + 16 * p, c.job->ex_.I(), c.hf);
+  }
+
+  // First token slot of GEMM expert ai among the GEMM experts' (16-padded) slots.
+  size_t gslot(int ai) const { return xp_off_[ai] / ex_.H(); }
+
   void gate_up_gemm(const Item& item) {
     const int tid = my_tid();
     const Shard& sh = ex_.shards()[item.shard];
     const int In = sh.i1 - sh.i0, e = active_[item.ai];
     const int n = off_[item.ai + 1] - off_[item.ai], ntg = (n + kGemmTokens - 1) / kGemmTokens;
-    const bf16_t* X = xp_ + xp_off_[item.ai];
     const ExpertMatrix &G = sh.m[0], &U = sh.m[1];
     std::vector<GemmPanel> panels;
+    if (i8_) {
+      const int8_t* X = xq_ + xp_off_[item.ai];
+      const float* xs = xs_ + gslot(item.ai);
+      for (int r = item.r0; r < item.r1; r += 16) panels.push_back({{G.row(e, r), U.row(e, r)}, X, ntg, xs});
+      GateUpI8Ctx ctx{this, hf_ + hp_off_[item.ai], n, sh.i0 + item.r0};
+      const GemmRun run{ex_.H(), {half_of(G), half_of(U)}, panels.data(), (int)panels.size(), ring(tid), cbuf(tid),
+                        gate_up_epilogue_i8, &ctx, gemm_overlap_on()};
+      return kt_->gemm_i8(run);
+    }
+    const bf16_t* X = xp_ + xp_off_[item.ai];
     for (int r = item.r0; r < item.r1; r += 16) panels.push_back({{G.row(e, r), U.row(e, r)}, X, ntg});
     GateUpCtx ctx{this, kt_, hp_ + hp_off_[item.ai] + (size_t)ntg * kGemmTokens * sh.i0, n, In, item.r0};
     const GemmRun run{ex_.H(), {half_of(G), half_of(U)}, panels.data(), (int)panels.size(), ring(tid), cbuf(tid),
@@ -491,6 +544,21 @@ class MoEJob : public Job {
     J.kt_->scatter_add(C, ldc, n, J.slot_tok_.data() + s0, J.slot_w_.data() + s0, c.o + hb, J.ex_.H());
   }
 
+  // Phase 1b item (int8 GEMM): one token group of h, quantized per token over the whole I (the scale shared by
+  // the NUMA shards) and packed into each shard's K = i1 - i0 view.
+  void quant_h(int it) {
+    const auto [ai, g] = pack_items_[it];
+    const int I = ex_.I(), ntg = (off_[ai + 1] - off_[ai] + kGemmTokens - 1) / kGemmTokens;
+    const float* Hf = hf_ + hp_off_[ai] + (size_t)g * I * kGemmTokens;
+    alignas(64) float inv[kGemmTokens];
+    kt_->h_scale(Hf, I, hs_ + gslot(ai) + g * kGemmTokens, inv);
+    for (const Shard& sh : ex_.shards()) {
+      const int In = sh.i1 - sh.i0;
+      int8_t* dst = hq_ + hp_off_[ai] + (size_t)ntg * kGemmTokens * sh.i0 + (size_t)g * kGemmTokens * In;
+      kt_->h_pack(Hf + (size_t)sh.i0 * kGemmTokens, In, inv, dst);
+    }
+  }
+
   void down_gemm(const Shard& sh, int h0, int h1, float* o) {
     const int tid = my_tid(), In = sh.i1 - sh.i0;
     const ExpertMatrix& D = sh.m[2];
@@ -499,9 +567,11 @@ class MoEJob : public Job {
     for (size_t ai = 0; ai < active_.size(); ai++) {
       if (!gemm_[ai]) continue;
       const int e = active_[ai], ntg = (off_[ai + 1] - off_[ai] + kGemmTokens - 1) / kGemmTokens;
-      const bf16_t* X = hp_ + hp_off_[ai] + (size_t)ntg * kGemmTokens * sh.i0;
+      const size_t at = hp_off_[ai] + (size_t)ntg * kGemmTokens * sh.i0;
+      const void* X = i8_ ? (const void*)(hq_ + at) : (const void*)(hp_ + at);
+      const float* xs = i8_ ? hs_ + gslot((int)ai) : nullptr;
       for (int hb = h0; hb < h1; hb += kGemmRows) {
-        panels.push_back({{D.row(e, hb), D.row(e, hb + 16)}, X, ntg});
+        panels.push_back({{D.row(e, hb), D.row(e, hb + 16)}, X, ntg, xs});
         panel_ai.push_back((int)ai);
       }
     }
@@ -509,7 +579,7 @@ class MoEJob : public Job {
     DownCtx ctx{this, panel_ai.data(), h0, (h1 - h0) / kGemmRows, o};
     const GemmRun run{In, {half_of(D), half_of(D)}, panels.data(), (int)panels.size(), ring(tid), cbuf(tid),
                       down_epilogue, &ctx, gemm_overlap_on()};
-    kt_->gemm_bf16(run);
+    (i8_ ? kt_->gemm_i8 : kt_->gemm_bf16)(run);
   }
 
   int my_tid() const { return tls_tid_; }
@@ -571,7 +641,7 @@ class MoEJob : public Job {
   int nthreads_, S_;
   int Bx_, Bd_, T_ = 0;
   size_t xrow_, hrow_;
-  bool gemm_ok_ = false;
+  bool gemm_ok_ = false, i8_ = false;  // i8_: GEMM experts take the int8 GEMM (int8_row layer)
   std::vector<int> active_, off_, slot_tok_, gemm_, dpos_, need_x_;
   std::vector<float> slot_w_;
   std::vector<size_t> xp_off_, hp_off_;
@@ -582,9 +652,11 @@ class MoEJob : public Job {
   uint8_t *xact_ = nullptr, *hact_ = nullptr, *thr_ = nullptr;
   float *hbuf_ = nullptr, *part_ = nullptr;
   bf16_t *xp_ = nullptr, *hp_ = nullptr;
+  int8_t *xq_ = nullptr, *hq_ = nullptr;        // int8 GEMM: the same buffers as xp_ / hp_, int8 quads
+  float *hf_ = nullptr, *xs_ = nullptr, *hs_ = nullptr;  // int8 GEMM: fp32 h, per-token scales of x and h
   size_t panel_stride_ = 0;
   double* prof_ = nullptr;  // TANDEM_CPU_PROFILE: kPhases seconds per thread
-  std::atomic<int> next0_{0}, next3_{0};
+  std::atomic<int> next0_{0}, next1b_{0}, next3_{0};
   std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
   int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256;
   static thread_local int tls_tid_;
@@ -600,7 +672,7 @@ class QuantJob : public Job {
   void run(int, int) override {
     const int cols = proj_ < 2 ? ex_.H() : ex_.I(), rows = proj_ < 2 ? ex_.I() : ex_.H();
     const WTypeInfo info = info_of(ex_.type(proj_));
-    const size_t rb = (size_t)(cols / info.blck) * info.bytes;
+    const size_t rb = row_bytes_of(info, cols);
     std::vector<float> row(quantize_ ? cols : 0);
     std::vector<uint8_t> q(rb);
     const int64_t n_items = (nrows_ + 15) / 16;
@@ -621,7 +693,7 @@ class QuantJob : public Job {
           if (proj_ < 2) {
             if (rr >= sh.i0 && rr < sh.i1) std::memcpy((uint8_t*)m.row(e, rr - sh.i0), bytes, rb);
           } else {  // down: the shard's columns, whole blocks
-            std::memcpy((uint8_t*)m.row(e, rr), bytes + (size_t)(sh.i0 / info.blck) * info.bytes, m.row_bytes);
+            slice_row(m.type, bytes, cols, sh.i0, sh.i1, (uint8_t*)m.row(e, rr));
           }
         }
       }
@@ -684,7 +756,7 @@ Experts::Experts(int E, int I, int H, int gate_type, int up_type, int down_type,
       m.E = E;
       m.rows = srows[p];
       m.cols = scols[p];
-      m.row_bytes = (size_t)(scols[p] / info.blck) * info.bytes;
+      m.row_bytes = row_bytes_of(info, scols[p]);
     }
     shards_.push_back(std::move(sh));
   }
@@ -745,7 +817,7 @@ void Experts::map_blocks(int proj, const void* data, size_t nbytes, bool copy) {
 size_t Experts::nbytes_of_full(int proj) const {
   const WTypeInfo info = info_of(type(proj));
   const int rows = proj < 2 ? I_ : H_, cols = proj < 2 ? H_ : I_;
-  return (size_t)E_ * rows * (cols / info.blck) * info.bytes;
+  return (size_t)E_ * rows * row_bytes_of(info, cols);
 }
 
 void Experts::dequantize(int proj, int e, float* dst) const {

@@ -43,8 +43,36 @@ static void quantize_row_i4_g128(const float* x, block_i4_g128* y, int n) {
   for (int b = 0; b < n / QK_I4_G128; b++, x += QK_I4_G128) quantize_group_i4(x, QK_I4_G128, &y[b].d, &y[b].m, y[b].qs);
 }
 
+// int8_row: d = amax / 127 over the whole row (fp32, kept exactly), q = round(x / d) in [-127, 127].
+static void quantize_row_i8_row(const float* x, uint8_t* y, int n) {
+  float amax = 0.f;
+  for (int j = 0; j < n; j++) amax = std::max(amax, std::fabs(x[j]));
+  row_i8_tail t{amax / 127.f, 0};
+  const float id = amax > 0.f ? 127.f / amax : 0.f;
+  int8_t* qs = (int8_t*)y;
+  for (int j = 0; j < n; j++) {
+    qs[j] = (int8_t)std::clamp((int)std::nearbyint(x[j] * id), -127, 127);
+    t.rowsum += qs[j];
+  }
+  std::memcpy(y + n, &t, sizeof t);
+}
+
 bool has_quantizer(int type) {
-  return type == W_F32 || type == W_BF16 || type == W_Q8_0 || type == W_I4_G32 || type == W_I4_G128;
+  return type == W_F32 || type == W_BF16 || type == W_Q8_0 || type == W_I4_G32 || type == W_I4_G128 ||
+         type == W_I8_ROW;
+}
+
+void slice_row(int type, const void* src, int n, int c0, int c1, void* dst) {
+  WTypeInfo info;
+  if (!wtype_info(type, &info)) return;
+  const uint8_t* s = (const uint8_t*)src;
+  std::memcpy(dst, s + (size_t)(c0 / info.blck) * info.bytes, (size_t)((c1 - c0) / info.blck) * info.bytes);
+  if (type != W_I8_ROW) return;
+  row_i8_tail t;
+  std::memcpy(&t, s + n, sizeof t);
+  t.rowsum = 0;
+  for (int j = c0; j < c1; j++) t.rowsum += (int8_t)s[j];
+  std::memcpy((uint8_t*)dst + (c1 - c0), &t, sizeof t);
 }
 
 bool quantize_row(int type, const float* src, void* dst, int n) {
@@ -56,6 +84,7 @@ bool quantize_row(int type, const float* src, void* dst, int n) {
     case W_Q8_0: quantize_row_q8_0(src, (block_q8_0*)dst, n); return true;
     case W_I4_G32: quantize_row_i4_g32(src, (block_i4_g32*)dst, n); return true;
     case W_I4_G128: quantize_row_i4_g128(src, (block_i4_g128*)dst, n); return true;
+    case W_I8_ROW: quantize_row_i8_row(src, (uint8_t*)dst, n); return true;
     default: return false;
   }
 }
@@ -70,6 +99,12 @@ bool dequantize_row(int type, const void* src, float* y, int n) {
       for (const block_q8_0* b = (const block_q8_0*)src; n > 0; b++, n -= QK8_0, y += QK8_0)
         for (int j = 0; j < QK8_0; j++) y[j] = fp16_to_f32(b->d) * b->qs[j];
       return true;
+    case W_I8_ROW: {
+      row_i8_tail t;
+      std::memcpy(&t, (const uint8_t*)src + n, sizeof t);
+      for (int j = 0; j < n; j++) y[j] = t.d * ((const int8_t*)src)[j];
+      return true;
+    }
     case W_Q4_0:
       for (const block_q4_0* b = (const block_q4_0*)src; n > 0; b++, n -= QK4_0, y += QK4_0) {
         const float d = fp16_to_f32(b->d);

@@ -1,6 +1,7 @@
 // Quantized block layouts: each declared once here, with its size asserted. Shared by every ISA file.
 // GGUF layouts (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) are facts of the file format; values are dequantized as
-// stated per struct. tandem's own formats (int8 = Q8_0 layout, int4_g32, int4_g128) are documented likewise.
+// stated per struct. tandem's own formats (int8 = Q8_0 layout, int4_g32, int4_g128, int8_row) are documented
+// likewise.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -22,6 +23,7 @@ enum WType : int {
   W_BF16 = 30,
   W_I4_G32 = 1001,   // tandem "int4_g32": scale and min per 32
   W_I4_G128 = 1002,  // tandem "int4_g128": scale and min per 128
+  W_I8_ROW = 1003,   // tandem "int8_row": symmetric, one fp32 scale per row (AMX-INT8 / VNNI prefill)
 };
 
 #define QK8_0 32
@@ -57,6 +59,18 @@ struct block_i4_g128 {
   uint8_t qs[QK_I4_G128 / 2];  // element j: low nibble of qs[j]; element j + 64: high nibble (one 64-byte load)
 };
 static_assert(sizeof(block_i4_g128) == 4 + QK_I4_G128 / 2, "block_i4_g128 size");
+
+// int8_row: a row of n values (n a multiple of 64) is n int8 quants in order, then a row_i8_tail: value j =
+// d * qs[j]. One scale over the whole row lets a GEMM accumulate a whole row's products in int32 (AMX-INT8
+// tdpbssd, VNNI vpdpbusd) and rescale once; rowsum serves the unsigned-activation form (x + 128) of vpdpbusd.
+// The values keep the plain row order, so an AMX A tile (16 rows x 64 values) is 16 row slices and the decode
+// kernels read a row as they read Q8_0's quants. Rows are row_bytes = n + 8 apart (not 64-byte aligned).
+#define QK_I8_ROW 64
+struct row_i8_tail {
+  float d;         // scale: amax / 127
+  int32_t rowsum;  // sum of the row's quants
+};
+static_assert(sizeof(row_i8_tail) == 8, "row_i8_tail size");
 
 #define QK_K 256
 #define K_SCALE_SIZE 12
@@ -160,6 +174,7 @@ struct WTypeInfo {
   int blck;        // elements per block
   int bytes;       // bytes per block
   int act_blck;    // activation quantization block (0: activations stay fp32)
+  int row_extra = 0;  // bytes after a row's blocks (int8_row: its row_i8_tail)
 };
 
 static inline bool wtype_info(int t, WTypeInfo* out) {
@@ -173,8 +188,14 @@ static inline bool wtype_info(int t, WTypeInfo* out) {
     case W_Q4_K: *out = {QK_K, (int)sizeof(block_q4_K), QK_K}; return true;
     case W_Q5_K: *out = {QK_K, (int)sizeof(block_q5_K), QK_K}; return true;
     case W_Q6_K: *out = {QK_K, (int)sizeof(block_q6_K), QK_K}; return true;
+    case W_I8_ROW: *out = {QK_I8_ROW, QK_I8_ROW, 32, (int)sizeof(row_i8_tail)}; return true;
     default: return false;
   }
+}
+
+// Bytes of one row of n values (n a multiple of the block).
+static inline size_t row_bytes_of(const WTypeInfo& info, int n) {
+  return (size_t)(n / info.blck) * info.bytes + info.row_extra;
 }
 
 // ---- quantized activations ----------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 // AVX512-BF16 path: the VNNI decode kernels, plus a register-blocked bf16 GEMM (vdpbf16ps) for experts that
-// receive many tokens: weight rows dequantized to bf16 panels, activations packed in token pairs (kernels.h).
+// receive many tokens: weight rows dequantized to bf16 panels, activations packed in token pairs (kernels.h);
+// int8_row layers take the int8 vpdpbusd GEMM of int8_gemm.inc instead.
 #define TANDEM_ISA_NS isa_avx512_bf16
 #include "tandem/arch/vec_dot_generic.inc"
 #include "tandem/arch/avx512_common.inc"
 #include "tandem/arch/avx512_vnni.inc"
 #include "tandem/arch/dequant_bf16.inc"
+#include "tandem/arch/int8_gemm.inc"
 
 namespace tandem {
 namespace isa_avx512_bf16 {
@@ -51,10 +53,10 @@ static void gemm_run_avx512(const GemmRun& j) {
       int g = 0;
       for (; g + 2 <= ntg; g += 2)
         for (int r = 0; r < kGemmRows; r += 8)
-          gemm_block<8, 2>(K, k0, kc, A + (size_t)r * kGemmLd, P.X, g, j.C + (size_t)r * ldc, ldc, first);
+          gemm_block<8, 2>(K, k0, kc, A + (size_t)r * kGemmLd, (const bf16_t*)P.X, g, j.C + (size_t)r * ldc, ldc, first);
       if (g < ntg)
         for (int r = 0; r < kGemmRows; r += 16)
-          gemm_block<16, 1>(K, k0, kc, A + (size_t)r * kGemmLd, P.X, g, j.C + (size_t)r * ldc, ldc, first);
+          gemm_block<16, 1>(K, k0, kc, A + (size_t)r * kGemmLd, (const bf16_t*)P.X, g, j.C + (size_t)r * ldc, ldc, first);
     }
     j.epilogue(j.ctx, p, j.C, ldc);
   }
@@ -68,6 +70,8 @@ const KernelTable* kernels_avx512_bf16() {
     KernelTable k = vnni_table("avx512_bf16");
     fill_dequant_bf16(k);
     k.gemm_bf16 = gemm_run_avx512;
+    fill_i8(k);
+    k.gemm_i8 = gemm_run_vnni_i8;
     return k;
   }();
   return &t;

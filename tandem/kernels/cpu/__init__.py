@@ -9,11 +9,14 @@
 Shapes: T tokens, K experts per token, E experts, H hidden size, I expert intermediate size. Weight
 orientation is nn.Linear's: gate/up [I, H], down [H, I] per expert; out = sum_k w_k * down(silu(gate x) * up x).
 Formats: "bf16", "fp32", "int8" (= GGUF Q8_0 layout: one fp16 scale per 32), "int4_g32" / "int4_g128"
-(fp16 scale and min per group), and the GGUF blocks "q8_0", "q4_0", "q4_k", "q5_k", "q6_k". Integer formats
-quantize activations to int8 per block (32, 128 or 256 values, as the format's act block) on the decode path.
+(fp16 scale and min per group), "int8_row" (int8, one fp32 scale per output row: rows of cols int8 + 8 bytes),
+and the GGUF blocks "q8_0", "q4_0", "q4_k", "q5_k", "q6_k". Integer formats quantize activations to int8 per
+block (32, 128 or 256 values, as the format's act block) on the decode path.
 Experts that receive at least ``gemm_min_tokens()`` tokens in a call (prefill) take a GEMM path instead where
 the kernel path has one (``avx512_bf16``: vdpbf16ps, ``amx``: AMX-BF16 tiles): weight rows dequantized to bf16
 panels on the fly, activations and silu(g)*u rounded to bf16, fp32 accumulation (fp32 weights stay per-row).
+Layers all in int8_row take an int8 GEMM instead (``amx``: AMX-INT8 tdpbssd; ``avx512_vnni``, ``avx512_bf16``:
+vpdpbusd): x and silu(g)*u quantized to int8 per token (one scale over the row), int32 sums, fp32 rescale.
 The kernel path is chosen from CPUID; ``TANDEM_CPU_ISA=generic|avx2|avx512|avx512_vnni|avx512_bf16|amx`` or
 ``set_isa`` forces one. The thread pool is persistent, one thread pinned per physical core (``set_num_threads``).
 NUMA: with several nodes each expert's intermediate dimension is split over them, each node's slice in its
@@ -46,6 +49,7 @@ __all__ = [
     "numa_nodes",
     "physical_cores",
     "quantize",
+    "row_bytes",
     "set_gemm_min_tokens",
     "set_isa",
     "set_num_threads",
@@ -64,13 +68,16 @@ FORMATS = {
     "bf16": 30,
     "int4_g32": 1001,
     "int4_g128": 1002,
+    "int8_row": 1003,
 }
 GGML_TYPES = {0: "fp32", 2: "q4_0", 8: "q8_0", 12: "q4_k", 13: "q5_k", 14: "q6_k", 30: "bf16"}
 # Block layout the C++ header declares (elements, bytes): checked against the extension at import.
 BLOCKS = {0: (1, 4), 2: (32, 18), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210), 30: (1, 2),
-          1001: (128, 80), 1002: (128, 68)}
+          1001: (128, 80), 1002: (128, 68), 1003: (64, 64)}
+# Bytes after a row's blocks (int8_row: fp32 scale + int32 sum of the row's quants)
+ROW_EXTRA = {1003: 8}
 for _t, _bb in BLOCKS.items():
-    if tuple(_C.block_info(_t)[:2]) != _bb:
+    if tuple(_C.block_info(_t)[:2]) != _bb or _C.block_info(_t)[3] != ROW_EXTRA.get(_t, 0):
         raise ImportError(f"tandem CPU extension block layout mismatch for type {_t}: {_C.block_info(_t)}")
 
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.int32: 2, torch.int64: 3}
@@ -168,7 +175,12 @@ def _row_bytes(t: int, cols: int) -> int:
     blck, nbytes = BLOCKS[t]
     if cols % blck:
         raise ValueError(f"{cols} values per row is not a multiple of the block size {blck}")
-    return cols // blck * nbytes
+    return cols // blck * nbytes + ROW_EXTRA.get(t, 0)
+
+
+def row_bytes(fmt: str | int, cols: int) -> int:
+    """Bytes of one row of `cols` values in format fmt (its blocks, plus int8_row's per-row scale and sum)."""
+    return _row_bytes(_fmt_id(fmt), cols)
 
 
 def _check(t: torch.Tensor, name: str, shape: tuple, dtypes: tuple) -> torch.Tensor:
