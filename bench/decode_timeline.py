@@ -61,7 +61,8 @@ def summarize(segs: list[list[dict]]) -> dict:
     rows = [{"ops": len(s), "kernels": sum(e["cat"] == "kernel" for e in s),
              "copies": sum(e["cat"] != "kernel" for e in s), "busy_us": round(sum(e["dur"] for e in s), 1),
              "gaps_us": round(sum(e["gap"] for e in s), 1), "idle_before_us": round(s[0]["idle"], 1)} for s in segs]
-    return {"segments": rows, "middle": segs[len(segs) // 2] if segs else []}
+    inner = segs[1:-1] or segs  # between two layers' experts: the repeating unit
+    return {"segments": rows, "middle": max(inner, key=len) if inner else []}
 
 
 def child(spec: str, root: Path, gap_us: float) -> dict:
@@ -98,7 +99,7 @@ def child(spec: str, root: Path, gap_us: float) -> dict:
         events = gpu_events(path)
     segs = segments(events, gap_us)
     n_layers = int(layers)
-    step = segs[-(n_layers + 1):]  # the last step: before layer 0's experts, between layers, after the last
+    step = segs[-(n_layers + 3):]  # the last step: before layer 0's experts, between layers, the LM head, sampling
     return {"model": spec, "graphs": engine.graphs is not None and engine.graphs.replays, **summarize(step)}
 
 
