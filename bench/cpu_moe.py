@@ -10,7 +10,8 @@ is reported. Decode (T = 1, 4): random distinct experts per call, cycling throug
 from RAM (they are far larger than the caches); GB/s counts the bytes of the experts a call touches.
 Prefill (T = 512, 2048): each token picks K random experts among E; TFLOP/s counts 2*3*H*I per (token, expert);
 bw_bound_tflops is the memory roofline (each touched expert's weights read once at the measured bandwidth).
-Experts with >= gemm_min_tokens tokens take tandem's GEMM path (AMX / AVX512-BF16) where the CPU has one.
+Experts with >= gemm_min_tokens tokens take tandem's GEMM path (AMX / AVX512-BF16) where the CPU has one;
+int8_row layers an int8 GEMM (AMX-INT8 / VNNI) with activations quantized per token.
 torch_ms: stock torch in the same run, looping over active experts as an unfused MoE does, on its own copy of
 min(E, 16) experts: decode times the format family's path (torch._weight_int8pack_mm for int8,
 aten._weight_int4pack_mm_for_cpu for int4, F.linear for bf16) and scales it to the number of distinct experts
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 from tandem.kernels import cpu as K
 
 SHAPES = {"deepseek-v3": (7168, 2048, 256, 8), "qwen3-30b-a3b": (2048, 768, 128, 8)}
-TORCH_FAMILY = {"bf16": "bf16", "int8": "int8", "q8_0": "int8", "int4_g32": "int4", "int4_g128": "int4",
-                "q4_0": "int4", "q4_k": "int4", "q5_k": "int4", "q6_k": "int8"}
+TORCH_FAMILY = {"bf16": "bf16", "int8": "int8", "int8_row": "int8", "q8_0": "int8", "int4_g32": "int4",
+                "int4_g128": "int4", "q4_0": "int4", "q4_k": "int4", "q5_k": "int4", "q6_k": "int8"}
 
 
 def machine() -> str:
@@ -188,8 +189,7 @@ def run(args) -> dict:
             return [torch_moe[f] for f in fams]
 
         for fmt in args.formats.split(","):
-            blck, nbytes = K.BLOCKS[K.FORMATS[fmt]]
-            expert_bytes = 3 * H * I // blck * nbytes
+            expert_bytes = 2 * I * K.row_bytes(fmt, H) + H * K.row_bytes(fmt, I)
             E = max(k, min(E_model, int(mem_gb * 1e9 // expert_bytes)))
             w = make_experts(fmt, H, I, E, layers=max(1, int(mem_gb * 1e9 // (E * expert_bytes))))
             prefill = [] if args.no_prefill else [512] if args.quick else [512, 2048]

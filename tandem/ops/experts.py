@@ -7,7 +7,10 @@ Backends (registry names):
   fp32 -> fp32; fp16 -> fp32, which holds fp16 values exactly, bf16 would drop 3 mantissa bits), so it equals
   the reference up to float summation order. `weight_format: int8 | int4_g32 | int4_g128` (or `int4` with
   `group_size: 32 | 128`) quantizes at load (opt-in; the integer formats also quantize activations to int8 per
-  block). From a GGUF file, experts stored in a block type the kernel runs (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, F32,
+  block). `weight_format: int8_row` (one scale per output row, converted in C++ on the kernel's threads) runs
+  prefill on int8 GEMMs (AMX-INT8 where the CPU has it) with activations quantized to int8 per token; its
+  weights live in kernel memory and have no `blocks()`, so a layer-wise GPU prefill leaves such layers on the
+  CPU. From a GGUF file, experts stored in a block type the kernel runs (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, F32,
   BF16) are used as the file's blocks, never dequantized; other types are converted once at load (see
   `convert_target`), with one log line. `threads` sets the kernel's thread pool (one per process).
 
@@ -51,6 +54,7 @@ from tandem.ops.registry import BACKENDS, resolve
 log = logging.getLogger(__name__)
 
 ROLES = ("gate", "up", "down")
+ROW_FORMATS = ("int8_row",)  # converted by the kernel into its memory: one scale per row, no GPU layout
 
 
 @dataclass
@@ -194,7 +198,7 @@ def requested_format(weight_format, group_size, name: str) -> str | None:
         fmt = f"int4_g{group_size or 32}"
     elif group_size is not None and fmt != f"int4_g{group_size}" and not (fmt == "int8" and group_size == 32):
         raise ValueError(f"{name}: group_size {group_size} does not fit weight_format {weight_format}")
-    quantizable = ("int8", "int4_g32", "int4_g128", "bf16", "fp32")
+    quantizable = ("int8", "int4_g32", "int4_g128", "int8_row", "bf16", "fp32")
     if fmt not in quantizable:
         raise ValueError(f"{name}: weight_format {weight_format!r} is not one experts.cpu converts to "
                          f"({', '.join(quantizable)}; GGUF block formats are used as a GGUF file stores them)")
@@ -261,6 +265,8 @@ class CpuExperts:
         if threads is not None and int(threads) != cpu.num_threads():
             cpu.set_num_threads(int(threads))  # one pool per process: the last rule that sets it wins
         fmt = requested_format(weight_format, group_size, w.name)
+        if fmt in ROW_FORMATS:
+            return cls._from_rows(w, fmt)
         parts, origins = [], []
         for p, (_, cols) in enumerate(w.shapes):
             stored = w.stored[p] if w.stored is not None else None
@@ -283,10 +289,28 @@ class CpuExperts:
         kernel = cpu.MoEExperts.from_gguf_blocks(*(b for _, b in parts), types, w.n_experts, I, D)
         return cls(kernel, w.dtype, ", ".join(dict.fromkeys(origins)), tuple(b for _, b in parts))
 
-    def blocks(self) -> tuple:
-        """(format, gate [E, I, row_bytes], up [E, I, row_bytes], down [E, D, row_bytes]): uint8 views of the
-        weights as the kernel reads them (layouts of csrc/tandem/quants.h), for streaming them to a GPU.
-        format is one name (kernels.cpu.FORMATS), or a (gate, up, down) triple when they differ."""
+    @classmethod
+    def _from_rows(cls, w: ExpertWeights, fmt: str) -> CpuExperts:
+        """Experts converted by the kernel into its own memory (the C++ quantizer on the pool's threads)."""
+        stacks = [f if f.dtype in (torch.float32, torch.bfloat16) else f.float() for f in w.floats("cpu")]
+        try:
+            kernel = _kernel().MoEExperts.from_weights(*stacks, fmt)
+        except ValueError as e:
+            raise ValueError(f"{w.name}: weight_format {fmt} does not fit these experts: {e}") from None
+        return cls(kernel, w.dtype, "converted at load")
+
+    @property
+    def blocks(self):
+        """blocks() -> (format, gate [E, I, row_bytes], up [E, I, row_bytes], down [E, D, row_bytes]): uint8
+        views of the weights as the kernel reads them (layouts of csrc/tandem/quants.h), for streaming them to a
+        GPU. format is one name (kernels.cpu.FORMATS), or a (gate, up, down) triple when they differ. Absent
+        (AttributeError) when the kernel converted the weights into its own memory (int8_row): no GPU kernel
+        reads that format."""
+        if not self.buffers:
+            raise AttributeError(f"experts.cpu: {self.fmt[0]} weights live in kernel memory, no blocks to stream")
+        return self._blocks
+
+    def _blocks(self) -> tuple:
         k = self.kernel
         shapes = ((k.E, k.I), (k.E, k.I), (k.E, k.H))
         views = tuple(b.view(torch.uint8).reshape(*s, -1) for b, s in zip(self.buffers, shapes))

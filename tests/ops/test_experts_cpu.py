@@ -148,6 +148,23 @@ def test_weight_format_error_is_measured(fmt):
     assert lo <= err <= hi, f"{fmt}: relative error {err:.4f}"
 
 
+def test_int8_row_is_converted_by_the_kernel_and_not_streamed():
+    """weight_format int8_row: one scale per row, converted in C++ into kernel memory; its error is int8's order
+    (decode: activations per 32; many tokens per expert: the int8 GEMM, activations per token -- at dim 128,
+    hidden 256 about 1.5-2.5%); no blocks(), so the GPU streamer's cpu_blocks leaves the layer on the CPU."""
+    ex = experts(n=4, dim=128, hidden=256)
+    x, ids, w = routing(33, 4, dim=128)
+    b = make_op(ex, torch.float32, weight_format="int8_row").backends["generate"]
+    assert b.fmt == ("int8_row",) * 3 and b.origin == "converted at load" and not hasattr(b, "blocks")
+    ref = reference64(ex, x, ids, w, torch.float32)
+    assert rel(b.forward(x, ids, w), ref) < 0.03
+    from tandem.gpu.transfer import cpu_blocks
+
+    assert cpu_blocks(b) is None
+    with pytest.raises(ValueError, match=f"{NAME}: weight_format int8_row does not fit these experts"):
+        make_op(experts(dim=128, hidden=96), torch.float32, weight_format="int8_row")  # rows of 96 values
+
+
 def test_int4_with_group_size_and_bad_formats():
     ex = experts(n=4, dim=128, hidden=256)
     assert make_op(ex, torch.float32, weight_format="int4", group_size=128).backends["generate"].fmt[0] == "int4_g128"
