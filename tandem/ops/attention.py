@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from tandem.gpu import paged_attention
-from tandem.models.attention import Batch
+from tandem.models.attention import Attention, Batch
 from tandem.models.deepseek import MLAttention
 from tandem.ops.base import DeviceOp, LoadContext, OpConfig, load_own_tensors, swap_class
 
 
-class AttentionOp(DeviceOp):
+class PagedDecode(nn.Module):
+    """Mixed under grouped-query attention (as an `attention` operator or placed by `default`)."""
+
     def attend_batch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Grouped-query attention's batch step: the Triton paged decode on a GPU, the module's own elsewhere."""
         meta = batch.paged
@@ -30,6 +32,15 @@ class AttentionOp(DeviceOp):
         paged_attention.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         return paged_attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                                 meta.block_size, self.scale)
+
+
+class AttentionOp(PagedDecode, DeviceOp):
+    pass
+
+
+def place_default(module: Attention, cfg: OpConfig, ctx: LoadContext) -> nn.Module:
+    """A `default`-placed grouped-query attention: left to its children's placement, decoding with the kernel."""
+    return swap_class(module, PagedDecode, cfg, ctx)
 
 
 def build(module: nn.Module, cfg: OpConfig, ctx: LoadContext) -> nn.Module:

@@ -139,7 +139,8 @@ def build_device_op(module: nn.Module, cfg: OpConfig, ctx: LoadContext) -> nn.Mo
 
     A `default` container with no tensors of its own (a decoder layer, a ModuleList) is left untouched: its
     children run where they are placed, and moving its input would only add a copy. A `default` RMSNorm or
-    RotaryEmbedding becomes the norm / rope operator (fused kernels on a GPU, the same results on the CPU).
+    RotaryEmbedding becomes the norm / rope operator (fused kernels on a GPU, the same results on the CPU); a
+    `default` grouped-query attention decodes with the paged Triton kernel on a GPU (tandem.ops.attention).
     """
     if cfg.op == "default":
         from tandem.ops.registry import OPS, resolve  # imported here: the registry's operators import this module
@@ -147,6 +148,10 @@ def build_device_op(module: nn.Module, cfg: OpConfig, ctx: LoadContext) -> nn.Mo
         for spec in (OPS["norm"], OPS["rope"]):
             if isinstance(module, spec.targets):
                 return resolve(spec.build)(module, cfg, ctx)
+        if isinstance(module, OPS["attention"].targets):
+            from tandem.ops.attention import place_default
+
+            return place_default(module, cfg, ctx)
     load_own_tensors(module, cfg.name, cfg.generate_device, ctx)
     if cfg.op == "default" and not has_own_tensors(module):
         return module

@@ -221,20 +221,22 @@ class HybridMoE(DeviceOp):
             self._hot_gpu = GpuExperts.from_weights(b.gate, b.up, b.down, b.act, x.device, weight_format=fmt)
         return self._hot_gpu.forward(x, local, w)
 
-    def _fused_router(self) -> bool:
-        """Whether the router's softmax / top-k runs inside the staging kernel (TopKRouter, no hot experts)."""
+    def _fused_router(self, x: torch.Tensor) -> bool:
+        """Whether the router's softmax / top-k runs inside the staging kernel: a TopKRouter (as it is or only
+        placed) on x's device, no hot experts."""
         from tandem.gpu import staging
 
         gate = self.gate
-        return (staging.ENABLED and getattr(self.experts, "hot", None) is None and type(gate).forward is
-                TopKRouter.forward and gate.weight.shape[0] <= staging.MAX_EXPERTS)
+        return (staging.ENABLED and isinstance(gate, TopKRouter) and getattr(self.experts, "hot", None) is None
+                and type(gate).forward in (TopKRouter.forward, DeviceOp.forward) and gate.weight.device == x.device
+                and gate.weight.shape[0] <= staging.MAX_EXPERTS)
 
     def _route_and_stage(self, x: torch.Tensor, for_graph: bool):
         """Router, then x / ids / weights into the pinned buffers: (staging, hot experts' local ids, weights)."""
         from tandem.gpu import staging
 
         n = x.shape[0]
-        if self._fused_router():
+        if self._fused_router(x):
             st = self.pool.get(n, x.shape[1], self.gate.top_k, kernel_dtype(x.dtype), for_graph)
             logits = F.linear(x, self.gate.weight)
             staging.route_out(x, logits, self.gate.top_k, self.gate.norm_topk_prob, st.x, st.ids, st.weights)
