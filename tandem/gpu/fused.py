@@ -74,6 +74,56 @@ if triton is not None:
         tl.store(dst + i2[None, :], (x2 * cos + x1 * sin).to(ty), mask=mask)
 
 
+    @triton.jit
+    def _norm_rope_rows(x_ptr, w_ptr, out_ptr, pos_ptr, inv_ptr, p, R, H, stride_n, stride_h, inv_d, eps, scale,
+                        HALF: tl.constexpr, NORM: tl.constexpr, INTERLEAVED: tl.constexpr, PRECISE: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+        """Block p of rows (token n, head h) of x [N, H, 2 HALF]: RMSNorm over the head (NORM), then RoPE."""
+        rows = p * BLOCK_R + tl.arange(0, BLOCK_R)
+        j = tl.arange(0, BLOCK_J)
+        valid_r = rows < R
+        mask = valid_r[:, None] & (j[None, :] < HALF)
+        n, h = rows // H, rows % H
+        if INTERLEAVED:
+            i1, i2 = 2 * j, 2 * j + 1
+        else:
+            i1, i2 = j, j + HALF
+        src = x_ptr + (n.to(tl.int64) * stride_n + h.to(tl.int64) * stride_h)[:, None]
+        x1 = tl.load(src + i1[None, :], mask=mask, other=0.0)
+        x2 = tl.load(src + i2[None, :], mask=mask, other=0.0)
+        ty = out_ptr.dtype.element_ty
+        y1, y2 = x1.to(tl.float32), x2.to(tl.float32)
+        if NORM:  # as _rms_norm_kernel: rounded to x's dtype, times the weight, rounded to the output's
+            inv_rms = tl.rsqrt((tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1)) * inv_d + eps)
+            w1 = tl.load(w_ptr + i1, mask=j < HALF, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + i2, mask=j < HALF, other=0.0).to(tl.float32)
+            y1 = ((y1 * inv_rms[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]).to(ty).to(tl.float32)
+            y2 = ((y2 * inv_rms[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]).to(ty).to(tl.float32)
+        pos = tl.load(pos_ptr + n, mask=valid_r, other=0)
+        freqs = pos.to(tl.float32)[:, None] * tl.load(inv_ptr + j, mask=j < HALF, other=0.0)[None, :]
+        if PRECISE:
+            cos, sin = libdevice.cos(freqs) * scale, libdevice.sin(freqs) * scale
+        else:
+            cos, sin = tl.cos(freqs) * scale, tl.sin(freqs) * scale
+        dst = out_ptr + rows[:, None].to(tl.int64) * (2 * HALF)
+        tl.store(dst + i1[None, :], (y1 * cos - y2 * sin).to(ty), mask=mask)
+        tl.store(dst + i2[None, :], (y2 * cos + y1 * sin).to(ty), mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, oq_ptr, ok_ptr, pos_ptr, inv_ptr, RQ, RK, HQ, HK,
+                             sqn, sqh, skn, skh, PQ, inv_d, eps, scale, HALF: tl.constexpr, NORM: tl.constexpr,
+                             INTERLEAVED: tl.constexpr, PRECISE: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_J: tl.constexpr):
+        """Programs [0, PQ) take q's rows, the rest k's: both heads' norm and rotation in one launch."""
+        p = tl.program_id(0)
+        if p < PQ:
+            _norm_rope_rows(q_ptr, wq_ptr, oq_ptr, pos_ptr, inv_ptr, p, RQ, HQ, sqn, sqh, inv_d, eps, scale, HALF,
+                            NORM, INTERLEAVED, PRECISE, BLOCK_R, BLOCK_J)
+        else:
+            _norm_rope_rows(k_ptr, wk_ptr, ok_ptr, pos_ptr, inv_ptr, p - PQ, RK, HK, skn, skh, inv_d, eps, scale,
+                            HALF, NORM, INTERLEAVED, PRECISE, BLOCK_R, BLOCK_J)
+
+
 def _tile(rows: int, block_cols: int) -> tuple[int, int]:
     """(rows per program, warps): up to 4096 values per program (short rows, the q/k heads, share one), ~32 per
     thread; a wider row is one program of up to 16 warps."""
@@ -125,3 +175,35 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale
                            float(scale), HALF=d // 2, INTERLEAVED=bool(interleaved), PRECISE=_PRECISE_TRIG,
                            BLOCK_R=block_r, BLOCK_J=block_j, num_warps=warps, enable_fp_fusion=False)
     return out
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor | None, wk: torch.Tensor | None, eps: float,
+                 positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
+                 interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope(rms_norm(q, wq)), rope(rms_norm(k, wk)) in one launch (no norm when wq is None): q [N, H, d], k [N, Hk,
+    d], rows possibly strided (views of one q/k/v projection) -> contiguous tensors; the results of rms_norm then
+    rope, step by step."""
+    d = q.shape[-1]
+    if q.dim() != 3 or k.dim() != 3 or k.shape[-1] != d or d != 2 * inv_freq.numel() or q.shape[0] != k.shape[0]:
+        raise ValueError(f"qk_norm_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [N, heads, "
+                         f"{2 * inv_freq.numel()}]")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    norm = wq is not None
+    ty = torch.promote_types(q.dtype, wq.dtype) if norm else q.dtype
+    oq = torch.empty(q.shape, dtype=ty, device=q.device)
+    ok = torch.empty(k.shape, dtype=ty, device=k.device)
+    n, hq, hk = q.shape[0], q.shape[1], k.shape[1]
+    if n == 0:
+        return oq, ok
+    block_j = max(8, triton.next_power_of_2(d // 2))
+    block_r, warps = _tile(n * max(hq, hk), 2 * block_j)
+    pq = triton.cdiv(n * hq, block_r)
+    grid = (pq + triton.cdiv(n * hk, block_r),)
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        _qk_norm_rope_kernel[grid](q, k, wq if norm else q, wk if norm else k, oq, ok, positions,
+                                   inv_freq.float().contiguous(), n * hq, n * hk, hq, hk, q.stride(0), q.stride(1),
+                                   k.stride(0), k.stride(1), pq, 1.0 / d, eps, float(scale), HALF=d // 2, NORM=norm,
+                                   INTERLEAVED=bool(interleaved), PRECISE=_PRECISE_TRIG, BLOCK_R=block_r,
+                                   BLOCK_J=block_j, num_warps=warps, enable_fp_fusion=False)
+    return oq, ok

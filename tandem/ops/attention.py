@@ -11,16 +11,68 @@ Triton (tandem.gpu.paged_attention): two or three launches instead of the torch 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from tandem.gpu import paged_attention
+from tandem.gpu import fused, paged_attention
 from tandem.models.attention import Attention, Batch
 from tandem.models.deepseek import MLAttention
+from tandem.models.layers import RMSNorm, RotaryEmbedding
 from tandem.ops.base import DeviceOp, LoadContext, OpConfig, load_own_tensors, swap_class
 
 
-class PagedDecode(nn.Module):
-    """Mixed under grouped-query attention (as an `attention` operator or placed by `default`)."""
+class GQAKernels(nn.Module):
+    """Mixed under grouped-query attention (as an `attention` operator or placed by `default`). On a GPU: q, k and v
+    as one GEMM (the three weights become views of one [Hq + 2 Hkv, D] tensor on the first eager call), q/k norms
+    and RoPE in one launch (tandem.gpu.fused.qk_norm_rope), the paged decode in Triton. Elsewhere, or when the
+    projections are not plain linears on x's device, the module's own forward."""
+
+    _qkv: tuple | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
+        qkv = self._fused_qkv(x) if x.is_cuda and fused.ENABLED and isinstance(self, Attention) else None
+        if qkv is None:
+            return super().forward(x, positions, batch)
+        n, d = x.shape[0], self.head_dim
+        hq, hk = self.n_heads * d, self.n_kv_heads * d
+        y = F.linear(x, *qkv)
+        q, k = y[:, :hq].view(n, self.n_heads, d), y[:, hq : hq + hk].view(n, self.n_kv_heads, d)
+        v = y[:, hq + hk :].view(n, self.n_kv_heads, d)
+        rope = self.rotary_emb
+        norm = hasattr(self, "q_norm")
+        q, k = fused.qk_norm_rope(q, k, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                                  self.q_norm.eps if norm else 0.0, positions.to(x.device),
+                                  rope.inv_freq.to(x.device), rope.scale, rope.interleaved)
+        return self.o_proj(self.attend_batch(q, k, v, batch).reshape(n, -1))
+
+    def _fused_qkv(self, x: torch.Tensor) -> tuple | None:
+        """(weight, bias) of q/k/v as one linear, made once (on an eager call) when all three are plain linears of
+        x's dtype, the norms RMSNorms of one eps and the rope a RotaryEmbedding, all on x's device; else None."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        norms = [m for m in (getattr(self, "q_norm", None), getattr(self, "k_norm", None)) if m is not None]
+        if any(t.device != x.device for t in (*(p.weight for p in projs), *(m.weight for m in norms))):
+            return None
+        if self._qkv is not None:
+            return self._qkv or None
+        plain = all(isinstance(p, nn.Linear) and type(p).forward in (nn.Linear.forward, DeviceOp.forward)
+                    and p.weight.dtype == x.dtype for p in projs)
+        norms_ok = all(isinstance(m, RMSNorm) and m.eps == norms[0].eps for m in norms)
+        if not (plain and len({p.bias is None for p in projs}) == 1 and norms_ok
+                and isinstance(self.rotary_emb, RotaryEmbedding)):
+            self._qkv = ()
+            return None
+        if torch.cuda.is_current_stream_capturing():
+            return None  # built on an eager call (the engine's warm-up), never inside a capture
+        sizes = [p.weight.shape[0] for p in projs]
+        with torch.no_grad(), torch.inference_mode(False):
+            w = torch.cat([p.weight.detach() for p in projs])
+            b = None if self.q_proj.bias is None else torch.cat([p.bias.detach() for p in projs])
+            for p, pw in zip(projs, w.split(sizes)):  # the projections keep views: no second copy of the weights
+                p.weight.data = pw
+            for p, pb in zip(projs, b.split(sizes) if b is not None else ()):
+                p.bias.data = pb
+        self._qkv = (w, b)
+        return self._qkv
 
     def attend_batch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Grouped-query attention's batch step: the Triton paged decode on a GPU, the module's own elsewhere."""
@@ -34,13 +86,13 @@ class PagedDecode(nn.Module):
                                                 meta.block_size, self.scale)
 
 
-class AttentionOp(PagedDecode, DeviceOp):
+class AttentionOp(GQAKernels, DeviceOp):
     pass
 
 
 def place_default(module: Attention, cfg: OpConfig, ctx: LoadContext) -> nn.Module:
     """A `default`-placed grouped-query attention: left to its children's placement, decoding with the kernel."""
-    return swap_class(module, PagedDecode, cfg, ctx)
+    return swap_class(module, GQAKernels, cfg, ctx)
 
 
 def build(module: nn.Module, cfg: OpConfig, ctx: LoadContext) -> nn.Module:

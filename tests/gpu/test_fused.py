@@ -166,3 +166,60 @@ def test_default_norm_and_rope_on_a_gpu_run_the_fused_kernels():
     assert torch.equal(norm(x), fused.rms_norm(x, norm.weight, 1e-6))
     assert torch.equal(rope(x, pos), fused.rope(x, pos, rope.inv_freq, rope.scale, True))
     assert rope.scale != 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("n,hq,hk,d", [(1, 32, 4, 128), (37, 16, 2, 64), (5, 8, 8, 96)])
+def test_qk_norm_rope_is_norm_then_rope(dtype, interleaved, norm, n, hq, hk, d):
+    """One launch for both heads' norms and rotations, on strided views of one projection, equals the two fused
+    kernels one after the other: bit-equal but for the norm's sum order (two half sums: the rms_norm tolerance)."""
+    torch.manual_seed(n * 100 + hq + d)
+    y = torch.randn(n, (hq + 2 * hk) * d, device=DEV).to(dtype)
+    q, k = y[:, : hq * d].view(n, hq, d), y[:, hq * d : (hq + hk) * d].view(n, hk, d)
+    wq, wk = (torch.rand(d, device=DEV).add(0.5).to(dtype) for _ in range(2))
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device=DEV).float() / d)
+    pos = torch.randint(0, 40000, (n,), device=DEV)
+    oq, ok = fused.qk_norm_rope(q, k, wq if norm else None, wk if norm else None, 1e-6, pos, inv, 1.0, interleaved)
+    for out, x, w in ((oq, q, wq), (ok, k, wk)):
+        normed = fused.rms_norm(x, w, 1e-6) if norm else x
+        ref = fused.rope(normed, pos, inv, 1.0, interleaved)
+        if not norm:
+            assert torch.equal(out, ref)
+            continue
+        # a normed value one step off (sum order) moves both rotated values of its pair by up to one step of the
+        # head's largest normed value, then the output rounds: 2 steps of that plus 1.5 of the output's own
+        head_max = normed.float().abs().amax(-1, keepdim=True)
+        bound = (2 * step(head_max, dtype) + 1.5 * step(ref, dtype) if dtype != torch.float32
+                 else head_max * 2**-19)
+        check(out, ref, bound)
+
+
+@pytest.mark.skipif(not fused.ENABLED, reason="TANDEM_FUSED=0")
+@pytest.mark.parametrize("qk_norm,bias", [(True, False), (False, True)])
+def test_gqa_kernels_match_the_module(qk_norm, bias):
+    """A GQA module on the GPU with q/k/v fused into one GEMM and the q/k norm + rope launch equals its own forward
+    (three GEMMs, separate norm and rope) within a few bf16 steps (cuBLAS sums one GEMM's rows in another order),
+    and the projections keep views of the fused weight (no second copy)."""
+    from tandem.models.attention import Attention, Batch
+    from tandem.ops.attention import GQAKernels
+
+    torch.manual_seed(11)
+    rope = RotaryEmbedding(64, {"rope_type": "default", "rope_theta": 1000000.0}, 4096)
+    attn = Attention(0, 512, 8, 2, 64, rope, qkv_bias=bias, qk_norm_eps=1e-6 if qk_norm else None)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    attn = attn.to(DEV, torch.bfloat16)
+    x = torch.randn(6, 512, device=DEV, dtype=torch.bfloat16)
+    batch = Batch.single(6)
+    pos = batch.positions(DEV)
+    with torch.no_grad():
+        ref = attn(x, pos, batch)
+        attn.__class__ = type("GQA", (GQAKernels, Attention), {})
+        out = attn(x, pos, batch)
+    w, _ = attn._qkv
+    assert attn.q_proj.weight.data_ptr() == w.data_ptr() and attn.v_proj.weight.untyped_storage().data_ptr() == (
+        w.untyped_storage().data_ptr())
+    torch.testing.assert_close(out, ref, rtol=0.03, atol=0.03 * ref.abs().max().item())
+    assert (out == ref).float().mean().item() > 0.5
