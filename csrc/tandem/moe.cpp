@@ -90,6 +90,16 @@ bool gemm_overlap_on() {
   return on;
 }
 
+// GEMM down items per thread, at least (TANDEM_CPU_DOWN_ITEMS, 1..8, default 4; for measuring): fewer, larger
+// items re-read each GEMM expert's packed h fewer times.
+int down_items_per_thread() {
+  static const int n = [] {
+    const char* env = std::getenv("TANDEM_CPU_DOWN_ITEMS");
+    return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : 4;
+  }();
+  return n;
+}
+
 // TANDEM_CPU_PROFILE=1: each forward prints per-phase wall times (mean / max over threads) to stderr.
 bool profile_on() {
   static const bool on = env_flag("TANDEM_CPU_PROFILE", false);
@@ -365,7 +375,7 @@ class MoEJob : public Job {
     // Phase 2 items: chunks of H rows. With GEMM experts, whole panels in balanced items (each item reads
     // every GEMM expert's packed h once, from L3); else about 8 per thread of the shard.
     if (max_ntg)  // >= 4 per thread: a thread slowed by a neighbour on its core holds the others up less
-      chunk2_ = kGemmRows * balanced_chunk(H / kGemmRows, per_shard_threads, 4);
+      chunk2_ = kGemmRows * balanced_chunk(H / kGemmRows, per_shard_threads, down_items_per_thread());
     else
       chunk2_ = (int)std::max<size_t>(16, round_up(H / (8 * per_shard_threads), 16));
     n_items2_.assign(S_, T > 0 ? (H + chunk2_ - 1) / chunk2_ : 0);  // also with no active expert: zero out
