@@ -148,8 +148,10 @@ class Engine:
             paged = PagedMeta.build(tables, starts, qlens, self.cache.block_size) if self.paged else None
             batch = Batch(qlens, starts, bound, paged)
             hidden = self.model(ids, batch.positions(self.device), batch)
-        last = torch.tensor(qlens).cumsum(0) - 1
-        return self._to_host(self.model.compute_logits(hidden[last.to(hidden.device)]))  # [B, V]
+        if max(qlens) > 1:  # each sequence's last row; a decode step's rows are already one per sequence (and a
+            # pageable index copied to the GPU would wait for the whole step, idling the GPU before the LM head)
+            hidden = hidden[(torch.tensor(qlens).cumsum(0) - 1).to(hidden.device)]
+        return self._to_host(self.model.compute_logits(hidden))  # [B, V]
 
     def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.device.type != "cuda" or not self.config.blocking_wait:
