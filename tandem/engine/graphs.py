@@ -114,9 +114,26 @@ def capture_blockers(decoder: nn.Module, device: torch.device) -> list[str]:
 @dataclass
 class DecodeGraph:
     graph: torch.cuda.CUDAGraph
-    meta: PagedMeta  # static metadata on the device
+    meta: PagedMeta  # static metadata on the device: views of `flat`
+    flat: torch.Tensor  # [M] int64 on the device: every metadata tensor, one copy per step fills it
+    staging: torch.Tensor  # [M] int64, pinned: the step's metadata packed on the host
     h: torch.Tensor  # [B, D] static input hidden states
     out: torch.Tensor  # [B, D] static output
+
+
+def packed(meta: PagedMeta) -> torch.Tensor:
+    """The metadata tensors of `meta`, flattened into one int64 row in PagedMeta.TENSORS order."""
+    return torch.cat([getattr(meta, name).reshape(-1).long() for name in PagedMeta.TENSORS])
+
+
+def unpacked(flat: torch.Tensor, like: PagedMeta) -> PagedMeta:
+    """A PagedMeta whose tensors are views of `flat`, shaped like `like`'s."""
+    views, at = {}, 0
+    for name in PagedMeta.TENSORS:
+        t = getattr(like, name)
+        views[name] = flat[at : at + t.numel()].view(t.shape)
+        at += t.numel()
+    return PagedMeta(**views, max_qlen=1, block_size=like.block_size, fresh=False)
 
 
 class GraphRunner:
@@ -172,8 +189,8 @@ class GraphRunner:
         g = self.graphs.get((bucket, width))
         if g is None:
             return self.capture(bucket, width, meta, h, n)
-        for name in PagedMeta.TENSORS:
-            getattr(g.meta, name).copy_(getattr(meta, name), non_blocking=True)
+        torch.cat([getattr(meta, name).reshape(-1) for name in PagedMeta.TENSORS], out=g.staging)
+        g.flat.copy_(g.staging, non_blocking=True)  # one pinned copy (the last step's logits wait freed it)
         g.h[:n].copy_(h, non_blocking=True)
         g.graph.replay()
         self.replays += 1
@@ -182,8 +199,8 @@ class GraphRunner:
     def capture(self, bucket: int, width: int, meta: PagedMeta, h: torch.Tensor, n: int) -> torch.Tensor | None:
         """Run this step eagerly on static buffers (sync-checked), then capture it for the next ones."""
         decoder, dev = self.model.model, self.device
-        static = PagedMeta(**{k: getattr(meta, k).to(dev) for k in PagedMeta.TENSORS}, max_qlen=1,
-                           block_size=meta.block_size, fresh=False)
+        flat = packed(meta).to(dev)
+        static = unpacked(flat, meta)
         h_in = torch.zeros((bucket, h.shape[1]), dtype=h.dtype, device=dev)
         h_in[:n].copy_(h)
         starts = (meta.context_lens - 1).tolist()
@@ -206,6 +223,7 @@ class GraphRunner:
         except Exception as e:  # any failure means: not capturable, decode eagerly
             self.off(f"capture of batch {bucket} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             return None
-        self.graphs[(bucket, width)] = DecodeGraph(graph, static, h_in, out)
+        staging = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        self.graphs[(bucket, width)] = DecodeGraph(graph, static, flat, staging, h_in, out)
         log.debug("captured a decode graph for batch %d, %d blocks per sequence", bucket, width)
         return result[:n]
