@@ -197,7 +197,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor | None, wk: 
     if n == 0:
         return oq, ok
     block_j = max(8, triton.next_power_of_2(d // 2))
-    block_r, warps = _tile(n * max(hq, hk), 2 * block_j)
+    # ~512 values per program (the norm and rotation keep ~10 fp32 copies of a tile: larger ones spill)
+    block_r, warps = min(triton.next_power_of_2(n * max(hq, hk)), max(1, 256 // block_j)), 4
     pq = triton.cdiv(n * hq, block_r)
     grid = (pq + triton.cdiv(n * hk, block_r),)
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
