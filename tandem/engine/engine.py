@@ -13,7 +13,7 @@ import torch
 
 from tandem.engine.graphs import GraphRunner, model_devices
 from tandem.engine.kv_cache import KVCache
-from tandem.engine.sampling import apply_penalties, sample
+from tandem.engine.sampling import apply_penalties, plain_greedy, sample
 from tandem.engine.sequence import Sequence
 from tandem.engine.text import TextStream
 from tandem.models.attention import Batch, PagedMeta
@@ -151,9 +151,13 @@ class Engine:
         if max(qlens) > 1:  # each sequence's last row; a decode step's rows are already one per sequence (and a
             # pageable index copied to the GPU would wait for the whole step, idling the GPU before the LM head)
             hidden = hidden[(torch.tensor(qlens).cumsum(0) - 1).to(hidden.device)]
-        return self._to_host(self.model.compute_logits(hidden))  # [B, V]
+        logits = self.model.compute_logits(hidden)  # [B, V]
+        if logits.is_cuda and all(plain_greedy(s.params) for s in seqs):
+            return self._to_host(logits.argmax(-1))  # [B] token ids: 8 bytes a row to the host, not the vocabulary
+        return self._to_host(logits)
 
     def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
+        """A GPU step's logits (or token ids) on the host, waited for as EngineConfig.blocking_wait says."""
         if logits.device.type != "cuda" or not self.config.blocking_wait:
             return logits.cpu()
         out = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
@@ -170,7 +174,10 @@ class Engine:
             if seq.cached < len(seq.tokens):
                 continue  # a prefill chunk, not the prompt's end
             p = seq.params
-            token = sample(apply_penalties(row.clone(), p, seq.prompt, seq.output), p, seq.generator)
+            if row.dim() == 0:  # the GPU's argmax (plain greedy)
+                token = int(row)
+            else:
+                token = sample(apply_penalties(row.clone(), p, seq.prompt, seq.output), p, seq.generator)
             if seq.first_token_s is None:
                 seq.first_token_s = time.perf_counter()
             self._append(seq, token)

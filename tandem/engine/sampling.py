@@ -43,6 +43,11 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+def plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with no penalty: the token is the logits' argmax, wherever they are."""
+    return p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+
+
 def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
     """logits [V] float32 with the repetition, presence and frequency penalties of `p` applied."""
     if p.repetition_penalty != 1.0 and (prompt or output):
