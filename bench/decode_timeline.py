@@ -62,7 +62,7 @@ def summarize(segs: list[list[dict]]) -> dict:
              "copies": sum(e["cat"] != "kernel" for e in s), "busy_us": round(sum(e["dur"] for e in s), 1),
              "gaps_us": round(sum(e["gap"] for e in s), 1), "idle_before_us": round(s[0]["idle"], 1)} for s in segs]
     inner = segs[1:-1] or segs  # between two layers' experts: the repeating unit
-    return {"segments": rows, "middle": max(inner, key=len) if inner else []}
+    return {"segments": rows, "middle": max(inner, key=len) if inner else [], "all": segs}
 
 
 def child(spec: str, root: Path, gap_us: float) -> dict:
@@ -103,7 +103,7 @@ def child(spec: str, root: Path, gap_us: float) -> dict:
     return {"model": spec, "graphs": engine.graphs is not None and engine.graphs.replays, **summarize(step)}
 
 
-def table(name: str, r: dict) -> str:
+def table(name: str, r: dict, every: bool = False) -> str:
     lines = [f"### {name} ({r['model']}, graph replays {r['graphs']})", "",
              "| segment | idle before (host node) us | ops | kernels | copies | GPU busy us | gaps inside us |",
              "|---|---|---|---|---|---|---|"]
@@ -112,6 +112,8 @@ def table(name: str, r: dict) -> str:
                      f"{s['gaps_us']} |")
     lines += ["", "middle segment, in order (us):", "", "| op | dur | gap before |", "|---|---|---|"]
     lines += [f"| {e['name']} | {e['dur']:.1f} | {e['gap']:.1f} |" for e in r["middle"]]
+    for i, seg in enumerate(r["all"] if every else []):
+        lines += ["", f"segment {i}: " + ", ".join(f"{e['name']} {e['dur']:.1f}" for e in seg)]
     return "\n".join(lines)
 
 
@@ -121,6 +123,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/tandem-e2e")
     ap.add_argument("--variants", default="base,memcpy")
     ap.add_argument("--gap-us", type=float, default=40.0)
+    ap.add_argument("--all-ops", action="store_true", help="also list every segment's ops")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -140,7 +143,7 @@ def main() -> None:
             results[v] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"}
             continue
         results[v] = json.loads(p.stdout.strip().splitlines()[-1])
-        print(table(v, results[v]) + "\n", flush=True)
+        print(table(v, results[v], args.all_ops) + "\n", flush=True)
     if args.json:
         print(json.dumps(results))
 
