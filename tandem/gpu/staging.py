@@ -102,6 +102,70 @@ if triton is not None:
         tl.store(y_ptr + at, y, mask=cols < D)
 
 
+    @triton.jit
+    def _route_grouped_kernel(x_ptr, logits_ptr, bias_ptr, hx_ptr, hids_ptr, hw_ptr, D, E, K, TOPK_GROUP,
+                              stride_x, stride_l, scale_w, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              GROUPS: tl.constexpr, TOP2: tl.constexpr, RENORM: tl.constexpr,
+                              BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+                              PRECISE: tl.constexpr):
+        """DeepSeek's MoEGate after its fp32 GEMM, for row `row` (program (row, 0)); every program (row, c) also
+        moves x's c-th chunk. GROUPS > 1: the experts in GROUPS equal groups, of which TOPK_GROUP are kept by their
+        best score (TOP2: the sum of their two best, noaux_tc) before the top K."""
+        row, c = tl.program_id(0), tl.program_id(1)
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        xv = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=cols < D)
+        tl.store(hx_ptr + row.to(tl.int64) * D + cols, xv.to(hx_ptr.dtype.element_ty), mask=cols < D)
+        if c == 0:
+            e = tl.arange(0, BLOCK_E)
+            z = tl.load(logits_ptr + row.to(tl.int64) * stride_l + e, mask=e < E, other=float("-inf"))
+            if SIGMOID:
+                if PRECISE:
+                    sc = 1.0 / (1.0 + libdevice.exp(-z))
+                else:
+                    sc = 1.0 / (1.0 + tl.exp(-z))
+            else:
+                if PRECISE:
+                    sc = libdevice.exp(z - tl.max(z, 0))
+                else:
+                    sc = tl.exp(z - tl.max(z, 0))
+                sc = sc / tl.sum(sc, 0)
+            sc = tl.where(e < E, sc, 0.0)
+            choice = sc
+            if HAS_BIAS:
+                choice = choice + tl.load(bias_ptr + e, mask=e < E, other=0.0)
+            choice = tl.where(e < E, choice, float("-inf"))
+            if GROUPS > 1:
+                g2 = tl.reshape(choice, (GROUPS, BLOCK_E // GROUPS))
+                col = tl.arange(0, BLOCK_E // GROUPS)
+                best = tl.max(g2, 1)
+                if TOP2:  # the group's two best scores (the first best taken once)
+                    first = tl.min(tl.where(g2 == best[:, None], col[None, :], BLOCK_E), 1)
+                    best = best + tl.max(tl.where(col[None, :] == first[:, None], float("-inf"), g2), 1)
+                gi = tl.arange(0, GROUPS)
+                keep = gi < 0
+                for _ in range(TOPK_GROUP):
+                    top = tl.max(best, 0)
+                    pick = tl.min(tl.where(best == top, gi, GROUPS), 0)
+                    keep = keep | (gi == pick)
+                    best = tl.where(gi == pick, float("-inf"), best)
+                choice = tl.reshape(tl.where(keep[:, None], g2, float("-inf")), (BLOCK_E,))
+            slots = tl.arange(0, BLOCK_K)
+            top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+            top_i = tl.zeros([BLOCK_K], dtype=tl.int64)
+            for j in range(K):
+                m = tl.max(choice, 0)
+                idx = tl.min(tl.where(choice == m, e, BLOCK_E), 0)
+                top_w = tl.where(slots == j, tl.sum(tl.where(e == idx, sc, 0.0), 0), top_w)
+                top_i = tl.where(slots == j, idx.to(tl.int64), top_i)
+                choice = tl.where(e == idx, float("-inf"), choice)
+            if RENORM:
+                top_w = top_w / (tl.sum(tl.where(slots < K, top_w, 0.0), 0) + 1e-20)
+            top_w = top_w * scale_w
+            out = row.to(tl.int64) * K + slots
+            tl.store(hids_ptr + out, top_i, mask=slots < K)
+            tl.store(hw_ptr + out, top_w, mask=slots < K)
+
+
 def _on(device: torch.device):
     """Triton launches on the current CUDA device (nothing to set for the interpreter's CPU tensors)."""
     return torch.cuda.device(device) if torch.device(device).type == "cuda" else nullcontext()
@@ -155,3 +219,29 @@ def stage_in(h: torch.Tensor, dtype: torch.dtype, device: torch.device, *adds: t
         _stage_in_kernel[grid](h, a if a is not None else y, b if b is not None else y, y, d, HAS_A=a is not None,
                                HAS_B=b is not None, BLOCK=BLOCK_D, num_warps=4)
     return y
+
+
+def grouped_router_supported(n_experts: int, n_group: int) -> bool:
+    """Whether route_out_grouped takes this expert layout (a power-of-two count in equal power-of-two groups)."""
+    return (0 < n_experts <= MAX_EXPERTS and n_experts & (n_experts - 1) == 0 and n_group >= 1
+            and n_group & (n_group - 1) == 0 and n_experts % n_group == 0)
+
+
+def route_out_grouped(x: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor | None, *, sigmoid: bool,
+                      n_group: int, topk_group: int, top2: bool, top_k: int, renormalize: bool, scale: float,
+                      hx: torch.Tensor, hids: torch.Tensor, hw: torch.Tensor) -> None:
+    """DeepSeek's MoEGate (tandem.models.deepseek) from its fp32 logits [N, E]: scores (sigmoid or softmax), plus
+    bias for the choice, the best `topk_group` of `n_group` groups (n_group 1: no grouping), the top-k of the
+    choice weighted by their scores, renormalized (+1e-20) and scaled; x [N, D] -> hx; one launch."""
+    n, d = x.shape
+    e = logits.shape[1]
+    if not grouped_router_supported(e, n_group):
+        raise ValueError(f"route_out_grouped: {e} experts in {n_group} groups is not supported")
+    x, logits = _rows(x), _rows(logits)
+    grid = (n, triton.cdiv(d, BLOCK_D))
+    with _on(x.device):
+        _route_grouped_kernel[grid](x, logits, bias if bias is not None else logits, hx, hids, hw, d, e, top_k,
+                                    topk_group, x.stride(0), logits.stride(0), float(scale), SIGMOID=bool(sigmoid),
+                                    HAS_BIAS=bias is not None, GROUPS=n_group, TOP2=bool(top2),
+                                    RENORM=bool(renormalize), BLOCK_E=e, BLOCK_K=triton.next_power_of_2(top_k),
+                                    BLOCK=BLOCK_D, PRECISE=_PRECISE_EXP, num_warps=4)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.models.deepseek import MoEGate
 from tandem.models.transformer import SparseMoE, TopKRouter
 from tandem.ops.base import DeviceOp, LoadContext, OpConfig, load_own_tensors
 
@@ -75,6 +76,20 @@ class PinnedPool:
         if st is None or st.cap < n:
             st = pool[key] = Staging.allocate(max(n, 2 * st.cap if st else 64), d, k, dtype)
         return st
+
+
+_MM_FP32_OUT = [True]  # torch.mm(..., out_dtype=float32) for bf16 inputs, until this torch/device refuses it
+
+
+def fp32_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x w^T in float32 as MoEGate computes it (x.float() @ w.float()^T): bf16 products are exact in fp32, so a
+    bf16 GEMM accumulating in fp32 gives the same sums (up to their order) without converting the weight."""
+    if _MM_FP32_OUT[0] and x.dtype == w.dtype == torch.bfloat16 and x.is_cuda:
+        try:
+            return torch.mm(x, w.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_FP32_OUT[0] = False
+    return F.linear(x.float(), w.float())
 
 
 def same_device(a, b) -> bool:
@@ -221,25 +236,45 @@ class HybridMoE(DeviceOp):
             self._hot_gpu = GpuExperts.from_weights(b.gate, b.up, b.down, b.act, x.device, weight_format=fmt)
         return self._hot_gpu.forward(x, local, w)
 
-    def _fused_router(self, x: torch.Tensor) -> bool:
-        """Whether the router's softmax / top-k runs inside the staging kernel: a TopKRouter (as it is or only
-        placed) on x's device, no hot experts."""
+    def _fused_router(self, x: torch.Tensor) -> str | None:
+        """Which router runs inside the staging kernel: "topk" (TopKRouter), "deepseek" (MoEGate), or None (the
+        gate's own forward, then the staging kernel). Only a gate as it is or only placed, on x's device, and no
+        hot experts (they need the ids on the GPU)."""
         from tandem.gpu import staging
 
         gate = self.gate
-        return (staging.ENABLED and isinstance(gate, TopKRouter) and getattr(self.experts, "hot", None) is None
-                and type(gate).forward in (TopKRouter.forward, DeviceOp.forward) and gate.weight.device == x.device
-                and gate.weight.shape[0] <= staging.MAX_EXPERTS)
+        if not staging.ENABLED or getattr(self.experts, "hot", None) is not None or gate.weight.device != x.device:
+            return None
+        if isinstance(gate, TopKRouter) and type(gate).forward in (TopKRouter.forward, DeviceOp.forward):
+            return "topk" if gate.weight.shape[0] <= staging.MAX_EXPERTS else None
+        if isinstance(gate, MoEGate) and type(gate).forward in (MoEGate.forward, DeviceOp.forward):
+            a = gate.a
+            groups = 1 if a.topk_method == "greedy" else a.n_group
+            return "deepseek" if staging.grouped_router_supported(a.n_routed_experts, groups) else None
+        return None
 
     def _route_and_stage(self, x: torch.Tensor, for_graph: bool):
         """Router, then x / ids / weights into the pinned buffers: (staging, hot experts' local ids, weights)."""
         from tandem.gpu import staging
 
         n = x.shape[0]
-        if self._fused_router(x):
-            st = self.pool.get(n, x.shape[1], self.gate.top_k, kernel_dtype(x.dtype), for_graph)
-            logits = F.linear(x, self.gate.weight)
-            staging.route_out(x, logits, self.gate.top_k, self.gate.norm_topk_prob, st.x, st.ids, st.weights)
+        fused = self._fused_router(x)
+        if fused == "topk":
+            gate = self.gate
+            st = self.pool.get(n, x.shape[1], gate.top_k, kernel_dtype(x.dtype), for_graph)
+            staging.route_out(x, F.linear(x, gate.weight), gate.top_k, gate.norm_topk_prob, st.x, st.ids,
+                              st.weights)
+            return st, None, None
+        if fused == "deepseek":
+            a = self.gate.a
+            st = self.pool.get(n, x.shape[1], a.num_experts_per_tok, kernel_dtype(x.dtype), for_graph)
+            normalize = a.norm_topk_prob and a.num_experts_per_tok > 1
+            staging.route_out_grouped(
+                x, fp32_logits(x, self.gate.weight), getattr(self.gate, "e_score_correction_bias", None),
+                sigmoid=a.scoring_func == "sigmoid", n_group=1 if a.topk_method == "greedy" else a.n_group,
+                topk_group=a.topk_group or 1, top2=a.topk_method == "noaux_tc", top_k=a.num_experts_per_tok,
+                renormalize=normalize, scale=a.routed_scaling_factor if a.v3_routing or not normalize else 1.0,
+                hx=st.x, hids=st.ids, hw=st.weights)
             return st, None, None
         ids, w, local = self._route(x)
         st = self.pool.get(n, x.shape[1], ids.shape[1], kernel_dtype(x.dtype), for_graph)

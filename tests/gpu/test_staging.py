@@ -100,3 +100,51 @@ def test_route_and_stage_in_a_cuda_graph():
     ids, _ = router(x)
     assert torch.equal(hi.sort(-1).values, ids.cpu().sort(-1).values) and torch.equal(hx, x.cpu())
     assert torch.equal(y, out.to(DEV) + x)
+
+
+BASE = dict(vocab_size=100, hidden_size=512, num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32,
+            qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, moe_intermediate_size=32, intermediate_size=64)
+GATES = {  # DeepSeek-V3's noaux_tc (sigmoid, bias, 8 groups keep 4), V2-Lite's greedy softmax, V2's grouped
+    "noaux_tc": dict(model_type="deepseek_v3", n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_tok=8,
+                     norm_topk_prob=True, routed_scaling_factor=2.5),
+    "greedy": dict(model_type="deepseek_v2", n_routed_experts=64, topk_method="greedy", num_experts_per_tok=6,
+                   routed_scaling_factor=1.0),
+    "group_limited": dict(model_type="deepseek_v2", n_routed_experts=32, topk_method="group_limited_greedy",
+                          n_group=4, topk_group=2, num_experts_per_tok=4, routed_scaling_factor=16.0),
+}
+
+
+@pytest.mark.parametrize("method", list(GATES))
+@pytest.mark.parametrize("n", [1, 7])
+def test_route_out_grouped_matches_moe_gate(method, n):
+    """The DeepSeek gate from its fp32 logits: the same expert sets as MoEGate, weights within 4e-7 relative
+    (sigmoid / exp and the renormalizing sum in another order; scores are fp32 from the same logits)."""
+    from tandem.models.deepseek import ModelArgs, MoEGate
+    from tandem.ops.moe import fp32_logits
+
+    torch.manual_seed(n + len(method))
+    a = ModelArgs.from_dict({**BASE, **GATES[method]})
+    gate = MoEGate(a)
+    torch.nn.init.normal_(gate.weight, std=0.1)
+    if hasattr(gate, "e_score_correction_bias"):
+        torch.nn.init.normal_(gate.e_score_correction_bias, std=0.05)
+    gate = gate.to(DEV, torch.bfloat16)
+    x = torch.randn(n, 512, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ids, w = gate(x)
+        logits = fp32_logits(x, gate.weight)
+    k = a.num_experts_per_tok
+    hx, hi, hw = pinned(8, 512, dtype=torch.bfloat16), pinned(8, k, dtype=torch.long), pinned(8, k, dtype=torch.float32)
+    normalize = a.norm_topk_prob and k > 1
+    staging.route_out_grouped(
+        x, logits, getattr(gate, "e_score_correction_bias", None), sigmoid=a.scoring_func == "sigmoid",
+        n_group=1 if a.topk_method == "greedy" else a.n_group, topk_group=a.topk_group or 1,
+        top2=a.topk_method == "noaux_tc", top_k=k, renormalize=normalize,
+        scale=a.routed_scaling_factor if a.v3_routing or not normalize else 1.0, hx=hx, hids=hi, hw=hw)
+    torch.cuda.synchronize()
+    got, want = hi[:n].sort(-1), ids.cpu().sort(-1)
+    assert torch.equal(got.values, want.values)
+    torch.testing.assert_close(hw[:n].gather(1, got.indices), w.cpu().gather(1, want.indices), rtol=4e-7, atol=0)
+    assert torch.equal(hx[:n], x.cpu())
+    torch.testing.assert_close(logits, torch.nn.functional.linear(x.float(), gate.weight.float()), rtol=1e-5,
+                               atol=1e-5)
