@@ -25,15 +25,17 @@ if triton is not None:
     from tandem.gpu.quant_matmul import _f16_at, _weight_tile
 
     @triton.jit
-    def _dequant_kernel(w_ptr, out_ptr, R, K, row_stride, FMT: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _dequant_kernel(w_ptr, out_ptr, R, K, row_stride, N, expert_stride, FMT: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-        """Rows [R, K] of blocks -> out [R, K]: one tile of BLOCK_R rows x BLOCK_K values per program."""
+        """Rows [R, K] of blocks -> out: one tile of BLOCK_R rows x BLOCK_K values per program. Row r goes to
+        out + (r // N) expert_stride + (r % N) K (N rows per expert; experts may lie apart in out)."""
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (offs_k[:, None] < K) & (offs_r[None, :] < R)
         base = tl.zeros((), dtype=tl.int64)
         w = _weight_tile(w_ptr, base, offs_k, offs_r, mask, K, row_stride, FMT)  # [BK, BR] fp32
-        out = out_ptr + offs_r[None, :].to(tl.int64) * K + offs_k[:, None]
+        r64 = offs_r[None, :].to(tl.int64)
+        out = out_ptr + (r64 // N) * expert_stride + (r64 % N) * K + offs_k[:, None]
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -70,9 +72,10 @@ if triton is not None:
         return w
 
     @triton.jit
-    def _kquant_kernel(w_ptr, out_ptr, R, K, row_stride, FMT: tl.constexpr, NBYTES: tl.constexpr,
+    def _kquant_kernel(w_ptr, out_ptr, R, K, row_stride, N, expert_stride, FMT: tl.constexpr, NBYTES: tl.constexpr,
                        BLOCK_R: tl.constexpr):
-        """Rows [R, K] of K-quant super-blocks -> out [R, K]: BLOCK_R rows x one super-block per program."""
+        """Rows [R, K] of K-quant super-blocks -> out (rows placed as in _dequant_kernel): BLOCK_R rows x one
+        super-block per program."""
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         sb = tl.program_id(1)
         v = tl.arange(0, 256)[None, :]
@@ -80,17 +83,30 @@ if triton is not None:
         mask = rmask & (v < 256)
         row = offs_r.to(tl.int64) * row_stride + sb * NBYTES
         w = _kquant_tile(w_ptr, row, v, rmask, mask, FMT)
-        out = out_ptr + offs_r.to(tl.int64) * K + sb * 256 + v
+        r64 = offs_r.to(tl.int64)
+        out = out_ptr + (r64 // N) * expert_stride + (r64 % N) * K + sb * 256 + v
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def rows_apart(out: torch.Tensor) -> tuple[int, int] | None:
+    """(rows per expert N, elements between experts) of out [*, N, K] whose rows are contiguous: any contiguous
+    tensor, or [E, N, K] with experts apart (e.g. the gate half of a joined [E, 2I, K] buffer); else None."""
+    if out.is_contiguous():
+        return out.shape[-2], out.shape[-2] * out.shape[-1]
+    if out.dim() == 3 and out.stride(2) == 1 and (out.shape[1] == 1 or out.stride(1) == out.shape[2]):
+        return out.shape[1], out.stride(0)
+    return None
+
+
 def dequantize_into(w: QuantTensor, out: torch.Tensor) -> torch.Tensor:
-    """w [*, N, K] (any format) -> out, a contiguous float tensor of w's shape on w's device; returns out.
+    """w [*, N, K] (any format) -> out, a float tensor of w's shape on w's device whose rows are contiguous (its
+    experts may lie apart: the gate or up half of a joined [E, 2I, K] buffer); returns out.
 
     Values are those of blocks.dequantize (fp32: q d + m), rounded once to out's dtype."""
-    if tuple(out.shape) != tuple(w.shape) or not out.is_contiguous() or out.device != w.device:
-        raise ValueError(f"dequantize_into: out must be contiguous {tuple(w.shape)} on {w.device}, got "
-                         f"{tuple(out.shape)} on {out.device}")
+    place = rows_apart(out) if tuple(out.shape) == tuple(w.shape) and out.dim() >= 2 else None
+    if place is None or out.device != w.device:
+        raise ValueError(f"dequantize_into: out must be {tuple(w.shape)} with contiguous rows on {w.device}, got "
+                         f"{tuple(out.shape)} strides {tuple(out.stride())} on {out.device}")
     if w.fmt in FLOAT_FORMATS:
         return out.copy_(w.data)
     k = w.k
@@ -98,21 +114,27 @@ def dequantize_into(w: QuantTensor, out: torch.Tensor) -> torch.Tensor:
     data = w.data.reshape(rows, -1)
     if data.stride(-1) != 1 or data.stride(0) != data.shape[1]:
         data = data.contiguous()
-    flat = out.view(rows, k)
-    if out.device.type == "cuda" and triton is not None and w.fmt in KQUANT_FORMATS:
+    n, expert_stride = place
+    on_gpu = out.device.type == "cuda" and triton is not None
+    if on_gpu and w.fmt in KQUANT_FORMATS:
         block_r = 8
         grid = (triton.cdiv(rows, block_r), k // 256)
         with torch.cuda.device(out.device):
-            _kquant_kernel[grid](data, flat, rows, k, data.shape[1], FMT=w.code, NBYTES=KQUANT_FORMATS[w.fmt][1],
-                                 BLOCK_R=block_r, num_warps=4)
+            _kquant_kernel[grid](data, out, rows, k, data.shape[1], n, expert_stride, FMT=w.code,
+                                 NBYTES=KQUANT_FORMATS[w.fmt][1], BLOCK_R=block_r, num_warps=4)
         return out
-    if out.device.type == "cuda" and triton is not None:
+    if on_gpu:
         block_r, block_k = 32, 128
         grid = (triton.cdiv(rows, block_r), triton.cdiv(k, block_k))
         with torch.cuda.device(out.device):
-            _dequant_kernel[grid](data, flat, rows, k, data.shape[1], FMT=w.code, BLOCK_R=block_r,
+            _dequant_kernel[grid](data, out, rows, k, data.shape[1], n, expert_stride, FMT=w.code, BLOCK_R=block_r,
                                   BLOCK_K=block_k, num_warps=4)
         return out
+    if not out.is_contiguous():  # the CPU path, experts apart: one at a time into its contiguous rows
+        for e, part in enumerate(out.unbind(0)):
+            dequantize_into(w[e], part)
+        return out
+    flat = out.view(rows, k)
     step = max(1, CHUNK_VALUES // k)
     for r in range(0, rows, step):
         part = data[r : r + step]

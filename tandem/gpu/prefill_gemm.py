@@ -19,9 +19,16 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from tandem.gpu.blocks import QuantTensor
 from tandem.gpu.dequant import dequantize_into
+
+try:  # Triton where a GPU runs it; the CPU path (tests, CPU-only installs) needs only torch
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 # Tokens per layer from which the dense path replaces the grouped quantized GEMM (0: never), with torch._grouped_mm
 # (bf16, sm_90+) and with the per-expert loop. H200, one Qwen3-30B int4_g32 layer (bench/prefill_crossover.py,
@@ -30,6 +37,61 @@ from tandem.gpu.dequant import dequantize_into
 DENSE_TOKENS = int(os.environ.get("TANDEM_DENSE_PREFILL_TOKENS", "512"))
 LOOP_TOKENS = 4096
 WORKSPACE_BYTES = 2 << 30  # dequantized experts held at once: all of a Qwen3-30B layer (1.2 GB bf16)
+# On a GPU, act(gate) * up * weight and the gather-and-sum of each token's K rows as one Triton kernel each (fp32
+# inside, one rounding) instead of 3 + 2 torch kernels over [S, I] and [S, D]; TANDEM_PREFILL_FUSED=0: torch's.
+FUSED = os.environ.get("TANDEM_PREFILL_FUSED", "1") == "1"
+
+if triton is not None:
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, w_ptr, out_ptr, S, I, BLOCK_S: tl.constexpr, BLOCK_I: tl.constexpr):
+        """gu [S, 2I] (gate | up), w [S] -> out [S, I] = silu(gate) * up * w, in fp32, rounded once."""
+        rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        mask = (rows[:, None] < S) & (cols[None, :] < I)
+        at = rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
+        g = tl.load(gu_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + at + I, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows, mask=rows < S, other=0.0).to(tl.float32)
+        h = g / (1.0 + tl.exp(-g)) * u * w[:, None]
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _combine_kernel(ys_ptr, row_ptr, out_ptr, T, D, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+        """out [T, D] = sum over j < K of ys[row[t K + j]] (row -1: a padding slot, nothing), fp32 sum in j order."""
+        toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        tmask = toks < T
+        mask = tmask[:, None] & (cols[None, :] < D)
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(row_ptr + toks.to(tl.int64) * K + j, mask=tmask, other=-1)
+            v = tl.load(ys_ptr + r[:, None].to(tl.int64) * D + cols[None, :], mask=mask & (r[:, None] >= 0),
+                        other=0.0)
+            acc += v.to(tl.float32)
+        tl.store(out_ptr + toks[:, None].to(tl.int64) * D + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def silu_mul(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """gu [S, 2I] contiguous, w [S] -> silu(gu[:, :I]) * gu[:, I:] * w[:, None] [S, I] (one Triton launch)."""
+    s, i = gu.shape[0], gu.shape[1] // 2
+    out = torch.empty(s, i, dtype=gu.dtype, device=gu.device)
+    grid = (triton.cdiv(s, 16), triton.cdiv(i, 256))
+    with torch.cuda.device(gu.device):
+        _silu_mul_kernel[grid](gu, w.contiguous(), out, s, i, BLOCK_S=16, BLOCK_I=256, num_warps=4)
+    return out
+
+
+def combine(ys: torch.Tensor, row: torch.Tensor, t: int, k: int) -> torch.Tensor:
+    """ys [S, D] contiguous, row [T K] (int64, -1: none) -> [T, D], each token's K rows summed (one launch)."""
+    d = ys.shape[1]
+    out = torch.empty(t, d, dtype=ys.dtype, device=ys.device)
+    grid = (triton.cdiv(t, 8), triton.cdiv(d, 256))
+    with torch.cuda.device(ys.device):
+        _combine_kernel[grid](ys, row, out, t, d, K=k, BLOCK_T=8, BLOCK_D=256, num_warps=4)
+    return out
 
 
 class Workspace:
@@ -83,27 +145,36 @@ def expert_mm(a: torch.Tensor, w: torch.Tensor, counts: list[int], ends: torch.T
     return out
 
 
-def dense_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: QuantTensor,
-                  w2: QuantTensor, act, workspace: Workspace, grouped: bool | None = None) -> torch.Tensor:
+def dense_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  w13: QuantTensor | tuple[QuantTensor, QuantTensor], w2: QuantTensor, act, workspace: Workspace,
+                  grouped: bool | None = None) -> torch.Tensor:
     """sum_k w_k down_e(act(gate_e x) * up_e x) with e = topk_ids[:, k] (ids < 0 or >= E: padding) -> [T, D].
 
-    x [T, D] (weights dequantized to x's dtype); w13 [E, 2I, D] gate rows then up rows; w2 [E, D, I]."""
+    x [T, D] (weights dequantized to x's dtype); w13 [E, 2I, D] gate rows then up rows, or the pair (gate
+    [E, I, D], up [E, I, D]) as a layer-wise prefill uploads them; w2 [E, D, I]."""
     t, k = topk_ids.shape
-    e, two_i, d = w13.shape
-    i = two_i // 2
+    gate_up = w13 if isinstance(w13, tuple) else None
+    e, i, d = gate_up[0].shape if gate_up else (w13.shape[0], w13.shape[1] // 2, w13.shape[2])
+    two_i = 2 * i
     dtype, dev = x.dtype, x.device
+    fused = FUSED and triton is not None and dev.type == "cuda" and act is F.silu
     flat = topk_ids.reshape(-1).long()
     key = torch.where((flat >= 0) & (flat < e), flat, e)  # E: the padding bucket, sorted last
     order = torch.argsort(key, stable=True)
     count_t = torch.bincount(key, minlength=e + 1)[:e]
     counts = count_t.tolist()  # the layer's one host sync
     n = sum(counts)
+    padded = n < t * k
     order = order[:n]
     xs = x[order // k]  # [S, D], rows sorted by expert
-    ws = topk_weights.reshape(-1)[order].to(dtype)[:, None]  # [S, 1] each row's routing weight
-    ys = torch.zeros(n + 1, d, dtype=dtype, device=dev)  # row n stays 0: where padding slots point
+    wsf = topk_weights.reshape(-1)[order]  # [S] each row's routing weight
+    ws = wsf.to(dtype)[:, None]
     per_expert = 3 * i * d
     chunk = max(1, min(e, workspace.limit // (per_expert * x.element_size())))
+    # rows of every expert's output in sorted order; the torch combine gives padding slots one more row, kept 0
+    ys = None if chunk >= e and (fused or not padded) else torch.empty(n + 1, d, dtype=dtype, device=dev)
+    if ys is not None:
+        ys[n].zero_()
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
@@ -113,14 +184,32 @@ def dense_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         if r0 == r1:
             continue  # no token chose these experts: not even dequantized
         buf = workspace.get((e1 - e0) * per_expert, dtype, dev)
-        g13 = dequantize_into(w13[e0:e1], buf[: (e1 - e0) * two_i * d].view(e1 - e0, two_i, d))
+        g13 = buf[: (e1 - e0) * two_i * d].view(e1 - e0, two_i, d)
+        if gate_up:  # each half dequantized into its rows of the joined layout
+            dequantize_into(gate_up[0][e0:e1], g13[:, :i])
+            dequantize_into(gate_up[1][e0:e1], g13[:, i:])
+        else:
+            dequantize_into(w13[e0:e1], g13)
         g2 = dequantize_into(w2[e0:e1], buf[(e1 - e0) * two_i * d :].view(e1 - e0, d, i))
         ends = count_t[e0:e1].cumsum(0).to(torch.int32)
         gu = expert_mm(xs[r0:r1], g13, counts[e0:e1], ends, grouped)  # [r, 2I]
-        h = act(gu[:, :i]) * gu[:, i:] * ws[r0:r1]  # weighted before the down projection: [r, I], not [r, D]
-        ys[r0:r1] = expert_mm(h, g2, counts[e0:e1], ends, grouped)
-    # each token's K rows gathered back in slot order and summed (fp32 accumulation inside the reduction; no
-    # atomics, so deterministic); 3x less memory traffic than scattering fp32 rows and summing them
-    row = torch.full((t * k,), n, dtype=torch.long, device=dev)
+        if fused:  # weighted before the down projection: [r, I], not [r, D]
+            h = silu_mul(gu, wsf[r0:r1])
+        else:
+            h = act(gu[:, :i]) * gu[:, i:] * ws[r0:r1]
+        y = expert_mm(h, g2, counts[e0:e1], ends, grouped)
+        if ys is None:
+            ys = y  # one chunk: every sorted row, as it is
+        else:
+            ys[r0:r1] = y
+    if ys is None:  # no token routed at all
+        return torch.zeros(t, d, dtype=dtype, device=dev)
+    # each token's K rows gathered back in slot order and summed (fp32 accumulation; no atomics, so
+    # deterministic); 3x less memory traffic than scattering fp32 rows and summing them
+    none = -1 if fused else n  # where padding slots point: nothing (fused) or the zero row
+    row = torch.full((t * k,), none, dtype=torch.long, device=dev) if padded else torch.empty(t * k, dtype=torch.long,
+                                                                                                device=dev)
     row[order] = torch.arange(n, device=dev)
+    if fused:
+        return combine(ys, row, t, k)
     return ys[row].view(t, k, d).sum(1)

@@ -1,11 +1,14 @@
-"""Streaming CPU-resident experts to the GPU for a layer-wise prefill: pinned staging, two slots, a side stream.
+"""Streaming CPU-resident experts to the GPU for a layer-wise prefill: a ring of GPU slots, a side stream.
 
-While layer i computes on the GPU with the experts in slot i % 2, a worker thread copies layer i+1's blocks from
-the CPU kernel's memory into pinned staging and the side stream uploads them into the other slot: the transfer
-of the next layer overlaps the compute of this one. The CPU kernel's blocks move as they are (the GPU kernels
-read the same layouts), GGUF's K-quants (Q4_K, Q5_K, Q6_K) too: a long prefill's dense path dequantizes them
-into its workspace (tandem.gpu.dequant); below its threshold the grouped GEMM, which does not read them, gets
-them converted on the GPU at the layer's first call (StreamedExperts).
+While layer i computes on the GPU with the experts in slot i % S, a worker thread queues the uploads of the next
+layers into the other slots (from the CPU kernel's memory, page-locked in place, or through pinned staging), in
+chunks of which at most two wait on the copy engine, so other host-to-device copies are not stuck behind them;
+when layer i's compute is queued its slot takes layer i + S. S: as many layers as AHEAD_BYTES holds (at least
+2), so the upload runs on while the compute stream waits for the host. The CPU kernel's blocks move as they are
+(the GPU kernels read the same layouts), gate's and up's as two halves, GGUF's K-quants (Q4_K, Q5_K, Q6_K) too: a
+long prefill's dense path dequantizes them into its workspace (tandem.gpu.dequant); below its threshold the
+grouped GEMM, which does not read them, gets them joined and converted on the GPU at the layer's first call
+(StreamedExperts). bench/results/prefill-8192-h200.md: where an 8192-token prefill's time goes.
 
 Legend: E experts, I expert intermediate size, D hidden size.
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import weakref
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,6 +31,23 @@ from tandem.gpu.prefill_gemm import Workspace
 from tandem.ops.experts_gpu import GpuExperts
 
 log = logging.getLogger(__name__)
+
+# The compute stream waits for a layer's upload where the experts are first read (after the layer's attention and
+# router), not before the layer: those overlap the upload. TANDEM_PREFILL_LATE_WAIT=0: before the layer.
+LATE_WAIT = os.environ.get("TANDEM_PREFILL_LATE_WAIT", "1") == "1"
+# Gate and up uploaded as two contiguous halves, read apart by the dense path (no interleaving copy on the upload
+# stream); TANDEM_PREFILL_SPLIT=0: interleaved into the joined [E, 2I] layout after the upload.
+SPLIT_UPLOAD = os.environ.get("TANDEM_PREFILL_SPLIT", "1") == "1"
+# GPU memory for layers uploaded ahead (at least two slots, at most every layer, at most a quarter of the free
+# memory): the upload runs on while the compute stream waits for the host (a cuDNN plan built at a new prompt
+# length, ~30 ms on the H200; host syncs), instead of stopping two layers ahead. TANDEM_PREFILL_AHEAD_MB.
+AHEAD_BYTES = int(os.environ.get("TANDEM_PREFILL_AHEAD_MB", "4096")) << 20
+# Uploads reach the copy engine in chunks, at most DMA_DEPTH of them queued at once: the engine runs host-to-device
+# copies in the order they were queued, so another copy (the prompt's hidden states from a CPU embedding) waits
+# behind ~2 chunks, not behind every layer queued ahead (56 ms for 8 Qwen3 layers). TANDEM_PREFILL_DMA_CHUNK_MB=0:
+# whole copies, none held back.
+DMA_CHUNK = int(os.environ.get("TANDEM_PREFILL_DMA_CHUNK_MB", "64")) << 20
+DMA_DEPTH = 2
 
 # CPU kernel weight type id (tandem.kernels.cpu.FORMATS / ggml ids) -> the GPU format that reads it as is
 DIRECT = {0: "fp32", 30: "bf16", 8: "q8_0", 2: "q4_0", 1001: "int4_g32", 1002: "int4_g128"}
@@ -90,6 +112,17 @@ def to_gpu_experts(w13_raw: torch.Tensor, down_raw: torch.Tensor, blocks: LayerB
     return (_convert(w13_raw, tg, (e, 2 * i, d)), _convert(down_raw, td, (e, d, i)))
 
 
+def split_gpu_experts(raw13: torch.Tensor, down_raw: torch.Tensor, blocks: LayerBlocks):
+    """Raw bytes on the device, gate's then up's ([E, I] rows each) -> ((gate, up) [E, I, D] each, w2 [E, D, I])
+    QuantTensors, converting if needed: the pair the dense path reads (StreamedExperts joins it for the grouped
+    GEMM)."""
+    e, i, d = blocks.shape
+    tg, tu, td = blocks.types
+    ng = blocks.gate.nbytes
+    return ((_convert(raw13[:ng], tg, (e, i, d)), _convert(raw13[ng:], tu, (e, i, d))),
+            _convert(down_raw, td, (e, d, i)))
+
+
 def _convert(raw: torch.Tensor, type_id: int, shape: tuple[int, int, int]) -> B.QuantTensor:
     fmt = gpu_format(type_id, shape[-1])
     if type_id in DIRECT or type_id in B.GGUF_KQUANT:  # the uploaded bytes as they are
@@ -100,10 +133,53 @@ def _convert(raw: torch.Tensor, type_id: int, shape: tuple[int, int, int]) -> B.
 
 
 class StreamedExperts(GpuExperts):
-    """A streamed layer's experts as uploaded. The dense path reads w13 / w2 as they are; forward (the grouped
-    GEMM, below the dense threshold) first converts K-quants to formats it reads, on the current stream."""
+    """A streamed layer's experts as uploaded: w13 joined [E, 2I, D] or the pair (gate, up) of [E, I, D] each, and
+    w2. The dense path reads them as they are; forward (the grouped GEMM, below the dense threshold) first joins
+    the pair and converts K-quants to formats it reads, on the current stream. `ready`: the upload's event, which
+    the current stream waits for at the first read of w13 or w2 (LATE_WAIT)."""
+
+    def __init__(self, w13, w2, act, device, origin: str = "", ready: torch.cuda.Event | None = None,
+                 pending: Future | None = None):
+        self._ready, self._pending = ready, pending  # pending: (w13, w2) once the upload is queued whole
+        super().__init__(w13, w2, act, device, origin)
+
+    @property
+    def w13(self):
+        self._wait()
+        return self._w13
+
+    @w13.setter
+    def w13(self, value) -> None:
+        self._w13 = value
+
+    @property
+    def w2(self) -> B.QuantTensor:
+        self._wait()
+        return self._w2
+
+    @w2.setter
+    def w2(self, value: B.QuantTensor) -> None:
+        self._w2 = value
+
+    def _wait(self) -> None:
+        cur = torch.cuda.current_stream(self.device)
+        if self._pending is not None:  # the streamer's worker has queued every copy (and recorded `ready`)
+            self._w13, self._w2 = self._pending.result()
+            self._pending = None
+            for q in (*(self._w13 if isinstance(self._w13, tuple) else (self._w13,)), self._w2):
+                q.data.record_stream(cur)  # converted on the side stream, read on this one: not reused before
+        if self._ready is not None:
+            cur.wait_event(self._ready)
+            self._ready = None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.w13, tuple):
+            gate, up = self.w13
+            if gate.fmt != up.fmt:
+                raise ValueError("layer-wise prefill: gate and up experts in different formats are not supported "
+                                 "below the dense threshold (tandem.gpu.prefill_gemm.DENSE_TOKENS)")
+            self.w13 = B.QuantTensor(gate.fmt, torch.cat((gate.data, up.data), 1),
+                                     (gate.shape[0], 2 * gate.shape[1], gate.shape[2]))
         self.w13, self.w2 = B.to_grouped(self.w13), B.to_grouped(self.w2)
         return super().forward(x, topk_ids, topk_weights)
 
@@ -202,20 +278,29 @@ def _unregister(ranges: list[tuple[int, int]], keep: list[torch.Tensor]) -> None
     keep.clear()  # the memory may be freed now that no registration points at it
 
 
+def slot_count(layers: int, slot_bytes: int, free_bytes: int, ahead_bytes: int | None = None) -> int:
+    """GPU slots of a streamer: as many layers as AHEAD_BYTES and a quarter of the free memory hold, at least 2
+    (double buffering), at most one per layer."""
+    budget = min(AHEAD_BYTES if ahead_bytes is None else ahead_bytes, free_bytes // 4)
+    return max(2, min(layers, budget // max(1, slot_bytes)))
+
+
 class LayerStreamer:
-    """Double-buffered upload of a sequence of layers' CPU experts (see the module docstring).
+    """Upload of a sequence of layers' CPU experts into a ring of GPU slots (see the module docstring): start()
+    queues the first len(slots) layers, done(i) frees layer i's slot and queues layer i + len(slots) into it.
 
     The CPU kernel's buffers are page-locked in place on first use (HostRegistry) and uploaded straight from
-    there; where that fails for any of them the bytes go through the pinned staging slots."""
+    there; where that fails for any of them the bytes go through pinned staging buffers, one per slot."""
 
     def __init__(self, layers: list[LayerBlocks], device: torch.device, act, registry: HostRegistry | None = None):
         self.layers, self.device, self.act = layers, torch.device(device), act
         big13 = max(lb.gate.nbytes + lb.up.nbytes for lb in layers)
         big2 = max(lb.down.nbytes for lb in layers)
         self.side = torch.cuda.Stream(self.device)
+        n = slot_count(len(layers), big13 + big2, torch.cuda.mem_get_info(self.device)[0])
         self.slots = [Slot(None, None, torch.empty(big13, dtype=torch.uint8, device=self.device),
                            torch.empty(big2, dtype=torch.uint8, device=self.device),
-                           torch.cuda.Event(), torch.cuda.Event()) for _ in range(2)]
+                           torch.cuda.Event(), torch.cuda.Event()) for _ in range(n)]
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tandem-stream")
         # upload from the kernel's page-locked memory; False: through the staging slots. Registered before any
         # upload is queued, once per buffer (the registry outlives this streamer)
@@ -223,9 +308,16 @@ class LayerStreamer:
         self.direct = all(self.registry.register(t) for lb in layers for t in (lb.gate, lb.up, lb.down))
         self.big = (big13, big2)
         self.pending: dict[int, Future] = {}
+        self.inflight: deque[torch.cuda.Event] = deque()  # the worker's chunks queued on the side stream
         self.workspace = Workspace()  # dequantized experts of a long prefill, one chunk of one layer at a time
 
+    def start(self) -> None:
+        """Queue the uploads of the first layers, one per slot."""
+        for idx in range(len(self.slots)):
+            self.prefetch(idx)
+
     def prefetch(self, idx: int) -> None:
+        """Queue layer idx's upload (its slot's previous layer must be done(), or never used)."""
         if 0 <= idx < len(self.layers) and idx not in self.pending:
             self.pending[idx] = self.worker.submit(self._upload, idx)
 
@@ -234,7 +326,7 @@ class LayerStreamer:
             return self._upload_now(idx)
 
     def _upload_now(self, idx: int):
-        lb, slot = self.layers[idx], self.slots[idx % 2]
+        lb, slot = self.layers[idx], self.slots[idx % len(self.slots)]
         e, i, _ = lb.shape
         n13, n2 = lb.gate.nbytes + lb.up.nbytes, lb.down.nbytes
         if self.direct:
@@ -245,27 +337,38 @@ class LayerStreamer:
                 self.direct = False
         slot.ready.synchronize()  # the previous upload from this staging is done
         if slot.staging13 is None:
-            slot.staging13, slot.staging2 = self.registry.staging(idx % 2, *self.big)
-        st13 = slot.staging13[:n13].view(e, 2 * i, -1)
-        st13[:, :i].copy_(lb.gate)  # gate rows then up rows: the joined layout of GpuExperts
-        st13[:, i:].copy_(lb.up)
+            slot.staging13, slot.staging2 = self.registry.staging(idx % len(self.slots), *self.big)
+        if SPLIT_UPLOAD:  # gate's rows then up's
+            slot.staging13[: lb.gate.nbytes].copy_(lb.gate.reshape(-1))
+            slot.staging13[lb.gate.nbytes : n13].copy_(lb.up.reshape(-1))
+        else:  # gate rows then up rows per expert: the joined layout of GpuExperts
+            st13 = slot.staging13[:n13].view(e, 2 * i, -1)
+            st13[:, :i].copy_(lb.gate)
+            st13[:, i:].copy_(lb.up)
         slot.staging2[:n2].copy_(lb.down.reshape(-1))
         with torch.cuda.stream(self.side):
             self.side.wait_event(slot.free)  # the layer that used this slot is done with it
-            slot.gpu13[:n13].copy_(slot.staging13[:n13], non_blocking=True)
-            slot.gpu2[:n2].copy_(slot.staging2[:n2], non_blocking=True)
-            w13, w2 = to_gpu_experts(slot.gpu13[:n13], slot.gpu2[:n2], lb)
+            self._dma(slot.gpu13[:n13], slot.staging13[:n13])
+            self._dma(slot.gpu2[:n2], slot.staging2[:n2])
+            experts = (split_gpu_experts if SPLIT_UPLOAD else to_gpu_experts)(slot.gpu13[:n13], slot.gpu2[:n2], lb)
             slot.ready.record(self.side)
-        return w13, w2
+        return experts
 
     def _upload_direct(self, lb: LayerBlocks, slot: Slot, n13: int, n2: int):
-        """DMA from the kernel's own memory, page-locked in place: contiguous uploads, then gate and up
-        interleaved into the joined layout on the GPU."""
+        """DMA from the kernel's own memory, page-locked in place: contiguous uploads (SPLIT_UPLOAD: nothing
+        else; otherwise gate and up then interleaved into the joined layout on the GPU)."""
         e, i, _ = lb.shape
+        ng = lb.gate.nbytes
         with torch.cuda.stream(self.side):
             self.side.wait_event(slot.free)
+            if SPLIT_UPLOAD:
+                self._dma(slot.gpu13[:ng], lb.gate.reshape(-1))
+                self._dma(slot.gpu13[ng:n13], lb.up.reshape(-1))
+                self._dma(slot.gpu2[:n2], lb.down.reshape(-1))
+                experts = split_gpu_experts(slot.gpu13[:n13], slot.gpu2[:n2], lb)
+                slot.ready.record(self.side)
+                return experts
             tmp = torch.empty(n13, dtype=torch.uint8, device=self.device)
-            ng = lb.gate.nbytes
             tmp[:ng].copy_(lb.gate.reshape(-1), non_blocking=True)
             tmp[ng:].copy_(lb.up.reshape(-1), non_blocking=True)
             g13 = slot.gpu13[:n13].view(e, 2 * i, -1)
@@ -276,18 +379,34 @@ class LayerStreamer:
             slot.ready.record(self.side)
         return w13, w2
 
+    def _dma(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst.copy_(src) (flat uint8) on the side stream, in DMA_CHUNK pieces with at most DMA_DEPTH queued:
+        the worker waits for the oldest piece before queueing another."""
+        step = DMA_CHUNK or src.numel()
+        for a in range(0, src.numel(), step):
+            while DMA_CHUNK and len(self.inflight) >= DMA_DEPTH:
+                self.inflight.popleft().synchronize()
+            dst[a : a + step].copy_(src[a : a + step], non_blocking=True)
+            if DMA_CHUNK:
+                done = torch.cuda.Event()
+                done.record(self.side)
+                self.inflight.append(done)
+
     def take(self, idx: int) -> StreamedExperts:
-        """Layer idx's experts on the GPU, ordered after their upload on the current stream."""
-        w13, w2 = self.pending.pop(idx).result()
-        cur = torch.cuda.current_stream(self.device)
-        cur.wait_event(self.slots[idx % 2].ready)
-        for t in (w13.data, w2.data):
-            t.record_stream(cur)  # converted on the side stream, read on this one: not reused before
-        return StreamedExperts(w13, w2, self.act, self.device, "streamed for a layer-wise prefill")
+        """Layer idx's experts on the GPU, ordered after their upload on the current stream (LATE_WAIT: at their
+        first read, which also waits there for the worker to have queued the whole upload; else now)."""
+        ready = self.slots[idx % len(self.slots)].ready
+        experts = StreamedExperts(None, None, self.act, self.device, "streamed for a layer-wise prefill", ready,
+                                  self.pending.pop(idx))
+        if not LATE_WAIT:
+            experts._wait()
+        return experts
 
     def done(self, idx: int) -> None:
-        """Layer idx's compute is queued; its slot is free once the stream passes this point."""
-        self.slots[idx % 2].free.record(torch.cuda.current_stream(self.device))
+        """Layer idx's compute is queued: its slot is free once the stream passes this point, and the layer that
+        uses the slot next is queued behind that."""
+        self.slots[idx % len(self.slots)].free.record(torch.cuda.current_stream(self.device))
+        self.prefetch(idx + len(self.slots))
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)

@@ -4,7 +4,8 @@ operator the batch's phase, wires the hybrid MoE blocks, and runs long prefills 
 - `transfer_map` {layer: device} (KTransformers' KDeepseekV2Model): before that layer the hidden state (and the
   positions) move to that device; each layer's operators, and so its KV cache, live where its rule put them.
 - `per_layer_prefill_intput_threshold` (KTransformers' spelling): a prefill of at least this many tokens streams
-  every layer's CPU-resident experts to the GPU (tandem.gpu.transfer, double-buffered) and computes them there;
+  every layer's CPU-resident experts to the GPU (tandem.gpu.transfer: a ring of slots, the first uploads queued
+  before the embedding, each layer's slot refilled as soon as its compute is queued) and computes them there;
   0 turns it off; unset: chosen at the first long prefill from the measured host-to-device bandwidth and the CPU
   kernel's speed (tandem.gpu.transfer.layerwise_threshold). From tandem.gpu.prefill_gemm.DENSE_TOKENS tokens a
   streamed layer's experts are dequantized once into a workspace shared by all layers and computed with dense
@@ -14,6 +15,7 @@ operator the batch's phase, wires the hybrid MoE blocks, and runs long prefills 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -26,6 +28,9 @@ from tandem.ops.moe import HybridMoE, PinnedPool, hybridize
 log = logging.getLogger(__name__)
 
 MIN_LAYERWISE = 256  # below this many tokens no threshold is measured: the CPU is always the better choice
+# the first layers' uploads queued before the embedding (a CPU embedding's gather and its copy to the GPU take
+# ~3 ms for 8192 Qwen3 tokens, which the upload then overlaps); TANDEM_PREFILL_EARLY_START=0: after it
+EARLY_START = os.environ.get("TANDEM_PREFILL_EARLY_START", "1") == "1"
 
 
 def first_param_device(module: nn.Module, fallback: str) -> torch.device | str:
@@ -42,31 +47,34 @@ class ModelOp(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
         self.run_state.phase = "prefill" if max(batch.qlens) > 1 else "generate"
-        h = self.embed_tokens(ids)  # [N, D]
-        return self.forward_layers(h, positions, batch)
+        layerwise = self._layerwise(ids.shape[0]) if EARLY_START else None
+        try:
+            h = self.embed_tokens(ids)  # [N, D]
+        except BaseException:
+            if layerwise is not None:
+                _close(*layerwise)
+            raise
+        return self.forward_layers(h, positions, batch, layerwise)
 
-    def forward_layers(self, h: torch.Tensor, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The layers and the final norm from hidden states [N, D] (no embedding), transfer_map applied."""
+    def forward_layers(self, h: torch.Tensor, positions: torch.Tensor, batch: Batch, layerwise=None) -> torch.Tensor:
+        """The layers and the final norm from hidden states [N, D] (no embedding), transfer_map applied.
+        layerwise: _layerwise's (streamer, blocks) when the caller started it already."""
         transfers: dict[int, str] = self.op_config.kwargs["transfer_map"]  # effective, includes layer 0
-        streamer, order = self._layerwise(h.shape[0])
+        streamer, order = layerwise if layerwise is not None else self._layerwise(h.shape[0])
+        place = {i: j for j, i in enumerate(order)}  # layer -> its index in the streamer
         try:
             for i, layer in enumerate(self.layers):
                 if i in transfers:
                     h, positions = h.to(transfers[i]), positions.to(transfers[i])
                 moe = order.get(i)
                 if moe is not None:
-                    idx = list(order).index(i)
-                    moe.streamed, moe.workspace = streamer.take(idx), streamer.workspace
-                    streamer.prefetch(idx + 1)
+                    moe.streamed, moe.workspace = streamer.take(place[i]), streamer.workspace
                 h = layer(h, positions, batch)
                 if moe is not None:
                     moe.streamed = moe.workspace = None
-                    streamer.done(idx)
+                    streamer.done(place[i])  # the slot is free behind this layer: the next upload into it queued
         finally:
-            if streamer is not None:
-                for moe in order.values():
-                    moe.streamed = moe.workspace = None
-                streamer.close()
+            _close(streamer, order)
         return self.norm(h.to(first_param_device(self.norm, h.device)))
 
     # ------------------------------------------------------------------ layer-wise GPU prefill
@@ -105,7 +113,7 @@ class ModelOp(nn.Module):
         if self._registry is None:
             self._registry = HostRegistry()  # page-locked expert memory, kept for the model's later prefills
         streamer = LayerStreamer([blocks[i] for i in order], device, _act(first), self._registry)
-        streamer.prefetch(0)
+        streamer.start()
         return streamer, order
 
     def threshold(self, order: dict[int, HybridMoE], blocks: dict) -> int:
@@ -123,6 +131,14 @@ class ModelOp(nn.Module):
                      "per layer, %.0f MiB of experts per layer)", self._threshold, h2d / 1e9, cpu,
                      blocks[i].nbytes() / 2**20)
         return self._threshold
+
+
+def _close(streamer, order: dict[int, HybridMoE]) -> None:
+    """End a layer-wise prefill (also one that failed midway): blocks forget their streamed experts."""
+    if streamer is not None:
+        for moe in order.values():
+            moe.streamed = moe.workspace = None
+        streamer.close()
 
 
 def _act(moe: HybridMoE):

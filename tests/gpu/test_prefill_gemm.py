@@ -31,6 +31,9 @@ def test_triton_dequantizer_equals_the_reference(fmt):
     assert (out - ref).abs().max().item() <= 2 * scale * 2**-23
     half = dequantize_into(qt[1:], torch.empty(2, 100, 384, dtype=torch.bfloat16, device="cuda"))
     assert ((half.float() - ref[1:]).abs() <= ref[1:].abs() * 2**-8 + scale * 2**-22).all()
+    joined = torch.full((3, 200, 384), 7.0, device="cuda")  # into the up half of a joined [E, 2N, K] buffer
+    dequantize_into(qt, joined[:, 100:])
+    assert torch.equal(joined[:, 100:], out) and (joined[:, :100] == 7).all()
 
 
 def _kquant(ggml_type: int, shape: tuple[int, ...], seed: int) -> B.QuantTensor:
@@ -61,6 +64,9 @@ def test_triton_kquant_dequantizer_equals_ggml(ggml_type):
     assert ((out - ref).abs() <= (prod.abs() + ref.abs()) * 2**-23).all()
     if ggml_type == 14:
         assert torch.equal(out, ref)
+    joined = torch.full((3, 200, 768), 7.0, device="cuda")  # into the gate half of a joined buffer
+    dequantize_into(qt, joined[:, :100])
+    assert torch.equal(joined[:, :100], out) and (joined[:, 100:] == 7).all()
     half = dequantize_into(qt[1:], torch.empty(2, 100, 768, dtype=torch.bfloat16, device="cuda"))
     same = out[1:] == ref[1:]
     assert torch.equal(half[same], ref[1:][same].to(torch.bfloat16))
@@ -113,7 +119,8 @@ def _reference(x, ids, w, gate, up, down):
 @pytest.mark.parametrize("dtype,grouped", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 def test_dense_prefill_experts_on_the_gpu(fmt, dtype, grouped):
     """1500 tokens, 16 experts, top 4 (padding ids -1, one expert unused), chunks of 5 experts: equal to the
-    float64 reference of the dequantized weights and to the grouped quantized GEMM (fused_experts)."""
+    float64 reference of the dequantized weights and to the grouped quantized GEMM (fused_experts); gate and up
+    given apart (the split upload) give the same values."""
     from tandem.gpu.quant_matmul import fused_experts
 
     e, i, d, t, k = 16, 256, 512, 1500, 4
@@ -131,4 +138,45 @@ def test_dense_prefill_experts_on_the_gpu(fmt, dtype, grouped):
     # fp32: order of accumulation only; bf16: x, weights, hidden and output rounded to 8 bits
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(y, ref) < tol
+    pair = tuple(B.QuantTensor(fmt, h.contiguous(), (e, i, d)) for h in (w13.data[:, :i], w13.data[:, i:]))
+    assert torch.equal(dense_experts(x.to(dtype), ids, w, pair, w2, F.silu, ws, grouped=grouped), y)  # as uploaded
     assert rel_err(y, fused_experts(x.to(dtype), ids, w, w13, w2, F.silu)) < tol
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_dense_prefill_one_chunk_no_padding(grouped):
+    """The common long-prefill case, one workspace chunk and every slot routed (the expert GEMM's output used as it
+    is, no padding row): equal to the float64 reference within bf16's rounding (1e-2, as above)."""
+    e, i, d, t, k = 16, 256, 512, 2000, 4
+    g = torch.Generator().manual_seed(8)
+    w13 = B.from_float((torch.randn(e, 2 * i, d, generator=g) * 0.05).cuda(), "int4_g32")
+    w2 = B.from_float((torch.randn(e, d, i, generator=g) * 0.05).cuda(), "int4_g32")
+    deq13 = w13.dequantize()
+    x = torch.randn(t, d, generator=g).cuda()
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).cuda()
+    w = torch.rand(t, k, generator=g).cuda()
+    ref = _reference(x, ids, w, deq13[:, :i], deq13[:, i:], w2.dequantize())
+    y = dense_experts(x.bfloat16(), ids, w, w13, w2, F.silu, Workspace(), grouped=grouped)
+    assert rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_mul_and_combine_equal_torch(dtype, monkeypatch):
+    """The Triton act-mul-weight and gather-sum kernels against the torch path of dense_experts (padding slots,
+    chunks of 5 experts): fp32 within accumulation order (1e-5); bf16 within a rounding of the hidden (the fused
+    kernel rounds act(g) u w once, torch three times) and of the output (1e-2, as above)."""
+    from tandem.gpu import prefill_gemm
+
+    e, i, d, t, k = 16, 256, 512, 1500, 4
+    g = torch.Generator().manual_seed(9)
+    w13 = B.from_float((torch.randn(e, 2 * i, d, generator=g) * 0.05).cuda(), "int4_g32")
+    w2 = B.from_float((torch.randn(e, d, i, generator=g) * 0.05).cuda(), "int4_g32")
+    x = torch.randn(t, d, generator=g).cuda().to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).cuda()
+    ids[::5, 2] = -1
+    w = torch.rand(t, k, generator=g).cuda()
+    ws = Workspace(limit_bytes=5 * 3 * i * d * torch.finfo(dtype).bits // 8)
+    fused = dense_experts(x, ids, w, w13, w2, F.silu, ws)
+    monkeypatch.setattr(prefill_gemm, "FUSED", False)
+    plain = dense_experts(x, ids, w, w13, w2, F.silu, ws)
+    assert rel_err(fused, plain) < (1e-5 if dtype == torch.float32 else 1e-2)
