@@ -90,12 +90,13 @@ bool gemm_overlap_on() {
   return on;
 }
 
-// GEMM down items per thread, at least (TANDEM_CPU_DOWN_ITEMS, 1..8, default 4; for measuring): fewer, larger
-// items re-read each GEMM expert's packed h fewer times.
+// GEMM down items per thread, at least (TANDEM_CPU_DOWN_ITEMS, 1..8, default 2; for measuring): each item reads
+// every GEMM expert's packed h, so fewer, larger items read it fewer times. H200 Xeon, int8_row T = 2048: 2 vs 4
+// per thread DS-V3 65.5 vs 82.3 ms, Qwen3 11.2 vs 11.9 ms (bench/results/cpu_moe-xeon-h200.md).
 int down_items_per_thread() {
   static const int n = [] {
     const char* env = std::getenv("TANDEM_CPU_DOWN_ITEMS");
-    return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : 4;
+    return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : 2;
   }();
   return n;
 }
@@ -374,7 +375,7 @@ class MoEJob : public Job {
     }
     // Phase 2 items: chunks of H rows. With GEMM experts, whole panels in balanced items (each item reads
     // every GEMM expert's packed h once, from L3); else about 8 per thread of the shard.
-    if (max_ntg)  // >= 4 per thread: a thread slowed by a neighbour on its core holds the others up less
+    if (max_ntg)  // >= 2 per thread: larger items re-read each expert's packed h less (see down_items_per_thread)
       chunk2_ = kGemmRows * balanced_chunk(H / kGemmRows, per_shard_threads, down_items_per_thread());
     else
       chunk2_ = (int)std::max<size_t>(16, round_up(H / (8 * per_shard_threads), 16));
