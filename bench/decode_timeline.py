@@ -2,7 +2,7 @@
 their durations and the idle gaps between them, per layer, under A/B switches of the engine.
 
     python bench/decode_timeline.py [--model qwen3-30b-a3b:4] [--dir /tmp/tandem-e2e] [--variants base,memcpy]
-                                    [--json]
+                                    [--gguf Q4_1] [--all-ops] [--json]
 
 The model is synthesized as bench/e2e.py does (routed experts on the CPU in int4_g32, the rest on the GPU). The
 torch profiler records 4 decode steps (CUDA graphs replayed); the GPU activity of the last step is split into
@@ -65,7 +65,7 @@ def summarize(segs: list[list[dict]]) -> dict:
     return {"segments": rows, "middle": max(inner, key=len) if inner else [], "all": segs}
 
 
-def child(spec: str, root: Path, gap_us: float) -> dict:
+def child(spec: str, root: Path, gap_us: float, gguf: str | None = None) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -78,11 +78,19 @@ def child(spec: str, root: Path, gap_us: float) -> dict:
     from tandem.synth import PRESETS, synthesize
 
     preset, layers = spec.split(":")
-    out = root / f"{preset}-{layers}"
-    if not (out / "config.json").exists():
-        synthesize(preset, out, int(layers), progress=False)
-    rules = rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}-timeline.yaml")
-    llm = tandem.load(out, rules=str(rules), dtype="bfloat16", progress=False)
+    if gguf:  # as e2e --gguf: the file's own blocks on the CPU kernel, the family's 1gpu preset
+        from tandem.synth_gguf import synthesize_gguf
+
+        out = root / f"{preset}-{layers}-{gguf}.gguf"
+        if not out.exists():
+            synthesize_gguf(preset, out, int(layers), quant=gguf, progress=False)
+        rules = "1gpu"
+    else:
+        out = root / f"{preset}-{layers}"
+        if not (out / "config.json").exists():
+            synthesize(preset, out, int(layers), progress=False)
+        rules = str(rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}-timeline.yaml"))
+    llm = tandem.load(out, rules=rules, dtype="bfloat16", progress=False)
     engine = llm.engine
     engine.add(Sequence(list(range(10, 26)), SamplingParams(max_new_tokens=16, ignore_eos=True)))
     with torch.inference_mode():
@@ -124,19 +132,20 @@ def main() -> None:
     ap.add_argument("--variants", default="base,memcpy")
     ap.add_argument("--gap-us", type=float, default=40.0)
     ap.add_argument("--all-ops", action="store_true", help="also list every segment's ops")
+    ap.add_argument("--gguf", help="synthesize a GGUF with this --quant (e.g. Q4_1) instead of safetensors")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     if args.child:
-        print(json.dumps(child(args.model, root, args.gap_us)))
+        print(json.dumps(child(args.model, root, args.gap_us, args.gguf)))
         return
     results = {}
     for v in args.variants.split(","):
         env = {**os.environ, "GOMP_SPINCOUNT": "10000", **VARIANTS[v]}
         cmd = [sys.executable, __file__, "--child", "--model", args.model, "--dir", args.dir, "--gap-us",
-               str(args.gap_us)]
+               str(args.gap_us)] + (["--gguf", args.gguf] if args.gguf else [])
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if p.returncode:
             print(p.stderr[-3000:], file=sys.stderr)

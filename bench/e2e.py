@@ -375,7 +375,7 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     prefill(llm, 512)  # warm-up: Triton/graph compiles, the layer-wise threshold measured once
     res["layerwise_threshold"] = llm.model.model._threshold
     for p in prefills:
-        first = prefill(llm, p + 1)  # a length not seen before: plan caches (cuDNN attention) cold
+        first = prefill(llm, p)  # a length not seen before: plan caches (cuDNN attention) cold; the next is warm
         tps = prefill(llm, p)
         bound_s = max(c["routed_bytes"] / (res["h2d_gbs"] * 1e9), prefill_flops(c, p) / (res["gpu_bf16_tflops"] * 1e12))
         res[f"prefill_{p}"] = {"tok_s": round(tps, 1), "first_call_tok_s": round(first, 1),

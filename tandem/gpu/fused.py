@@ -168,7 +168,8 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale
     if n * h == 0:
         return out
     block_j = max(8, triton.next_power_of_2(d // 2))
-    block_r, warps = _tile(n * h, 2 * block_j)
+    # ~512 values per program: decode's few rows spread over SMs (one program of 64 heads took 11 us for MLA's q)
+    block_r, warps = min(triton.next_power_of_2(n * h), max(1, 256 // block_j)), 4
     grid = (triton.cdiv(n * h, block_r),)
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         _rope_kernel[grid](x, positions, inv_freq.float().contiguous(), out, n * h, h, x.stride(0), x.stride(1),

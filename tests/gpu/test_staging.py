@@ -117,8 +117,8 @@ GATES = {  # DeepSeek-V3's noaux_tc (sigmoid, bias, 8 groups keep 4), V2-Lite's 
 @pytest.mark.parametrize("method", list(GATES))
 @pytest.mark.parametrize("n", [1, 7])
 def test_route_out_grouped_matches_moe_gate(method, n):
-    """The DeepSeek gate from its fp32 logits: the same expert sets as MoEGate, weights within 4e-7 relative
-    (sigmoid / exp and the renormalizing sum in another order; scores are fp32 from the same logits)."""
+    """The DeepSeek gate from its fp32 logits: the same expert sets as MoEGate, weights within 2e-6 relative
+    (libdevice's expf against torch's, a softmax or renormalizing sum in another order: a few fp32 ulps each)."""
     from tandem.models.deepseek import ModelArgs, MoEGate
     from tandem.ops.moe import fp32_logits
 
@@ -144,7 +144,7 @@ def test_route_out_grouped_matches_moe_gate(method, n):
     torch.cuda.synchronize()
     got, want = hi[:n].sort(-1), ids.cpu().sort(-1)
     assert torch.equal(got.values, want.values)
-    torch.testing.assert_close(hw[:n].gather(1, got.indices), w.cpu().gather(1, want.indices), rtol=4e-7, atol=0)
+    torch.testing.assert_close(hw[:n].gather(1, got.indices), w.cpu().gather(1, want.indices), rtol=2e-6, atol=0)
     assert torch.equal(hx[:n], x.cpu())
     torch.testing.assert_close(logits, torch.nn.functional.linear(x.float(), gate.weight.float()), rtol=1e-5,
                                atol=1e-5)
