@@ -221,14 +221,14 @@ def _q4_k_to_int4_g32(b: torch.Tensor) -> torch.Tensor:
     return torch.cat((_f16_bytes(d), _f16_bytes(m), _pack_halves(q).flatten(-2)), -1)
 
 
-def _q4_1_to_int4_g32(b: torch.Tensor) -> torch.Tensor:
+def q4_1_to_int4_g32(b: torch.Tensor) -> torch.Tensor:
     """Q4_1 blocks [4B, 20] (d, m, qs[16] in the same nibble order) -> int4_g32 [B, 80]: exact."""
     g = b.reshape(-1, 4, 20)
     return torch.cat((g[:, :, 0:2].reshape(-1, 8), g[:, :, 2:4].reshape(-1, 8), g[:, :, 4:20].reshape(-1, 64)), -1)
 
 
 # ggml type id -> (kernel format, converter of [blocks, bytes] uint8) for the exact conversions
-GGUF_CONVERT = {12: ("int4_g32", _q4_k_to_int4_g32), 3: ("int4_g32", _q4_1_to_int4_g32)}
+GGUF_CONVERT = {12: ("int4_g32", _q4_k_to_int4_g32), 3: ("int4_g32", q4_1_to_int4_g32)}
 
 
 def gguf_natural_format(ggml_type: int, k: int) -> str:
