@@ -131,6 +131,9 @@ class HybridMoE(DeviceOp):
     # Cores the CPU kernel's pool leaves to the threads that drive the GPU, when it has its default size (one
     # thread per physical core); TANDEM_DRIVER_CORES overrides, 0 keeps every core.
     driver_cores: int = int(os.environ.get("TANDEM_DRIVER_CORES", "1"))
+    # Shared / hot experts of a captured layer on a parallel branch next to the host node (1), or before it in
+    # stream order (0): an A/B switch, TANDEM_SHARED_BRANCH, while the host-node hand-off of branched graphs is measured
+    shared_branch: bool = os.environ.get("TANDEM_SHARED_BRANCH", "1") == "1"
     _pool_sized = False
     streamed = None  # GpuExperts for the current layer-wise prefill, set and cleared by the model operator
     workspace = None  # tandem.gpu.prefill_gemm.Workspace of that prefill (dense path), set with `streamed`
@@ -320,15 +323,19 @@ class HybridMoE(DeviceOp):
         n = x.shape[0]
         cur = torch.cuda.current_stream()
         st, local, w = self._route_and_stage(x, for_graph=True)
+        job = st.jobs.get((id(kernel), n))
+        if job is None:
+            job = st.jobs[id(kernel), n] = kernel.host_job(st.x[:n], st.ids[:n], st.weights[:n], st.out[:n])
+        if not self.shared_branch:  # before the host node, in stream order
+            shared, hot = self.shared(x), self._hot(x, local, w)
+            launch_host_func(job.fn, job.arg, cur)
+            return self._unstage(st, x, shared, hot)
         if self._side is None:
             self._side = torch.cuda.Stream(x.device)
         self._side.wait_stream(cur)
         with torch.cuda.stream(self._side):  # a parallel branch of the graph, next to the host node
             shared = self.shared(x)
             hot = self._hot(x, local, w)
-        job = st.jobs.get((id(kernel), n))
-        if job is None:
-            job = st.jobs[id(kernel), n] = kernel.host_job(st.x[:n], st.ids[:n], st.weights[:n], st.out[:n])
         launch_host_func(job.fn, job.arg, cur)
         cur.wait_stream(self._side)
         return self._unstage(st, x, shared, hot)
