@@ -117,8 +117,9 @@ GATES = {  # DeepSeek-V3's noaux_tc (sigmoid, bias, 8 groups keep 4), V2-Lite's 
 @pytest.mark.parametrize("method", list(GATES))
 @pytest.mark.parametrize("n", [1, 7])
 def test_route_out_grouped_matches_moe_gate(method, n):
-    """The DeepSeek gate from its fp32 logits: the same expert sets as MoEGate, weights within 2e-6 relative
-    (libdevice's expf against torch's, a softmax or renormalizing sum in another order: a few fp32 ulps each)."""
+    """The DeepSeek gate from its fp32 logits: the same expert sets as MoEGate, weights within 1e-5 relative
+    (torch's softmax exp differs from libdevice's expf by up to ~25 fp32 ulps, measured 3.3e-6; a routing weight
+    scales one expert's contribution, so 1e-5 of it is far below the bf16 output's 4e-3 step)."""
     from tandem.models.deepseek import ModelArgs, MoEGate
     from tandem.ops.moe import fp32_logits
 
@@ -144,7 +145,7 @@ def test_route_out_grouped_matches_moe_gate(method, n):
     torch.cuda.synchronize()
     got, want = hi[:n].sort(-1), ids.cpu().sort(-1)
     assert torch.equal(got.values, want.values)
-    torch.testing.assert_close(hw[:n].gather(1, got.indices), w.cpu().gather(1, want.indices), rtol=2e-6, atol=0)
+    torch.testing.assert_close(hw[:n].gather(1, got.indices), w.cpu().gather(1, want.indices), rtol=1e-5, atol=0)
     assert torch.equal(hx[:n], x.cpu())
     torch.testing.assert_close(logits, torch.nn.functional.linear(x.float(), gate.weight.float()), rtol=1e-5,
                                atol=1e-5)
