@@ -7,6 +7,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "tandem/cpu_features.h"
+#include "tandem/doorbell.h"
 #include "tandem/kernels.h"
 #include "tandem/moe.h"
 
@@ -90,6 +91,13 @@ NB_MODULE(_tandem_cpu, m) {
   m.def("bandwidth_probe", &tandem::bandwidth_probe, nb::call_guard<nb::gil_scoped_release>());
   m.def("host_entry_address", [] { return (uintptr_t)&tandem_cpu_host_entry; });
   m.def("host_trace_start", &tandem::host_trace_start);
+  m.def("doorbell_add", [](uintptr_t bell, uintptr_t job) {
+    return tandem::doorbell_add((tandem::Doorbell*)bell, (const tandem::HostJob*)job);
+  });
+  m.def("doorbell_jobs_run", &tandem::doorbell_jobs_run);
+  m.def("doorbell_remove", [](uintptr_t bell) { tandem::doorbell_remove((tandem::Doorbell*)bell); },
+        nb::call_guard<nb::gil_scoped_release>());
+  m.def("doorbell_stop", &tandem::doorbell_stop, nb::call_guard<nb::gil_scoped_release>());
   m.def("host_trace_take", [] {
     std::vector<std::tuple<int64_t, int64_t, int, int>> out;
     for (const auto& c : tandem::host_trace_take()) out.emplace_back(c.start_ns, c.end_ns, c.cpu, c.tokens);

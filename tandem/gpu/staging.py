@@ -94,7 +94,7 @@ if triton is not None:
         cols = c * BLOCK + tl.arange(0, BLOCK)
         at = row.to(tl.int64) * D + cols
         ty = y_ptr.dtype.element_ty
-        y = tl.load(h_ptr + at, mask=cols < D).to(ty)
+        y = tl.load(h_ptr + at, mask=cols < D, cache_modifier=".cv").to(ty)  # host memory the CPU just wrote
         if HAS_A:
             y = (y.to(tl.float32) + tl.load(a_ptr + at, mask=cols < D).to(tl.float32)).to(ty)
         if HAS_B:

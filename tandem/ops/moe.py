@@ -38,6 +38,7 @@ class Staging:
     weights: torch.Tensor  # [cap, K] fp32
     out: torch.Tensor  # [cap, D], x's dtype
     jobs: dict = field(default_factory=dict)  # (kernel id, n) -> HostJob bound to these buffers
+    bells: dict = field(default_factory=dict)  # (job id, n) -> its tandem.gpu.doorbell.Doorbell
 
     @classmethod
     def allocate(cls, cap: int, d: int, k: int, dtype: torch.dtype) -> Staging:
@@ -318,17 +319,16 @@ class HybridMoE(DeviceOp):
         return self._unstage(st, x, hot, shared)
 
     def _captured(self, x: torch.Tensor, kernel) -> torch.Tensor:
-        from tandem.gpu.host_func import launch_host_func
-
         n = x.shape[0]
         cur = torch.cuda.current_stream()
         st, local, w = self._route_and_stage(x, for_graph=True)
         job = st.jobs.get((id(kernel), n))
         if job is None:
             job = st.jobs[id(kernel), n] = kernel.host_job(st.x[:n], st.ids[:n], st.weights[:n], st.out[:n])
-        if not self.shared_branch:  # before the host node, in stream order
+        call = self._cpu_call(st, job, n)
+        if not self.shared_branch:  # before the CPU experts, in stream order
             shared, hot = self.shared(x), self._hot(x, local, w)
-            launch_host_func(job.fn, job.arg, cur)
+            call(cur)
             return self._unstage(st, x, shared, hot)
         if self._side is None:
             self._side = torch.cuda.Stream(x.device)
@@ -336,9 +336,22 @@ class HybridMoE(DeviceOp):
         with torch.cuda.stream(self._side):  # a parallel branch of the graph, next to the host node
             shared = self.shared(x)
             hot = self._hot(x, local, w)
-        launch_host_func(job.fn, job.arg, cur)
+        call(cur)
         cur.wait_stream(self._side)
         return self._unstage(st, x, shared, hot)
+
+    def _cpu_call(self, st: Staging, job, n: int):
+        """The stream's call of the CPU experts: a doorbell (stream memory operations, tandem.gpu.doorbell) where
+        the driver has them, else a host node."""
+        from tandem.gpu import doorbell
+        from tandem.gpu.host_func import launch_host_func
+
+        if doorbell.ENABLED and doorbell.available():
+            bell = st.bells.get((id(job), n))
+            if bell is None:
+                bell = st.bells[id(job), n] = doorbell.Doorbell(job)
+            return bell.ring_and_wait
+        return lambda stream: launch_host_func(job.fn, job.arg, stream)
 
     def warm_graph_buffers(self, n: int, dtype: torch.dtype) -> None:
         """Allocate the graph buffers before a capture (the engine's eager warm-up does it too)."""

@@ -25,6 +25,7 @@ own memory and computed by its threads (``TANDEM_NUMA_NODES`` / ``set_numa_nodes
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,10 @@ __all__ = [
     "gemm_min_tokens",
     "has_gemm",
     "host_entry",
+    "doorbell_add",
+    "doorbell_jobs_run",
+    "doorbell_remove",
+    "doorbell_stop",
     "host_trace",
     "host_trace_start",
     "num_threads",
@@ -146,6 +151,31 @@ def has_gemm() -> bool:
 def host_entry() -> int:
     """Address of ``void tandem_cpu_host_entry(void*)``, a cudaHostFn_t (see MoEExperts.host_job)."""
     return _C.host_entry_address()
+
+
+def doorbell_add(words: int, job: int) -> int:
+    """Register a doorbell (pinned words: ring at `words`, done 64 bytes after) for the HostJob at `job` with the
+    listener thread (started on first use; csrc/tandem/doorbell.h). Both must outlive the listener: it is
+    stopped at exit, before Python frees them."""
+    return _C.doorbell_add(int(words), int(job))
+
+
+def doorbell_remove(words: int) -> None:
+    """Forget the doorbell at `words`; returns once the listener can no longer read it."""
+    _C.doorbell_remove(int(words))
+
+
+def doorbell_stop() -> None:
+    """Stop the doorbell listener and forget its doorbells (at exit, before Python frees them)."""
+    _C.doorbell_stop()
+
+
+atexit.register(doorbell_stop)
+
+
+def doorbell_jobs_run() -> int:
+    """Jobs the doorbell listener has run."""
+    return _C.doorbell_jobs_run()
 
 
 def host_trace_start(capacity: int = 4096) -> None:
