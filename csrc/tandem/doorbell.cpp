@@ -1,6 +1,7 @@
 // The doorbell listener (doorbell.h): one thread, started on first registration, for the process's lifetime.
 #include "doorbell.h"
 
+#include <sched.h>
 #include <time.h>
 
 #include <algorithm>
@@ -65,9 +66,7 @@ void listen() {
       timespec ts{0, idle > kIdleLongNs ? kIdleLongNapNs : kIdleNapNs};
       nanosleep(&ts, nullptr);  // no decode running: stop burning the driver's core
     } else {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
+      sched_yield();  // the core is the driver's: Python's main thread, woken at a step's end, gets it at once
     }
   }
 }
