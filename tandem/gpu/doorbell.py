@@ -11,7 +11,8 @@ wakes when the stream reaches the node, and the stream resumes only once the dri
 
 while the C++ listener thread (pinned to the core the kernel's pool leaves free) spins over every doorbell, clears
 a rung one, runs its job on the pool and sets done. Stream memory operations are captured into CUDA graphs as
-memory-operation nodes. `available()` says whether this driver has them; TANDEM_DOORBELLS=0 keeps host nodes.
+memory-operation nodes. `available()` says whether this driver has them. Off unless TANDEM_DOORBELLS=1: measured
+no faster than host nodes yet (see ENABLED).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from functools import cache
 
 import torch
 
-ENABLED = os.environ.get("TANDEM_DOORBELLS", "1") != "0"
+# opt-in (TANDEM_DOORBELLS=1): on the H200 host the hand-off gap fell 92 -> 56 us per layer but the CPU call rose
+# 0.266 -> 0.307 ms with the listener spinning on the driver's core (bench/results/e2e-h200.md), so no faster
+ENABLED = os.environ.get("TANDEM_DOORBELLS", "0") == "1"
 WRITE_DEFAULT = 0  # CU_STREAM_WRITE_VALUE_DEFAULT: a memory barrier before the write
 WAIT_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 

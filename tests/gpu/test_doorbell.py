@@ -55,10 +55,12 @@ def test_stream_rings_and_waits_in_a_graph():
     assert K.doorbell_jobs_run() - runs == 3
 
 
-def test_hybrid_graph_decode_uses_doorbells(tmp_path):
+def test_hybrid_graph_decode_uses_doorbells(tmp_path, monkeypatch):
     from tiny import make_hf, save_hf
 
     import tandem
+
+    monkeypatch.setattr(doorbell, "ENABLED", True)  # opt-in (TANDEM_DOORBELLS=1)
 
     path = save_hf(make_hf("qwen3_moe"), tmp_path)
     cpu = tandem.load(path, rules="none", dtype="float32", progress=False)
