@@ -10,8 +10,9 @@ dozen launches per layer, which at batch 1 cost more GPU time than the attention
                       output directly, else partial sums merged by a second launch (split-K, "flash decoding")
 
 The split count depends only on the block table's width, which is fixed for a captured graph (graphs.py buckets
-it), so the launches are graph-safe. Arithmetic in fp32 (IEEE dot products, no TF32): the result differs from the
-reference's SDPA by the order of its sums. TANDEM_PAGED_ATTENTION=0 keeps the torch path.
+it), so the launches are graph-safe. Arithmetic in fp32: q k^T on tensor cores from bf16/fp16 (products exact in the
+fp32 accumulator) or as IEEE fp32 (no TF32), p v in IEEE fp32; the result differs from the reference's SDPA by
+the order of its sums. TANDEM_PAGED_ATTENTION=0 keeps the torch path.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ except ImportError:
 ENABLED = triton is not None and os.environ.get("TANDEM_PAGED_ATTENTION", "1") != "0"
 SPLIT_TOKENS = 256  # context tokens one program covers before the work is split across programs
 MAX_SPLITS = 64
-BLOCK_N = 32  # keys per inner step
+BLOCK_N = 64  # keys per inner step
 
 if triton is not None:
 
@@ -50,7 +51,8 @@ if triton is not None:
     def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, stride_qb, stride_qh,
                        stride_tb, H, HKV, scale, SPLIT: tl.constexpr, SPLITS, G: tl.constexpr,
                        BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr):
+                       BLOCK_DV: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
+                       FP32: tl.constexpr):
         """Program (b, kv head, split): softmax(q k^T scale) v over context tokens [split * SPLIT, +SPLIT) of b."""
         b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         ctx = tl.load(lens_ptr + b).to(tl.int32)
@@ -61,7 +63,7 @@ if triton is not None:
         dv = tl.arange(0, BLOCK_DV)
         heads = kvh * G + g
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=(g[:, None] < G) & (d[None, :] < D), other=0.0).to(tl.float32) * scale
+                    mask=(g[:, None] < G) & (d[None, :] < D), other=0.0)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)  # noqa: E741
         acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
@@ -71,8 +73,11 @@ if triton is not None:
             blk = tl.load(tables_ptr + b.to(tl.int64) * stride_tb + p // BS, mask=valid, other=0).to(tl.int64)
             slot = blk * BS + p % BS
             k = tl.load(kc_ptr + (slot * HKV + kvh)[:, None] * D + d[None, :],
-                        mask=valid[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, BLOCK_N]
+                        mask=valid[:, None] & (d[None, :] < D), other=0.0).to(q.dtype)
+            if FP32:  # IEEE fp32 products (no TF32)
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_N]
+            else:  # bf16 / fp16 products are exact in the fp32 accumulator: tensor cores lose nothing
+                sc = tl.dot(q, tl.trans(k)) * scale
             sc = tl.where(valid[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
             alpha = tl.exp(m - m_new)
@@ -156,7 +161,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(b, h, dv, dtype=q.dtype, device=q.device)
     splits, per = splits_for(block_tables.shape[1] * block_size)
     bg, bd, bdv = max(16, triton.next_power_of_2(g)), triton.next_power_of_2(d), triton.next_power_of_2(dv)
-    meta = dict(SPLIT=per, G=g, BLOCK_G=bg, D=d, BLOCK_D=bd, DV=dv, BLOCK_DV=bdv, BS=block_size, BLOCK_N=BLOCK_N)
+    meta = dict(SPLIT=per, G=g, BLOCK_G=bg, D=d, BLOCK_D=bd, DV=dv, BLOCK_DV=bdv, BS=block_size, BLOCK_N=BLOCK_N,
+                FP32=q.dtype == torch.float32)
     with _on(q.device):
         if splits == 1:
             _decode_kernel[(b, hkv, 1)](q, k_cache, v_cache, block_tables, context_lens, out, out, out, q.stride(0),

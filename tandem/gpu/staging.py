@@ -202,7 +202,7 @@ def route_out(x: torch.Tensor, logits: torch.Tensor, top_k: int, renormalize: bo
         _stage_out_kernel[grid](x, logits, logits, hx, hids, hw, d, top_k, x.stride(0), logits.stride(0), 0,
                                 ROUTE=True, RENORM=bool(renormalize), E=e, BLOCK_E=triton.next_power_of_2(e),
                                 BLOCK_K=triton.next_power_of_2(top_k), BLOCK=BLOCK_D, PRECISE=_PRECISE_EXP,
-                                num_warps=4)
+                                num_warps=1)  # the top-k's K reductions in one warp: no cross-warp syncs
 
 
 def stage_in(h: torch.Tensor, dtype: torch.dtype, device: torch.device, *adds: torch.Tensor | None) -> torch.Tensor:
@@ -244,4 +244,4 @@ def route_out_grouped(x: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor 
                                     topk_group, x.stride(0), logits.stride(0), float(scale), SIGMOID=bool(sigmoid),
                                     HAS_BIAS=bias is not None, GROUPS=n_group, TOP2=bool(top2),
                                     RENORM=bool(renormalize), BLOCK_E=e, BLOCK_K=triton.next_power_of_2(top_k),
-                                    BLOCK=BLOCK_D, PRECISE=_PRECISE_EXP, num_warps=4)
+                                    BLOCK=BLOCK_D, PRECISE=_PRECISE_EXP, num_warps=1)
