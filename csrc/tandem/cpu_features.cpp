@@ -62,6 +62,20 @@ Features detect() {
   return f;
 }
 
+}  // namespace
+
+bool cpu_is_amd() {
+#if defined(TANDEM_X86)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  return b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;  // "Auth" "enti" "cAMD"
+#else
+  return false;
+#endif
+}
+
+namespace {
+
 // Linux hands out AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA);
 // the grant covers the whole process, so every pool thread may then load a tile config.
 bool amx_permission() {

@@ -13,5 +13,6 @@ int isa_best();
 int isa_current();
 bool set_isa(int isa);
 const KernelTable* kernels();
+bool cpu_is_amd();  // CPUID vendor AuthenticAMD (decode prefetch default, moe.cpp)
 
 }  // namespace tandem
