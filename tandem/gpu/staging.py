@@ -38,6 +38,20 @@ _PRECISE_EXP = os.environ.get("TRITON_INTERPRET", "0") != "1"  # the interpreter
 if triton is not None:
 
     @triton.jit
+    def _top_k(choice, score, e, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The K largest of `choice` [BLOCK_E] (lowest index on ties; -inf never taken first) and `score` there."""
+        slots = tl.arange(0, BLOCK_K)
+        top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+        top_i = tl.zeros([BLOCK_K], dtype=tl.int64)
+        for j in range(K):
+            m = tl.max(choice, 0)
+            idx = tl.min(tl.where(choice == m, e, BLOCK_E), 0)
+            top_w = tl.where(slots == j, tl.sum(tl.where(e == idx, score, 0.0), 0), top_w)
+            top_i = tl.where(slots == j, idx.to(tl.int64), top_i)
+            choice = tl.where(e == idx, float("-inf"), choice)
+        return top_w, top_i
+
+    @triton.jit
     def _route_row(logits_ptr, ids_ptr, w_ptr, row, E, K, stride_l, RENORM: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
         """softmax(logits[row]) in fp32, its top K (largest first, lowest index on ties), optionally renormalized."""
@@ -48,16 +62,8 @@ if triton is not None:
         else:
             p = tl.exp(z - tl.max(z, 0))
         p = p / tl.sum(p, 0)
-        p = tl.where(e < E, p, -1.0)
         slots = tl.arange(0, BLOCK_K)
-        top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
-        top_i = tl.zeros([BLOCK_K], dtype=tl.int64)
-        for j in range(K):
-            best = tl.max(p, 0)
-            idx = tl.min(tl.where(p == best, e, BLOCK_E), 0)
-            top_w = tl.where(slots == j, best, top_w)
-            top_i = tl.where(slots == j, idx.to(tl.int64), top_i)
-            p = tl.where(e == idx, -2.0, p)
+        top_w, top_i = _top_k(tl.where(e < E, p, float("-inf")), p, e, K, BLOCK_E, BLOCK_K)
         if RENORM:
             top_w = top_w / tl.sum(tl.where(slots < K, top_w, 0.0), 0)
         out = row.to(tl.int64) * K + slots
@@ -150,14 +156,7 @@ if triton is not None:
                     best = tl.where(gi == pick, float("-inf"), best)
                 choice = tl.reshape(tl.where(keep[:, None], g2, float("-inf")), (BLOCK_E,))
             slots = tl.arange(0, BLOCK_K)
-            top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
-            top_i = tl.zeros([BLOCK_K], dtype=tl.int64)
-            for j in range(K):
-                m = tl.max(choice, 0)
-                idx = tl.min(tl.where(choice == m, e, BLOCK_E), 0)
-                top_w = tl.where(slots == j, tl.sum(tl.where(e == idx, sc, 0.0), 0), top_w)
-                top_i = tl.where(slots == j, idx.to(tl.int64), top_i)
-                choice = tl.where(e == idx, float("-inf"), choice)
+            top_w, top_i = _top_k(choice, sc, e, K, BLOCK_E, BLOCK_K)
             if RENORM:
                 top_w = top_w / (tl.sum(tl.where(slots < K, top_w, 0.0), 0) + 1e-20)
             top_w = top_w * scale_w
