@@ -898,12 +898,7 @@ extern "C" void tandem_cpu_host_entry(void* host_job) {
   const int cap = g_trace_cap.load(std::memory_order_relaxed);
   const int64_t t0 = cap ? monotonic_ns() : 0;
   try {
-    // on a core the pool leaves free (pin_to_free_cores): spin for the result instead of sleeping on a futex,
-    // whose wake-up (a C-state exit on an idle core) would add to every layer of a decode step
-    ThreadPool& p = pool();
-    auto job = h->experts->submit(h->args);
-    if (p.free_cpus().empty()) job->wait();
-    else job->wait_spinning(p.spin_us());
+    h->experts->forward(h->args);
   } catch (...) {
     // No exception may cross into the CUDA runtime; the output is left as it was.
   }

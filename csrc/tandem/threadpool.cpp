@@ -44,15 +44,6 @@ void Job::wait() {
   cv_.wait(lk, [&] { return done(); });
 }
 
-void Job::wait_spinning(int spin_us) {
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; !done(); i++) {
-    cpu_relax();
-    if ((i & 127) == 127 && std::chrono::steady_clock::now() - t0 >= std::chrono::microseconds(spin_us)) break;
-  }
-  wait();
-}
-
 static long futex(std::atomic<int>* addr, int op, int val) {
   return syscall(SYS_futex, reinterpret_cast<int*>(addr), op, val, nullptr, nullptr, 0);
 }

@@ -18,9 +18,6 @@ class Job {
   virtual ~Job() = default;
   virtual void run(int tid, int nthreads) = 0;  // called once per pool thread
   void wait();                                  // blocks until every thread has returned from run
-  // wait(), spinning up to spin_us first: for a caller on a core the pool leaves free (a driver thread), where a
-  // futex sleep would add the core's wake-up latency to every call
-  void wait_spinning(int spin_us);
   bool done() const { return done_.load(std::memory_order_acquire); }
 
  private:
@@ -87,7 +84,6 @@ class ThreadPool {
   Scratch& scratch(int slot) { return scratch_[slot]; }          // slot < kScratchSlots
   const std::vector<int>& free_cpus() const { return free_; }    // one CPU per physical core left to others
   uint64_t generation() const { return generation_; }             // distinct for every pool made
-  int spin_us() const { return spin_us_; }
   static constexpr int kScratchSlots = 8;
 
  private:
