@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gpu_ref import rel_err
+from moe_ref import moe_float64
 
 from tandem.gpu import blocks as B
 from tandem.gpu.dequant import dequantize_into
@@ -91,7 +92,7 @@ def test_dense_prefill_from_gguf_blocks(down_type, dtype, grouped):
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).cuda()
     ids[::9, 1] = -1
     w = torch.rand(t, k, generator=g).cuda()
-    ref = _reference(x, ids, w, deq13[:, :i], deq13[:, i:], deq2)
+    ref = moe_float64(x, ids, w, deq13[:, :i], deq13[:, i:], deq2)
     ws = Workspace(limit_bytes=3 * 3 * i * d * torch.finfo(dtype).bits // 8)  # chunks of 3 experts
     y = dense_experts(x.to(dtype), ids, w, w13, w2, F.silu, ws, grouped=grouped)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # as test_dense_prefill_experts_on_the_gpu
@@ -104,15 +105,6 @@ def test_dense_prefill_from_gguf_blocks(down_type, dtype, grouped):
     assert rel_err(y_grouped, ref) < 2e-2
 
 
-def _reference(x, ids, w, gate, up, down):
-    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-    for e in range(gate.shape[0]):
-        t, k = (ids == e).nonzero(as_tuple=True)
-        if t.numel():
-            xe = x[t].double()
-            h = F.silu(xe @ gate[e].double().T) * (xe @ up[e].double().T)
-            out.index_add_(0, t, (h @ down[e].double().T) * w[t, k].double()[:, None])
-    return out
 
 
 @pytest.mark.parametrize("fmt", ["int4_g32", "q8_0", "bf16"])
@@ -132,7 +124,7 @@ def test_dense_prefill_experts_on_the_gpu(fmt, dtype, grouped):
     ids = torch.stack([torch.randperm(e - 1, generator=g)[:k] for _ in range(t)]).cuda()
     ids[::7, 0] = -1
     w = torch.rand(t, k, generator=g).cuda()
-    ref = _reference(x, ids, w, deq13[:, :i], deq13[:, i:], deq2)
+    ref = moe_float64(x, ids, w, deq13[:, :i], deq13[:, i:], deq2)
     ws = Workspace(limit_bytes=5 * 3 * i * d * torch.finfo(dtype).bits // 8)
     y = dense_experts(x.to(dtype), ids, w, w13, w2, F.silu, ws, grouped=grouped)
     # fp32: order of accumulation only; bf16: x, weights, hidden and output rounded to 8 bits
@@ -155,7 +147,7 @@ def test_dense_prefill_one_chunk_no_padding(grouped):
     x = torch.randn(t, d, generator=g).cuda()
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).cuda()
     w = torch.rand(t, k, generator=g).cuda()
-    ref = _reference(x, ids, w, deq13[:, :i], deq13[:, i:], w2.dequantize())
+    ref = moe_float64(x, ids, w, deq13[:, :i], deq13[:, i:], w2.dequantize())
     y = dense_experts(x.bfloat16(), ids, w, w13, w2, F.silu, Workspace(), grouped=grouped)
     assert rel_err(y, ref) < 1e-2
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from moe_ref import moe_float64
 
 from tandem.gpu import blocks as B
 from tandem.gpu.dequant import dequantize_into, rows_apart
@@ -45,15 +46,6 @@ def test_split_upload_layout_equals_the_joined_one():
         assert torch.equal(w2.dequantize(), w2j.dequantize())
 
 
-def _reference(x, ids, w, gate, up, down):
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for e in range(gate.shape[0]):
-        t, k = (ids == e).nonzero(as_tuple=True)
-        if t.numel():
-            xe = x[t].double()
-            h = F.silu(xe @ gate[e].double().T) * (xe @ up[e].double().T)
-            out.index_add_(0, t, (h @ down[e].double().T) * w[t, k].double()[:, None])
-    return out
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -72,7 +64,7 @@ def test_dense_experts_from_the_pair_on_the_cpu(padded, chunks):
         ids[::7, 0] = -1
     w = torch.rand(t, k, generator=g)
     deq13 = w13.dequantize()
-    ref = _reference(x, ids, w, deq13[:, :i], deq13[:, i:], w2.dequantize())
+    ref = moe_float64(x, ids, w, deq13[:, :i], deq13[:, i:], w2.dequantize())
     limit = 3 * 3 * i * d * 4 if chunks else 1 << 30
     y_pair = dense_experts(x, ids, w, pair, w2, F.silu, Workspace(limit), grouped=False)
     y_joined = dense_experts(x, ids, w, w13, w2, F.silu, Workspace(limit), grouped=False)
