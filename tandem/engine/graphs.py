@@ -121,9 +121,9 @@ class DecodeGraph:
     out: torch.Tensor  # [B, D] static output
 
 
-def packed(meta: PagedMeta) -> torch.Tensor:
-    """The metadata tensors of `meta`, flattened into one int64 row in PagedMeta.TENSORS order."""
-    return torch.cat([getattr(meta, name).reshape(-1).long() for name in PagedMeta.TENSORS])
+def packed(meta: PagedMeta, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The metadata tensors of `meta`, flattened into one int64 row in PagedMeta.TENSORS order (into `out`)."""
+    return torch.cat([getattr(meta, name).reshape(-1).long() for name in PagedMeta.TENSORS], out=out)
 
 
 def unpacked(flat: torch.Tensor, like: PagedMeta) -> PagedMeta:
@@ -189,7 +189,7 @@ class GraphRunner:
         g = self.graphs.get((bucket, width))
         if g is None:
             return self.capture(bucket, width, meta, h, n)
-        torch.cat([getattr(meta, name).reshape(-1) for name in PagedMeta.TENSORS], out=g.staging)
+        packed(meta, out=g.staging)
         g.flat.copy_(g.staging, non_blocking=True)  # one pinned copy (the last step's logits wait freed it)
         g.h[:n].copy_(h, non_blocking=True)
         g.graph.replay()

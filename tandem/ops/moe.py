@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -79,17 +80,22 @@ class PinnedPool:
         return st
 
 
-_MM_FP32_OUT = [True]  # torch.mm(..., out_dtype=float32) for bf16 inputs, until this torch/device refuses it
+@cache
+def _mm_fp32_out(device: torch.device) -> bool:
+    """Whether torch.mm takes out_dtype=float32 for bf16 inputs on this device (CUDA builds of torch >= 2.8)."""
+    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+    try:
+        torch.mm(one, one, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
 
 
 def fp32_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x w^T in float32 as MoEGate computes it (x.float() @ w.float()^T): bf16 products are exact in fp32, so a
     bf16 GEMM accumulating in fp32 gives the same sums (up to their order) without converting the weight."""
-    if _MM_FP32_OUT[0] and x.dtype == w.dtype == torch.bfloat16 and x.is_cuda:
-        try:
-            return torch.mm(x, w.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_FP32_OUT[0] = False
+    if x.dtype == w.dtype == torch.bfloat16 and x.is_cuda and _mm_fp32_out(x.device):
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
     return F.linear(x.float(), w.float())
 
 
