@@ -1,14 +1,13 @@
-// The doorbell listener (doorbell.h): one thread, started on first registration, for the process's lifetime.
+// Doorbells (doorbell.h): a table of registered doorbells that the pool's thread 0 polls while idle.
 #include "doorbell.h"
 
-#include <sched.h>
 #include <time.h>
 
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
-#include <vector>
 
 #include "moe.h"
 #include "threadpool.h"
@@ -16,106 +15,115 @@
 namespace tandem {
 namespace {
 
-struct Entry {
-  Doorbell* bell;
-  const HostJob* job;
+struct Slot {
+  std::atomic<Doorbell*> bell{nullptr};
+  std::atomic<const HostJob*> job{nullptr};  // written before `bell`, read after it
 };
 
-std::mutex g_mu;
-std::vector<Entry> g_entries;             // guarded by g_mu; the listener copies it when g_version moves
-std::atomic<uint64_t> g_version{0}, g_run{0};
-std::atomic<uint64_t> g_in_use{0};  // the version of g_entries the listener's copy is (no older doorbell touched)
-std::atomic<bool> g_stop{false};
-std::thread g_thread;  // guarded by g_mu
+Slot g_slots[kMaxDoorbells];
+std::atomic<int> g_high{0}, g_count{0};  // slots [0, g_high) may be in use; g_count are
+std::mutex g_mu;                         // add / remove (the poller never takes it)
+// The poller's pass: `polling` is 1 while it reads slots, `pass` counts finished passes; a remover that cleared
+// a slot waits out a pass in progress, after which no one holds the old pointers.
+std::atomic<int> g_polling{0};
+std::atomic<uint64_t> g_pass{0}, g_run{0};
 
-// without a ring: spin 20 ms (decode steps come back to back), then poll every 50 us, after 1 s every 1 ms
+// With doorbells registered thread 0 never sleeps on the pool's condition variable: it spins 20 ms past the
+// last job (decode layers come back to back), then polls every 50 us, after 1 s every 1 ms.
 constexpr int64_t kIdleSpinNs = 20'000'000, kIdleNapNs = 50'000, kIdleLongNs = 1'000'000'000,
                   kIdleLongNapNs = 1'000'000;
 
-int64_t now_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+void wait_for_poller() {  // caller holds g_mu, after clearing slots
+  if (g_polling.load() == 0) return;
+  const uint64_t pass = g_pass.load();
+  while (g_polling.load() != 0 && g_pass.load() == pass) std::this_thread::yield();
 }
 
-void listen() {
-  std::vector<Entry> mine;
-  uint64_t seen = ~0ull;
-  int64_t last = now_ns();
-  while (!g_stop.load(std::memory_order_relaxed)) {
-    if (g_version.load(std::memory_order_acquire) != seen) {
-      std::lock_guard<std::mutex> lk(g_mu);
-      mine = g_entries;
-      seen = g_version.load(std::memory_order_relaxed);
-      g_in_use.store(seen, std::memory_order_release);
-    }
-    bool any = false;
-    for (const Entry& e : mine) {
-      if (e.bell->ring == 0) continue;
-      e.bell->ring = 0;  // taken: the stream rings again only after it has seen `done`
-      std::atomic_thread_fence(std::memory_order_acquire);
-      tandem_cpu_host_entry((void*)e.job);  // pins this thread to the pool's free cores, runs the forward
-      std::atomic_thread_fence(std::memory_order_release);  // the output before `done`
-      e.bell->done = 1;
-      g_run.fetch_add(1, std::memory_order_relaxed);
-      any = true;
-    }
-    if (any) {
-      last = now_ns();
-    } else if (const int64_t idle = now_ns() - last; idle > kIdleSpinNs) {
-      timespec ts{0, idle > kIdleLongNs ? kIdleLongNapNs : kIdleNapNs};
-      nanosleep(&ts, nullptr);  // no decode running: stop burning the driver's core
-    } else {
-      sched_yield();  // the core is the driver's: Python's main thread, woken at a step's end, gets it at once
-    }
+void post(ThreadPool& pool, Doorbell* bell, const HostJob* h) {
+  const int64_t t0 = host_trace_clock();
+  std::shared_ptr<Job> job;
+  try {
+    job = h->experts->make_job(h->args, pool);
+  } catch (...) {
+    bell->done = 1;  // bad ids: the output stays as it was, but the stream must not wait forever
+    return;
   }
+  job->on_done = [bell, h, t0] {
+    host_trace_record(*h, t0);
+    std::atomic_thread_fence(std::memory_order_release);  // every thread's output before `done`
+    bell->done = 1;
+  };
+  g_run.fetch_add(1, std::memory_order_relaxed);
+  pool.submit(std::move(job));
 }
 
 }  // namespace
 
 int doorbell_add(Doorbell* bell, const HostJob* job) {
-  std::lock_guard<std::mutex> lk(g_mu);
-  g_entries.push_back({bell, job});
-  g_version.fetch_add(1, std::memory_order_release);
-  if (!g_thread.joinable()) {
-    g_stop.store(false);
-    g_thread = std::thread(listen);
+  int count;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    int i = 0;
+    while (i < kMaxDoorbells && g_slots[i].bell.load() != nullptr) i++;
+    if (i == kMaxDoorbells)
+      throw std::runtime_error("doorbell table full (" + std::to_string(kMaxDoorbells) + "): free unused graphs");
+    g_slots[i].job.store(job, std::memory_order_relaxed);
+    g_slots[i].bell.store(bell, std::memory_order_release);
+    g_high.store(std::max(g_high.load(), i + 1), std::memory_order_release);
+    count = g_count.fetch_add(1) + 1;
   }
-  return (int)g_entries.size();
+  pool().wake();  // thread 0 may sleep on the pool's condition variable: from now on it polls
+  return count;
 }
 
 void doorbell_remove(Doorbell* bell) {
-  uint64_t version;
-  {
-    std::lock_guard<std::mutex> lk(g_mu);
-    g_entries.erase(std::remove_if(g_entries.begin(), g_entries.end(), [bell](const Entry& e) { return e.bell == bell; }),
-                    g_entries.end());
-    version = g_version.fetch_add(1, std::memory_order_acq_rel) + 1;
-    if (!g_thread.joinable()) return;
-  }
-  while (g_in_use.load(std::memory_order_acquire) < version && !g_stop.load()) std::this_thread::yield();
+  std::lock_guard<std::mutex> lk(g_mu);  // held while waiting: no add may reuse the slot mid-pass
+  for (int i = 0; i < g_high.load(); i++)
+    if (g_slots[i].bell.load() == bell) {
+      g_slots[i].bell.store(nullptr);
+      g_count.fetch_sub(1);
+    }
+  wait_for_poller();
 }
 
 void doorbell_stop() {
-  std::thread t;
-  {
-    std::lock_guard<std::mutex> lk(g_mu);
-    if (!g_thread.joinable()) return;
-    g_stop.store(true);
-    t = std::move(g_thread);
-  }
-  t.join();
   std::lock_guard<std::mutex> lk(g_mu);
-  g_entries.clear();
-  g_version.fetch_add(1, std::memory_order_release);
+  for (int i = 0; i < g_high.load(); i++)
+    if (g_slots[i].bell.exchange(nullptr) != nullptr) g_count.fetch_sub(1);
+  wait_for_poller();
 }
 
 namespace {
 struct StopAtExit {
-  ~StopAtExit() { doorbell_stop(); }  // a listener left running would read freed doorbells during teardown
+  ~StopAtExit() { doorbell_stop(); }  // the pool would otherwise read freed doorbells during teardown
 } g_stop_at_exit;
 }  // namespace
 
 uint64_t doorbell_jobs_run() { return g_run.load(); }
+
+bool doorbells_registered() { return g_count.load(std::memory_order_relaxed) > 0; }
+
+bool doorbell_poll(ThreadPool& pool) {
+  g_polling.store(1);  // seq_cst: ordered before the slot loads (a remover then sees it or we see its null)
+  bool posted = false;
+  const int n = g_high.load(std::memory_order_acquire);
+  for (int i = 0; i < n; i++) {
+    Doorbell* bell = g_slots[i].bell.load(std::memory_order_acquire);
+    if (bell == nullptr || bell->ring == 0) continue;
+    bell->ring = 0;  // taken: the stream rings again only after it has seen `done`
+    std::atomic_thread_fence(std::memory_order_acquire);  // the staged inputs after the ring
+    post(pool, bell, g_slots[i].job.load(std::memory_order_relaxed));
+    posted = true;
+  }
+  g_pass.fetch_add(1);
+  g_polling.store(0);
+  return posted;
+}
+
+void doorbell_nap(int64_t idle_ns) {
+  if (idle_ns < kIdleSpinNs) return;
+  timespec ts{0, idle_ns > kIdleLongNs ? kIdleLongNapNs : kIdleNapNs};
+  nanosleep(&ts, nullptr);
+}
 
 }  // namespace tandem

@@ -861,10 +861,14 @@ static void check_args(const Experts& ex, const ForwardArgs& a) {
       throw std::out_of_range("topk id " + std::to_string(read_id(a.ids, a.ids_dtype, i)) + " >= E");
 }
 
-std::shared_ptr<Job> Experts::submit(const ForwardArgs& a) const {
+std::shared_ptr<Job> Experts::make_job(const ForwardArgs& a, ThreadPool& pool) const {
   check_args(*this, a);
+  return std::make_shared<MoEJob>(*this, a, kernels(), pool);
+}
+
+std::shared_ptr<Job> Experts::submit(const ForwardArgs& a) const {
   ThreadPool& p = pool();
-  auto job = std::make_shared<MoEJob>(*this, a, kernels(), p);
+  auto job = make_job(a, p);
   p.submit(job);
   return job;
 }
@@ -892,20 +896,25 @@ static int64_t monotonic_ns() {
   return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+int64_t host_trace_clock() { return g_trace_cap.load(std::memory_order_relaxed) ? monotonic_ns() : 0; }
+
+void host_trace_record(const HostJob& h, int64_t t0) {
+  if (!g_trace_cap.load(std::memory_order_relaxed)) return;
+  const int slot = g_trace_next.fetch_add(1);
+  if (slot < g_trace_cap.load())
+    g_trace[slot] = {t0, monotonic_ns(), sched_getcpu(), h.args.T_ptr ? *h.args.T_ptr : h.args.T};
+}
+
 extern "C" void tandem_cpu_host_entry(void* host_job) {
   const HostJob* h = (const HostJob*)host_job;
   pin_to_free_cores();
-  const int cap = g_trace_cap.load(std::memory_order_relaxed);
-  const int64_t t0 = cap ? monotonic_ns() : 0;
+  const int64_t t0 = host_trace_clock();
   try {
     h->experts->forward(h->args);
   } catch (...) {
     // No exception may cross into the CUDA runtime; the output is left as it was.
   }
-  if (cap) {
-    const int slot = g_trace_next.fetch_add(1);
-    if (slot < cap) g_trace[slot] = {t0, monotonic_ns(), sched_getcpu(), h->args.T_ptr ? *h->args.T_ptr : h->args.T};
-  }
+  host_trace_record(*h, t0);
 }
 
 }  // namespace tandem

@@ -62,6 +62,7 @@ class Experts {
   // Whole MoE layer. Validates ids (throws on an id >= E; ids < 0 are skipped as padding).
   void forward(const ForwardArgs& a) const;
   std::shared_ptr<Job> submit(const ForwardArgs& a) const;  // returns at once; Job::wait() to sync
+  std::shared_ptr<Job> make_job(const ForwardArgs& a, ThreadPool& pool) const;  // validated, not yet submitted
 
  private:
   void own(int proj);  // allocate every shard's matrix `proj` on its node
@@ -90,6 +91,8 @@ struct HostCall {
   int64_t start_ns, end_ns;
   int cpu, tokens;
 };
+int64_t host_trace_clock();                             // now (CLOCK_MONOTONIC ns) while tracing, else 0
+void host_trace_record(const HostJob& job, int64_t t0);  // one call from t0 to now (no-op unless tracing)
 void host_trace_start(int capacity);       // clears; capacity 0 turns tracing off
 std::vector<HostCall> host_trace_take();  // the calls recorded so far (tracing stays on)
 

@@ -1,5 +1,7 @@
 #include "tandem/threadpool.h"
 
+#include "tandem/doorbell.h"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/futex.h>
@@ -32,6 +34,7 @@ namespace tandem {
 
 void Job::finish_one(int nthreads) {
   if (finished_.fetch_add(1, std::memory_order_acq_rel) + 1 == nthreads) {
+    if (on_done) on_done();
     std::lock_guard<std::mutex> lk(mu_);
     done_.store(true, std::memory_order_release);
     cv_.notify_all();
@@ -202,6 +205,33 @@ void ThreadPool::submit(std::shared_ptr<Job> job) {
   cv_.notify_all();
 }
 
+// Spin spin_us_ for the next job (decode calls come back to back), then sleep. Thread 0 also polls the doorbells
+// while any is registered (a CUDA stream rings one per hybrid layer) and naps instead of sleeping.
+void ThreadPool::wait_for_job(int tid, uint64_t seen) {
+  auto t0 = std::chrono::steady_clock::now();
+  const auto spin = std::chrono::microseconds(spin_us_);
+  for (int i = 0; posted_.load(std::memory_order_acquire) == seen; i++) {
+    cpu_relax();
+    const bool bells = tid == 0 && doorbells_registered();
+    if (bells && doorbell_poll(*this)) t0 = std::chrono::steady_clock::now();
+    if ((i & 127) != 127) continue;
+    const auto idle = std::chrono::steady_clock::now() - t0;
+    if (idle < spin) continue;
+    if (bells) {
+      doorbell_nap(std::chrono::duration_cast<std::chrono::nanoseconds>(idle).count());
+      continue;
+    }
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return posted_.load() != seen || (tid == 0 && doorbells_registered()); });
+    t0 = std::chrono::steady_clock::now();
+  }
+}
+
+void ThreadPool::wake() {
+  { std::lock_guard<std::mutex> lk(mu_); }
+  cv_.notify_all();
+}
+
 void ThreadPool::loop(int tid) {
   {  // pin: one thread per physical core
     cpu_set_t set;
@@ -211,17 +241,7 @@ void ThreadPool::loop(int tid) {
   }
   uint64_t seen = 0;
   for (;;) {
-    // Spin spin_us_ for the next job (decode calls come back to back), then sleep.
-    auto t0 = std::chrono::steady_clock::now();
-    const auto spin = std::chrono::microseconds(spin_us_);
-    for (int i = 0; posted_.load(std::memory_order_acquire) == seen; i++) {
-      cpu_relax();
-      if ((i & 127) == 127 && std::chrono::steady_clock::now() - t0 >= spin) {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return posted_.load() != seen; });
-        break;
-      }
-    }
+    wait_for_job(tid, seen);
     std::shared_ptr<Job> job;
     {
       std::lock_guard<std::mutex> lk(mu_);

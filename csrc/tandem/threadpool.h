@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -19,6 +20,7 @@ class Job {
   virtual void run(int tid, int nthreads) = 0;  // called once per pool thread
   void wait();                                  // blocks until every thread has returned from run
   bool done() const { return done_.load(std::memory_order_acquire); }
+  std::function<void()> on_done;  // run by the last thread out, before wait() returns (a doorbell's `done`)
 
  private:
   friend class ThreadPool;
@@ -78,6 +80,7 @@ class ThreadPool {
   ~ThreadPool();
   int size() const { return (int)workers_.size(); }
   void submit(std::shared_ptr<Job> job);
+  void wake();  // idle threads re-check why they sleep (a doorbell was registered: thread 0 polls while any is)
   int nodes() const { return (int)node_os_.size(); }
   int thread_node(int tid) const { return thread_node_[tid]; }  // 0 .. nodes() - 1
   int node_os_id(int node) const { return node_os_[node]; }     // OS node id, -1 when the split is virtual
@@ -88,6 +91,7 @@ class ThreadPool {
 
  private:
   void loop(int tid);
+  void wait_for_job(int tid, uint64_t seen);
   std::vector<std::thread> workers_;
   std::vector<int> cpus_, free_;
   uint64_t generation_;

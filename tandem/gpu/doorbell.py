@@ -9,10 +9,11 @@ wakes when the stream reaches the node, and the stream resumes only once the dri
     waits for done == 1  cuStreamWaitValue32, in the stream's front end (no SM spins)
     writes done = 0      ready for the next step
 
-while the C++ listener thread (pinned to the core the kernel's pool leaves free) spins over every doorbell, clears
-a rung one, runs its job on the pool and sets done. Stream memory operations are captured into CUDA graphs as
-memory-operation nodes. `available()` says whether this driver has them. Off unless TANDEM_DOORBELLS=1: measured
-no faster than host nodes yet (see ENABLED).
+while the pool's thread 0, which spins between decode calls anyway, polls every registered doorbell, clears a
+rung one and posts its job to the pool; the job's last thread out sets done (csrc/tandem/doorbell.h). No thread
+sleeps or wakes on the way, and no core is needed for a driver thread. Stream memory operations are captured into
+CUDA graphs as memory-operation nodes. `available()` says whether this driver has them. Off unless
+TANDEM_DOORBELLS=1: measured no faster than host nodes yet (see ENABLED).
 """
 
 from __future__ import annotations
@@ -58,14 +59,14 @@ def _check(status: int, what: str) -> None:
 
 class Doorbell:
     """One job's doorbell: words (ring at 0, done at 64 bytes; pinned when a GPU rings it) registered with the
-    C++ listener, which runs `job` (a tandem.kernels.cpu.HostJob) each time the doorbell rings."""
+    kernel's pool, which runs `job` (a tandem.kernels.cpu.HostJob) each time the doorbell rings."""
 
     def __init__(self, job, pinned: bool = True) -> None:
         from tandem.kernels import cpu
 
         words = torch.zeros(32, dtype=torch.int32)
         self.words = words.pin_memory() if pinned else words
-        self.job = job  # kept alive with the doorbell: the listener holds their addresses
+        self.job = job  # kept alive with the doorbell: the pool holds their addresses
         self._remove = cpu.doorbell_remove
         cpu.doorbell_add(self.words.data_ptr(), job.arg)
 

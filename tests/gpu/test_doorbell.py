@@ -1,5 +1,5 @@
 """Doorbells on a CUDA stream (tandem.gpu.doorbell): the stream rings, waits in its front end until the C++
-listener has run the CPU experts, and re-arms; eagerly and replayed in a CUDA graph with new inputs each time;
+kernel's pool has run the CPU experts, and re-arms; eagerly and replayed in a CUDA graph with new inputs each time;
 and a hybrid model's graphed decode runs its CPU experts through them. Results are the kernel's own forward,
 bit for bit (the same job on the same buffers)."""
 

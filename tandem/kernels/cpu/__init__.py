@@ -154,19 +154,19 @@ def host_entry() -> int:
 
 
 def doorbell_add(words: int, job: int) -> int:
-    """Register a doorbell (pinned words: ring at `words`, done 64 bytes after) for the HostJob at `job` with the
-    listener thread (started on first use; csrc/tandem/doorbell.h). Both must outlive the listener: it is
-    stopped at exit, before Python frees them."""
+    """Register a doorbell (pinned words: ring at `words`, done 64 bytes after) for the HostJob at `job`: the pool's
+    thread 0 polls it while idle (csrc/tandem/doorbell.h). Both must stay alive until doorbell_remove (or
+    doorbell_stop, run at exit before Python frees them)."""
     return _C.doorbell_add(int(words), int(job))
 
 
 def doorbell_remove(words: int) -> None:
-    """Forget the doorbell at `words`; returns once the listener can no longer read it."""
+    """Forget the doorbell at `words`; returns once the pool can no longer read it."""
     _C.doorbell_remove(int(words))
 
 
 def doorbell_stop() -> None:
-    """Stop the doorbell listener and forget its doorbells (at exit, before Python frees them)."""
+    """Forget every doorbell (at exit, before Python frees them)."""
     _C.doorbell_stop()
 
 
@@ -174,7 +174,7 @@ atexit.register(doorbell_stop)
 
 
 def doorbell_jobs_run() -> int:
-    """Jobs the doorbell listener has run."""
+    """Jobs run for rung doorbells."""
     return _C.doorbell_jobs_run()
 
 
