@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.gpu import mla_decode
 from tandem.models.attention import (
     Batch,
     attend,
@@ -215,6 +216,9 @@ class MLAttention(nn.Module):
         Plain einsums, not SDPA: with one kv head and a mask SDPA falls back to expanding c to all H heads.
         """
         w_uk, w_uv = self.absorbed_weights()
+        if meta.decode and q_nope.is_cuda and mla_decode.ENABLED:  # the Triton kernel: ~4 launches instead of ~25
+            return mla_decode.absorbed_decode(q_nope, q_pe, buf, w_uk.to(q_nope.dtype), w_uv.to(q_nope.dtype),
+                                              meta.block_tables, meta.context_lens, meta.block_size, self.scale)
         r = self.a.kv_lora_rank
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk.to(q_nope.dtype))  # [N, H, r]
         q = pad_queries(torch.cat((q_lat, q_pe), dim=-1), meta)  # [B, Q, H, r+rope]
