@@ -57,9 +57,10 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(ql_ptr, qp_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, stride_qlb,
-                       stride_qlh, stride_qpb, stride_qph, stride_tb, stride_ob, stride_oh, H, SPLITS, scale_log2,
+                       stride_qlh, stride_qpb, stride_qph, stride_tb, stride_ob, stride_oh, H, SPLITS, SPLIT,
+                       scale_log2,
                        R: tl.constexpr, BLOCK_R: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_H: tl.constexpr, SPLIT: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
                        FINAL: tl.constexpr, FP32: tl.constexpr):
         """Program (b, head block, split): heads [hb * BLOCK_H, +BLOCK_H) over context tokens [s * SPLIT, +SPLIT)."""
         b, hb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -186,7 +187,7 @@ def decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, 
     hb = -(-h // cfg.block_h)
     splits, per = splits_for(b, hb, block_tables.shape[1] * block_size, cfg.block_n, _sm_count(q_lat.device))
     br, bp = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(rope))
-    meta = dict(R=r, BLOCK_R=br, P=rope, BLOCK_P=bp, BLOCK_H=cfg.block_h, SPLIT=per, BS=block_size,
+    meta = dict(R=r, BLOCK_R=br, P=rope, BLOCK_P=bp, BLOCK_H=cfg.block_h, BS=block_size,
                 BLOCK_N=cfg.block_n, FP32=q_lat.dtype == torch.float32, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     args = (q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), block_tables.stride(0))
@@ -194,14 +195,14 @@ def decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, 
     with _on(q_lat.device):
         if splits == 1:
             _decode_kernel[(b, hb, 1)](q_lat, q_pe, cache, block_tables, context_lens, out, out, out, *args,
-                                       out.stride(0), out.stride(1), h, 1, scale_log2, FINAL=True, **meta)
+                                       out.stride(0), out.stride(1), h, 1, per, scale_log2, FINAL=True, **meta)
             return out
         rows = b * hb * splits * cfg.block_h
         acc = torch.empty(rows, br, dtype=torch.float32, device=q_lat.device)
         m = torch.empty(rows, dtype=torch.float32, device=q_lat.device)
         l = torch.empty_like(m)  # noqa: E741
         _decode_kernel[(b, hb, splits)](q_lat, q_pe, cache, block_tables, context_lens, acc, m, l, *args, 0, 0, h,
-                                        splits, scale_log2, FINAL=False, **meta)
+                                        splits, per, scale_log2, FINAL=False, **meta)
         bs = triton.next_power_of_2(splits)
         bc = max(16, min(br, 4096 // bs))  # a [splits, chunk] tile of partials per program, ~32 registers a thread
         _merge_kernel[(b, h, -(-r // bc))](acc, m, l, out, out.stride(0), out.stride(1), hb, splits, R=r, BLOCK_R=br,
