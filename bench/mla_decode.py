@@ -65,7 +65,9 @@ def build_layers(a: ModelArgs, n: int, slots: int) -> list[tuple[MLAttention, to
     out = []
     for i in range(n):
         with torch.device(DEV):
-            attn = MLAttention(a, i).to(torch.bfloat16).eval()
+            attn = MLAttention(a, i).to(DEV).eval()  # RoPE's frequencies are made on the CPU: moved, kept fp32
+        for p in attn.parameters():
+            p.data = p.data.to(torch.bfloat16)
         out.append((attn, torch.randn(slots, a.kv_lora_rank + a.qk_rope_head_dim, device=DEV).bfloat16()))
     return out
 
@@ -117,7 +119,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def measure(layers, a: ModelArgs, batch: int, context: int, bw: float) -> list[dict]:
+def measure(layers, a: ModelArgs, batch: int, context: int, bw: float):
+    """Yields a row per scope: µs per layer of both paths, graphed and eager, and the bound."""
     h, n = a.num_attention_heads, len(layers)
     meta = decode_meta(batch, context)
     g = torch.Generator(device=DEV).manual_seed(batch * 7 + context)
@@ -134,7 +137,6 @@ def measure(layers, a: ModelArgs, batch: int, context: int, bw: float) -> list[d
         "layer": (lambda: [m(x, positions, Batch([1] * batch, [context - 1] * batch, Pages(buf), meta))
                            for m, buf in layers], layer_bytes + rows),
     }
-    out = []
     with torch.inference_mode():
         check = {}
         for enabled in (False, True):
@@ -148,9 +150,8 @@ def measure(layers, a: ModelArgs, batch: int, context: int, bw: float) -> list[d
                 # the graph recomputes the per-step gather indices and masks, as the engine's does
                 row[f"{name}_graph_us"] = graph_ms(fn, before_capture=meta.forget) / n * 1e3
                 row[f"{name}_eager_us"] = eager_ms(fn) / n * 1e3
-            out.append(row)
-    mla_decode.ENABLED = True
-    return out
+            mla_decode.ENABLED = True
+            yield row
 
 
 def sweep(layers, a: ModelArgs, batch: int, context: int) -> list[dict]:
