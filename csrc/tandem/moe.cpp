@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -40,11 +41,12 @@ inline int64_t read_id(const void* ids, int dtype, int64_t i) {
   return dtype == DT_I32 ? (int64_t)((const int32_t*)ids)[i] : ((const int64_t*)ids)[i];
 }
 
-inline void load_row_f32(const void* src, int dtype, int64_t row, int n, float* dst) {
+// n values from value `at` of a float32 or bf16 buffer
+inline void load_f32(const void* src, int dtype, int64_t at, int n, float* dst) {
   if (dtype == DT_F32) {
-    std::memcpy(dst, (const float*)src + row * n, (size_t)n * 4);
+    std::memcpy(dst, (const float*)src + at, (size_t)n * 4);
   } else {
-    const bf16_t* s = (const bf16_t*)src + row * n;
+    const bf16_t* s = (const bf16_t*)src + at;
     for (int j = 0; j < n; j++) dst[j] = bf16_to_f32(s[j]);
   }
 }
@@ -56,6 +58,7 @@ WTypeInfo info_of(int type) {
 }
 
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+inline int round_down(int n, int m) { return n / m * m; }
 
 ActRow shifted(ActRow a, int i0, int B) {  // the view of values i0.. of a row (i0 a multiple of B and 16)
   if (B == 0) {
@@ -99,6 +102,14 @@ int down_items_per_thread() {
     return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : 2;
   }();
   return n;
+}
+
+// Decode items end in 16-row ones (phases end within a small item of each thread) with >= 4 threads per shard;
+// with 2 the larger runs stream better (2-core EPYC). TANDEM_CPU_TAIL=0 / 1 forces it.
+bool tail_on(int threads) {
+  const char* env = std::getenv("TANDEM_CPU_TAIL");
+  if (env && *env) return std::strcmp(env, "0") != 0;
+  return threads >= 4;
 }
 
 // TANDEM_CPU_PROFILE=1: each forward prints per-phase wall times (mean / max over threads) to stderr.
@@ -342,7 +353,13 @@ class MoEJob : public Job {
     hs_ = (float*)(base + o_hs);
     part_ = (float*)(base + o_part);
     thr_ = base + o_thr;
-    n_items0_ = T + (int)pack_items_.size();
+    // Phase 0: each decode token's row in parts of whole 128-value groups, so that at T = 1 the threads share its
+    // quantization instead of waiting for one of them (~5-10 us for H = 2048 alone).
+    const int unit0 = std::max(128, Bx_);
+    const int parts = T > 0 ? std::clamp(nthreads_ / T, 1, std::max(1, H / unit0)) : 1;
+    part0_ = (int)round_up((H + parts - 1) / parts, unit0);
+    parts0_ = (H + part0_ - 1) / part0_;
+    n_items0_ = T * parts0_ + (int)pack_items_.size();
     // Phase 1 items per shard: GEMM experts (most tokens first: the short ones fill the end) in runs of up
     // to 256 rows, ~8 items per thread (each item reads its expert's packed tokens into L2 once); decode
     // experts in chunks of 16 rows, sized for ~8 items per thread of the shard's share (whole 256-row down
@@ -368,9 +385,16 @@ class MoEJob : public Job {
       if (!n_dec) continue;
       const size_t rows = (size_t)n_dec * In, want = (size_t)8 * per_shard_threads;
       const int chunk = (int)std::min<size_t>(round_up(In, unit), round_up((rows + want - 1) / want, unit));
+      // the last rows of every expert in 16-row items at the end of the list: the threads then reach the
+      // barrier within a small item of each other (a 64-row Qwen3 item takes ~20 us of one thread's bandwidth)
+      const int tail_want = (int)round_up(per_shard_threads * chunk / (2 * n_dec), unit);
+      const int tail = tail_on(per_shard_threads) ? std::min(round_down(In / 4, unit), tail_want) : 0;
       for (int ai = 0; ai < n_act; ai++)
         if (!gemm_[ai])
-          for (int r = 0; r < In; r += chunk) items1_[s].push_back({s, ai, r, std::min(In, r + chunk)});
+          for (int r = 0; r < In - tail; r += chunk) items1_[s].push_back({s, ai, r, std::min(In - tail, r + chunk)});
+      for (int ai = 0; ai < n_act; ai++)
+        if (!gemm_[ai])
+          for (int r = In - tail; r < In; r += unit) items1_[s].push_back({s, ai, r, std::min(In, r + unit)});
     }
     // Phase 2 items: chunks of H rows. With GEMM experts, whole panels in balanced items (each item reads
     // every GEMM expert's packed h once, from L3); else about 4 per thread of the shard: an item streams each
@@ -380,7 +404,12 @@ class MoEJob : public Job {
       chunk2_ = kGemmRows * balanced_chunk(H / kGemmRows, per_shard_threads, down_items_per_thread());
     else
       chunk2_ = (int)std::max<size_t>(16, round_up(H / (4 * per_shard_threads), 16));
-    n_items2_.assign(S_, T > 0 ? (H + chunk2_ - 1) / chunk2_ : 0);  // also with no active expert: zero out
+    // without GEMM experts the last rows in 16-row items too: the call ends within a small item of each thread
+    tail2_ = !max_ntg && tail_on(per_shard_threads)
+                 ? std::min(round_down(H / 4, 16), (int)round_up(per_shard_threads * chunk2_ / 2, 16))
+                 : 0;
+    nbig2_ = (H - tail2_ + chunk2_ - 1) / chunk2_;
+    n_items2_.assign(S_, T > 0 ? nbig2_ + (tail2_ + 15) / 16 : 0);  // also with no active expert: zero out
     chunk3_ = 256;
     n_items3_ = T > 0 ? (int)(((size_t)T * H + chunk3_ - 1) / chunk3_) : 0;
   }
@@ -392,14 +421,15 @@ class MoEJob : public Job {
   void prepare(int it) {
     const int H = ex_.H();
     static thread_local std::vector<float> row;
-    if (it < T_) {
-      if (!need_x_[it]) return;
-      row.resize(H);
-      load_row_f32(a_.x, a_.x_dtype, it, H, row.data());
-      quantize_act(row.data(), H, Bx_, xact_ + (size_t)it * xrow_, H, 0);
+    if (it < T_ * parts0_) {
+      const int t = it / parts0_, i0 = it % parts0_ * part0_, n = std::min(H, i0 + part0_) - i0;
+      if (!need_x_[t]) return;
+      row.resize(n);
+      load_f32(a_.x, a_.x_dtype, (int64_t)t * H + i0, n, row.data());
+      quantize_act(row.data(), n, Bx_, xact_ + (size_t)t * xrow_, H, i0);
       return;
     }
-    const auto [ai, g] = pack_items_[it - T_];
+    const auto [ai, g] = pack_items_[it - T_ * parts0_];
     const int s0 = off_[ai] + g * kGemmTokens, n = std::min(kGemmTokens, off_[ai + 1] - s0);
     if (i8_)
       return kt_->pack_tokens_i8(a_.x, a_.x_dtype == DT_BF16, H, slot_tok_.data() + s0, n,
@@ -419,7 +449,7 @@ class MoEJob : public Job {
         continue;
       }
       row.resize(H);
-      load_row_f32(a_.x, a_.x_dtype, slot_tok_[s0 + t], H, row.data());
+      load_f32(a_.x, a_.x_dtype, (int64_t)slot_tok_[s0 + t] * H, H, row.data());
       for (int kk = 0; kk < H / 2; kk++)
         dst[kk * kGemmTokens + t] = f32_to_bf16(row[2 * kk]) | ((uint32_t)f32_to_bf16(row[2 * kk + 1]) << 16);
     }
@@ -601,7 +631,9 @@ class MoEJob : public Job {
     const int H = ex_.H(), T = T_;
     const Shard& sh = ex_.shards()[s];
     const int In = sh.i1 - sh.i0;
-    const int h0 = it * chunk2_, h1 = std::min(H, h0 + chunk2_);
+    const int hb = H - tail2_;  // big items cover [0, hb), 16-row ones the rest
+    const int h0 = it < nbig2_ ? it * chunk2_ : hb + (it - nbig2_) * 16;
+    const int h1 = it < nbig2_ ? std::min(hb, h0 + chunk2_) : std::min(H, h0 + 16);
     float* o = S_ == 1 && a_.out_dtype == DT_F32 ? (float*)a_.out : part_ + (size_t)s * T * H;
     for (int t = 0; t < T; t++) std::fill(o + (size_t)t * H + h0, o + (size_t)t * H + h1, 0.f);
     if (gemm_ok_) down_gemm(sh, h0, h1, o);
@@ -670,7 +702,7 @@ class MoEJob : public Job {
   double* prof_ = nullptr;  // TANDEM_CPU_PROFILE: kPhases seconds per thread
   std::atomic<int> next0_{0}, next1b_{0}, next3_{0};
   std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
-  int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256;
+  int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256, part0_ = 0, parts0_ = 1, tail2_ = 0, nbig2_ = 0;
   static thread_local int tls_tid_;
 };
 
@@ -692,7 +724,7 @@ class QuantJob : public Job {
       for (int64_t r = it * 16; r < std::min(nrows_, it * 16 + 16); r++) {
         const uint8_t* bytes;
         if (quantize_) {
-          load_row_f32(src_, dtype_, r, cols, row.data());
+          load_f32(src_, dtype_, (int64_t)r * cols, cols, row.data());
           quantize_row(ex_.type(proj_), row.data(), q.data(), cols);
           bytes = q.data();
         } else {

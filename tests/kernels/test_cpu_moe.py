@@ -350,6 +350,25 @@ def test_thread_count():
     assert K.num_threads() == K.physical_cores()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4_g32", "q4_k"])
+def test_work_split_does_not_change_decode_results(fmt, monkeypatch):
+    """Decode items (x's quantization in parts, gate/up and down rows with a tail of 16-row items) differ with the
+    thread count and TANDEM_CPU_TAIL, but every output value is computed the same way: results are bit-equal."""
+    E, I, H = 16, 512, 1024  # noqa: E741
+    w = _make(fmt, E, I, H)
+    x, ids, tw = _inputs(7, 6, E, H)
+    try:
+        K.set_num_threads(1)
+        ref = [w.forward(x[:t], ids[:t], tw[:t]) for t in (1, 2, 7)]
+        for threads, tail in ((4, "1"), (7, "1"), (7, "0")):
+            monkeypatch.setenv("TANDEM_CPU_TAIL", tail)
+            K.set_num_threads(threads)
+            for t, r in zip((1, 2, 7), ref):
+                assert torch.equal(w.forward(x[:t], ids[:t], tw[:t]), r), (threads, tail, t)
+    finally:
+        K.set_num_threads(None)
+
+
 def test_bad_inputs():
     E, I, H = _dims("int8")  # noqa: E741
     w = _make("int8", E, I, H)
