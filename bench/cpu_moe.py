@@ -8,6 +8,11 @@ Shapes are the routed experts of DeepSeek-V3 (H 7168, I 2048, 256 experts, top 8
 kernels' speed does not depend on the values); E is the model's expert count unless --mem-gb caps it, and it
 is reported. Decode (T = 1, 4): random distinct experts per call, cycling through all E, so weights stream
 from RAM (they are far larger than the caches); GB/s counts the bytes of the experts a call touches.
+The probe and the decode calls share the machine the same way: each decode row runs 9 rounds (--quick 5) of
+one probe pass over 1 GiB then >= 0.1 s of calls; ms is the median round's, pct_bw the median of the rounds'
+ratios (calls' GB/s / the round's probe GB/s), pct_bw_best / _worst the extremes, probe_gbs the median probe,
+pct_of_run_bw the GB/s against the run's best-of-8 probe (bandwidth_gbs). /proc/loadavg is recorded at the
+start and end.
 Prefill (T = 512, 2048): each token picks K random experts among E; TFLOP/s counts 2*3*H*I per (token, expert);
 bw_bound_tflops is the memory roofline (each touched expert's weights read once at the measured bandwidth).
 Experts with >= gemm_min_tokens tokens take tandem's GEMM path (AMX / AVX512-BF16) where the CPU has one;
@@ -22,7 +27,9 @@ tandem's call touched (torch's copy holds fewer); prefill times every family (--
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import mmap
 import os
 import platform
 import time
@@ -54,6 +61,51 @@ def bandwidth_gbs(gib: float = 2.0, reps: int = 8) -> float:
     """Best read bandwidth over reps passes of a huge-page buffer far larger than the caches (every pool thread
     sums its slice; the same pages kind and threads the kernels use)."""
     return K._C.bandwidth_probe(int(gib * 2**30), reps)
+
+
+class ProbeBuffer:
+    """The bandwidth probe's buffer kept for the whole run, so a decode row can time probe passes between its
+    own calls (bandwidth_probe maps, faults and reads a fresh buffer): anonymous memory with MADV_HUGEPAGE
+    (the pages kind the kernel's weights and bandwidth_probe use), read by the pool's threads (read_buffer)."""
+
+    def __init__(self, gib: float = 1.0):
+        self.n = int(gib * 2**30)
+        self.mm = mmap.mmap(-1, self.n + (2 << 20))
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self.mm.madvise(mmap.MADV_HUGEPAGE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        self.p = (base + (2 << 20) - 1) // (2 << 20) * (2 << 20)  # 2 MiB aligned: huge pages can back it
+        ctypes.memset(self.p, 1, self.n)  # fault the pages in before timing
+
+    def gbs(self) -> float:
+        """One timed pass over the buffer, GB/s."""
+        t0 = time.perf_counter()
+        K._C.read_buffer(self.p, self.n)
+        return self.n / (time.perf_counter() - t0) / 1e9
+
+
+def interleaved(fn, probe: ProbeBuffer, rounds: int, min_s: float) -> list[tuple[float, float]]:
+    """rounds x (one probe pass, then calls of fn for >= min_s): [(probe GB/s, seconds per call)] per round. A
+    core taken by another process slows the probe and the kernel of the same round alike, so the ratio of a
+    round is steadier than the ratio of separately timed runs."""
+    out, i = [], 0
+    fn(0)
+    for _ in range(rounds):
+        bw = probe.gbs()
+        n, t0 = 0, time.perf_counter()
+        while n < 2 or time.perf_counter() - t0 < min_s:
+            fn(i)
+            i, n = i + 1, n + 1
+        out.append((bw, (time.perf_counter() - t0) / n))
+    return out
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def timeit(fn, n_calls: int, min_s: float = 0.3) -> float:
@@ -134,9 +186,16 @@ class TorchMoE:
         return out
 
 
-def bench_case(layers, torch_moes, shape, fmt, T, E, k, H, I, expert_bytes, bw, g, quick):  # noqa: E741
+def median(v: list[float]) -> float:
+    v = sorted(v)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def bench_case(layers, torch_moes, shape, fmt, T, E, k, H, I, expert_bytes, bw, g, quick, probe):  # noqa: E741
     """Time tandem and stock torch on the same routing statistics; one result row. Decode calls cycle through
-    the layers (as a model's forward does), so no layer's experts stay in the caches between its calls."""
+    the layers (as a model's forward does), so no layer's experts stay in the caches between its calls; they
+    run in interleaved rounds with probe passes, and pct_bw is the median of the rounds' ratios (GB/s of the
+    round's calls / GB/s of its probe pass), pct_bw_best the best round's."""
     decode = T <= 4
     L = len(layers) if decode else 1
     n_sets = 16 if decode else 2
@@ -144,8 +203,14 @@ def bench_case(layers, torch_moes, shape, fmt, T, E, k, H, I, expert_bytes, bw, 
     x = torch.randn(T, H).bfloat16()
     tw = torch.rand(T, k)
     calls = (10 if quick else 30) if decode else 1
-    ms = timeit(lambda i: layers[i % L].forward(x, ids_sets[i % n_sets], tw), calls, 0.3 if decode else 0) * 1e3
+    call = lambda i: layers[i % L].forward(x, ids_sets[i % n_sets], tw)  # noqa: E731
     touched = sum(s.unique().numel() for s in ids_sets) / n_sets
+    if decode:
+        rounds = interleaved(call, probe, 5 if quick else 9, 0.06 if quick else 0.1)
+        ms = median([s for _, s in rounds]) * 1e3
+        ratios = [touched * expert_bytes / s / 1e9 / pbw for pbw, s in rounds]
+    else:
+        ms = timeit(call, calls, 0) * 1e3
     best = None
     for tm in torch_moes:
         tids_sets = [route(T, tm.E if decode else E, k, g) for _ in range(n_sets)]
@@ -160,7 +225,9 @@ def bench_case(layers, torch_moes, shape, fmt, T, E, k, H, I, expert_bytes, bw, 
            "speedup": round(best[1] / ms, 2)}
     if decode:
         gbs = touched * expert_bytes / (ms / 1e3) / 1e9
-        row.update(gbs=round(gbs, 2), pct_bw=round(100 * gbs / bw, 1))
+        row.update(gbs=round(gbs, 2), pct_bw=round(100 * median(ratios), 1), pct_bw_best=round(100 * max(ratios), 1),
+                   pct_bw_worst=round(100 * min(ratios), 1), probe_gbs=round(median([b for b, _ in rounds]), 2),
+                   pct_of_run_bw=round(100 * gbs / bw, 1), rounds=len(rounds))
     else:
         row["tflops"] = round(2 * 3 * H * I * T * k / (ms / 1e3) / 1e12, 4)
         row["torch_tflops"] = round(2 * 3 * H * I * T * k / (best[1] / 1e3) / 1e12, 4)
@@ -173,8 +240,11 @@ def run(args) -> dict:
     if args.threads:
         K.set_num_threads(args.threads)
     torch.set_num_threads(K.num_threads())
+    load0 = loadavg()
     bw = bandwidth_gbs()
-    res = {"machine": machine(), "threads": K.num_threads(), "isa": K.current_isa(), "bandwidth_gbs": round(bw, 2),
+    probe = ProbeBuffer()
+    res = {"loadavg_start": load0, "machine": machine(), "threads": K.num_threads(), "isa": K.current_isa(),
+           "bandwidth_gbs": round(bw, 2),
            "gemm_min_tokens": K.gemm_min_tokens(), "has_gemm": K.has_gemm(), "numa_nodes": K.numa_nodes(),
            "results": []}
     mem_gb = args.mem_gb or (1.5 if args.quick else 6.0)
@@ -202,9 +272,10 @@ def run(args) -> dict:
                 fams = ([TORCH_FAMILY[fmt]] if T <= 4 else args.torch.split(",") if args.torch
                         else ["bf16"] if args.quick else ["bf16", "int8", "int4"] if T <= 512 else ["bf16", "int4"])
                 row = bench_case(w, torch_paths(fams, E), shape, fmt, T, E, k, H, I, expert_bytes, bw, g,
-                                 args.quick)
+                                 args.quick, probe)
                 res["results"].append(row)
-                perf = (f"{row['gbs']:6.1f} GB/s {row['pct_bw']:5.1f}% bw" if T <= 4
+                perf = (f"{row['gbs']:6.1f} GB/s {row['pct_bw']:5.1f}% bw (rounds: best {row['pct_bw_best']:5.1f}%, "
+                        f"probe {row['probe_gbs']:5.1f} GB/s)" if T <= 4
                         else f"{row['tflops']:7.3f} TFLOP/s (bw bound {row['bw_bound_tflops']:5.1f})")
                 print(f"{shape:14s} {fmt:9s} T={T:<5d} E={E:<4d}x{row['layers']} {row['ms']:9.2f} ms  {perf}  "
                       f"torch({row['torch_path']}) {row['torch_ms']:9.2f} ms  x{row['speedup']:.2f}", flush=True)
@@ -232,6 +303,7 @@ def main() -> None:
     res = run(args)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["loadavg_1m"] = os.getloadavg()[0]
+    res["loadavg_end"] = loadavg()
     if args.json:
         print(json.dumps(res))
     else:

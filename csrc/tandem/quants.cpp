@@ -211,6 +211,12 @@ void quantize_act(const float* x, int n, int B, uint8_t* row, int n_total, int i
       for (int l = 0; l < 16; l++) s16 += qs[j + l];
       *bsum++ = (int16_t)s16;
     }
+    if (r.qx) {  // the int4_g32 layout (quants.h): block k of the row is group g = k % 4 of its 128
+      const int k = i0 / B + b, c = k / 4 * 128, g = k % 4;
+      std::memcpy((int8_t*)r.qx + c + 16 * g, qs, 16);
+      std::memcpy((int8_t*)r.qx + c + 64 + 16 * g, qs + 16, 16);
+      ((float*)r.dsum)[k] = db * (float)s;
+    }
   }
 }
 

@@ -208,7 +208,18 @@ struct ActRow {
   const int32_t* isum;
   const int16_t* bsum16;
   const float* f;  // fp32 activations (formats with act_blck == 0)
+  // B == 32 and n a multiple of 128: the quants again in int4_g32's nibble order, so its VNNI kernels with
+  // several tokens per weight load need no shuffle of them per token. Per 128 values (4 groups of 32): qx =
+  // [values 0-15 of groups 0..3][values 16-31 of groups 0..3] (what a block's low and high nibbles meet);
+  // dsum[b] = d[b] * isum[b]. A view of values i0.. (moe.cpp's `shifted`) moves qs, d, isum and bsum16 only:
+  // a kernel finds its part of qx and dsum at offset x4_offset() = qs - qs0. nullptr where absent.
+  const int8_t* qs0 = nullptr;
+  const int8_t* qx = nullptr;
+  const float* dsum = nullptr;
 };
+
+static inline bool has_x4(int n, int B) { return B == 32 && n % 128 == 0; }
+static inline std::ptrdiff_t x4_offset(const ActRow& a) { return a.qs - a.qs0; }  // values from the row's start
 
 static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -216,7 +227,8 @@ static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 static inline size_t act_row_bytes(int n, int B) {
   if (B == 0) return align64((size_t)n * 4);
   const int nb = n / B;
-  return align64(n) + align64(nb * 4) + align64(nb * 4) + align64((n / 16) * 2);
+  const size_t x4 = has_x4(n, B) ? align64(n) + align64(nb * 4) : 0;
+  return align64(n) + align64(nb * 4) + align64(nb * 4) + align64((n / 16) * 2) + x4;
 }
 
 static inline ActRow act_row_view(uint8_t* base, int n, int B) {
@@ -233,6 +245,13 @@ static inline ActRow act_row_view(uint8_t* base, int n, int B) {
   r.isum = (const int32_t*)base;
   base += align64(nb * 4);
   r.bsum16 = (const int16_t*)base;
+  base += align64((n / 16) * 2);
+  if (has_x4(n, B)) {
+    r.qs0 = r.qs;
+    r.qx = (const int8_t*)base;
+    base += align64(n);
+    r.dsum = (const float*)base;
+  }
   return r;
 }
 
