@@ -53,16 +53,11 @@ DEFAULT_MODELS = "qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4"
 
 
 def ram_read_gbs(gib: float = 4.0) -> float:
-    """Best read bandwidth of RAM with every kernel thread (tandem.kernels.cpu's probe), GB/s."""
+    """Best read bandwidth of RAM with every kernel thread, GB/s: tandem.kernels.cpu's probe over a fresh huge-page
+    buffer (the pages kind the experts' weights use), the best of one, two and four runs read per thread."""
     from tandem.kernels import cpu as K
 
-    buf = torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)
-    best = 0.0
-    for _ in range(4):
-        t0 = time.perf_counter()
-        K._C.read_buffer(buf.data_ptr(), buf.numel() * 8)
-        best = max(best, buf.numel() * 8 / (time.perf_counter() - t0) / 1e9)
-    return best
+    return K._C.bandwidth_probe(int(gib * 2**30), 4)
 
 
 def gpu_matmul_tflops(n: int = 8192) -> float:
