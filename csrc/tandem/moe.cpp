@@ -99,7 +99,7 @@ bool gemm_overlap_on() {
 int down_items_per_thread() {
   static const int n = [] {
     const char* env = std::getenv("TANDEM_CPU_DOWN_ITEMS");
-    return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : 2;
+    return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : cpu_is_amd() ? 1 : 2;
   }();
   return n;
 }
@@ -149,6 +149,29 @@ bool prefetch_on() {
 inline void prefetch_row(const uint8_t* p, size_t n) {
   for (size_t o = 0; o < n; o += 64) __builtin_prefetch(p + o, 0, 2);
 }
+
+// Decode reads an item's rows as this many runs side by side (row i of every run, then row i + 1): a Xeon core
+// keeps more reads in flight with several streams (H200 host, 15 threads reading 4 GiB: 114 GB/s with one run per
+// thread, 141 with two, 156 with four); on the 2-core EPYC (Zen 5) more runs read slower (DS-V3 int4 T = 1:
+// 4.8 / 6.0 / 10 ms with 1 / 2 / 4), so one there. The row order changes nothing in the results.
+// TANDEM_CPU_STREAMS sets it.
+int decode_streams() {  // read once per call (MoEJob::streams_)
+  const char* env = std::getenv("TANDEM_CPU_STREAMS");
+  return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : cpu_is_amd() ? 1 : 2;
+}
+
+// Row i of [r0, r1) read as `streams` runs of len rows: row i is run i % streams, its (i / streams)-th row.
+struct RowOrder {
+  int r0, r1, streams, len;
+  RowOrder(int a, int b, int s)
+      : r0(a), r1(b), streams(std::max(1, std::min(s, (b - a) / 4))), len((b - a + streams - 1) / streams) {}
+  int count() const { return len * streams; }
+  int row(int i) const { return r0 + i % streams * len + i / streams; }  // >= r1 for the last run's padding
+  int ahead(int i, int d) const {  // row(i) + d if still in its run, else -1
+    const int r = row(i) + d;
+    return r < std::min(r1, r0 + (i % streams + 1) * len) ? r : -1;
+  }
+};
 
 constexpr int kTokenTile = 64;  // decode: tokens per pass over a chunk of weight rows (activations stay in L2)
 constexpr int kNT = 4;          // decode: tokens per kernel call (register blocking)
@@ -477,11 +500,14 @@ class MoEJob : public Job {
     for (int st = s0; st < s1; st += kTokenTile) {
       const int ns = std::min(kTokenTile, s1 - st);
       for (int j = 0; j < ns; j++) acts[j] = xview(slot_tok_[st + j]);
-      for (int r = r0; r < r1; r++) {
+      const RowOrder order(r0, r1, streams_);
+      for (int i = 0; i < order.count(); i++) {
+        const int r = order.row(i), nx = order.ahead(i, 1);
+        if (r >= r1) continue;
         const uint8_t *wg = G.row(e, r), *wu = U.row(e, r);
-        if (pf && st == s0 && r + 1 < r1) {
-          prefetch_row(G.row(e, r + 1), G.row_bytes);
-          prefetch_row(U.row(e, r + 1), U.row_bytes);
+        if (pf && st == s0 && nx >= 0) {
+          prefetch_row(G.row(e, nx), G.row_bytes);
+          prefetch_row(U.row(e, nx), U.row_bytes);
         }
         for (int j = 0; j < ns; j += kNT) {
           const int m = std::min(kNT, ns - j);
@@ -648,10 +674,14 @@ class MoEJob : public Job {
       for (int st = s0; st < s1; st += kTokenTile) {
         const int ns = std::min(kTokenTile, s1 - st);
         for (int j = 0; j < ns; j++) acts[j] = shifted(hview(c0 + st - s0 + j), sh.i0, Bd_);
-        if (pf && st == s0) prefetch_row(D.row(e, h0), D.row_bytes * std::min(2, h1 - h0));
-        for (int h = h0; h < h1; h++) {
+        const RowOrder order(h0, h1, streams_);
+        for (int k = 0; pf && st == s0 && k < order.streams; k++)  // each run's first rows
+          prefetch_row(D.row(e, order.row(k)), D.row_bytes * std::min(2, h1 - order.row(k)));
+        for (int i = 0; i < order.count(); i++) {
+          const int h = order.row(i);
+          if (h >= h1) continue;
           const uint8_t* wd = D.row(e, h);
-          if (pf && st == s0 && h + 2 < h1) prefetch_row(D.row(e, h + 2), D.row_bytes);
+          if (const int a = order.ahead(i, 2); pf && st == s0 && a >= 0) prefetch_row(D.row(e, a), D.row_bytes);
           for (int j = 0; j < ns; j += kNT) {
             const int m = std::min(kNT, ns - j);
             float r[kNT];
@@ -702,6 +732,7 @@ class MoEJob : public Job {
   double* prof_ = nullptr;  // TANDEM_CPU_PROFILE: kPhases seconds per thread
   std::atomic<int> next0_{0}, next1b_{0}, next3_{0};
   std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
+  const int streams_ = decode_streams();
   int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256, part0_ = 0, parts0_ = 1, tail2_ = 0, nbig2_ = 0;
   static thread_local int tls_tid_;
 };
@@ -988,7 +1019,7 @@ double bandwidth_probe(size_t nbytes, int reps) {
   NodeMemory mem(nbytes, -1);
   std::memset(mem.p, 1, nbytes);  // fault the (huge) pages in before timing
   double best = 0;
-  for (int streams : {1, 2, 4}) {  // the best of one, two and four runs per thread
+  for (int streams : {1, 2, 4, 8}) {  // the best of 1, 2, 4 and 8 runs per thread
     for (int r = 0; r <= reps; r++) {
       const auto t0 = std::chrono::steady_clock::now();
       read_buffer(mem.p, nbytes, streams);

@@ -352,19 +352,21 @@ def test_thread_count():
 
 @pytest.mark.parametrize("fmt", ["int8", "int4_g32", "q4_k"])
 def test_work_split_does_not_change_decode_results(fmt, monkeypatch):
-    """Decode items (x's quantization in parts, gate/up and down rows with a tail of 16-row items) differ with the
-    thread count and TANDEM_CPU_TAIL, but every output value is computed the same way: results are bit-equal."""
+    """Decode items (x's quantization in parts, gate/up and down rows with a tail of 16-row items, rows read as
+    several runs side by side) differ with the thread count, TANDEM_CPU_TAIL and TANDEM_CPU_STREAMS, but every
+    output value is computed the same way: results are bit-equal."""
     E, I, H = 16, 512, 1024  # noqa: E741
     w = _make(fmt, E, I, H)
     x, ids, tw = _inputs(7, 6, E, H)
     try:
         K.set_num_threads(1)
         ref = [w.forward(x[:t], ids[:t], tw[:t]) for t in (1, 2, 7)]
-        for threads, tail in ((4, "1"), (7, "1"), (7, "0")):
+        for threads, tail, streams in ((4, "1", "1"), (7, "1", "2"), (7, "0", "4"), (3, "1", "3")):
             monkeypatch.setenv("TANDEM_CPU_TAIL", tail)
+            monkeypatch.setenv("TANDEM_CPU_STREAMS", streams)
             K.set_num_threads(threads)
             for t, r in zip((1, 2, 7), ref):
-                assert torch.equal(w.forward(x[:t], ids[:t], tw[:t]), r), (threads, tail, t)
+                assert torch.equal(w.forward(x[:t], ids[:t], tw[:t]), r), (threads, tail, streams, t)
     finally:
         K.set_num_threads(None)
 
