@@ -30,6 +30,10 @@ class EngineConfig:
     # wait for a GPU step's logits asleep (a blocking CUDA event) instead of spinning in cudaStreamSynchronize:
     # a spinning main thread takes a core from the CPU experts' pool and the driver thread of their host nodes
     blocking_wait: bool = os.environ.get("TANDEM_BLOCKING_WAIT", "1") == "1"
+    # greedy decode steps launched one ahead: the next step takes this step's tokens on the device and is queued
+    # before the host reads them, so Python's work between steps overlaps the GPU and CPU experts. None: on a GPU
+    # (TANDEM_OVERLAP=0 turns it off); True also elsewhere (tests)
+    overlap: bool | None = None if os.environ.get("TANDEM_OVERLAP", "1") == "1" else False
 
     def __post_init__(self):
         for name in ("max_batch", "kv_tokens", "block_size", "prefill_chunk"):
@@ -51,6 +55,16 @@ def one_torch_thread(on: bool):
             torch.set_num_threads(n)
 
 
+@dataclass(slots=True)
+class Launched:
+    """A greedy decode step queued on the device whose tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [n] on the model's device: the next step's input ids
+    host: torch.Tensor  # [n] the same, copied to (pinned) host memory once `done`
+    done: torch.cuda.Event | None
+
+
 class Engine:
     def __init__(self, model, eos_ids: list[int], tokenizer=None, config: EngineConfig | None = None,
                  device: str | torch.device = "cpu"):
@@ -67,6 +81,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.tokens_generated = 0
+        self.overlap = self.on_gpu if self.config.overlap is None else self.config.overlap
+        self.launched: Launched | None = None  # the step in flight when decode steps overlap
+        self.overlapped = 0  # steps launched before the previous step's tokens were read (tests, benchmarks)
 
     # ------------------------------------------------------------------ requests
 
@@ -94,18 +111,72 @@ class Engine:
             seq.finish_reason = "abort"
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.launched)
 
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[Sequence]:
         """Schedule, run, postprocess. Returns the sequences that advanced (new text or finished)."""
-        batch_seqs, qlens = self._schedule()
-        if not batch_seqs:
-            return []
-        logits = self._run(batch_seqs, qlens)
+        if self.launched is None:
+            batch_seqs, qlens = self._schedule()
+            if not batch_seqs:
+                return []
+            if not self._overlaps(batch_seqs, qlens):
+                logits = self._run(batch_seqs, qlens)
+                with one_torch_thread(self.on_gpu):
+                    return self._postprocess(batch_seqs, qlens, logits)
+            ids = torch.tensor([s.tokens[s.cached] for s in batch_seqs], device=self.device)
+            self.launched = self._launch(batch_seqs, ids, [s.cached for s in batch_seqs])
+        step, self.launched = self.launched, None
+        self.launched = self._launch_next(step)  # queued behind `step` before its tokens reach the host
+        if step.done is not None:
+            step.done.synchronize()
         with one_torch_thread(self.on_gpu):
-            return self._postprocess(batch_seqs, qlens, logits)
+            return self._postprocess(step.seqs, [1] * len(step.seqs), step.host)
+
+    def _overlaps(self, seqs: list[Sequence], qlens: list[int]) -> bool:
+        """Whether this batch's decode steps can be launched one ahead: decode rows only, every one plain greedy
+        (the next input is the device's argmax), the ids' device the model's."""
+        return self.overlap and max(qlens) == 1 and all(plain_greedy(s.params) for s in seqs)
+
+    def _launch_next(self, step: Launched) -> Launched | None:
+        """The step after `step` for the same sequences, fed its tokens on the device; None where the host must
+        decide first: new requests waiting, a sequence gone or at its last token, the KV cache without room."""
+        seqs = step.seqs
+        if self.waiting or any(s.finished or s not in self.running for s in seqs):
+            return None
+        if all(len(s.output) + 1 >= s.params.max_new_tokens for s in seqs):
+            return None  # every row would be thrown away
+        need = sum(max(0, self.cache.blocks_for(s.cached + 2) - len(s.block_table)) for s in seqs)
+        if need > len(self.cache.free):
+            return None  # the synchronous path preempts
+        for s in seqs:
+            self.cache.grow(s.block_table, s.cached + 2)  # `step`'s token goes in at position cached + 1
+        self.overlapped += 1
+        return self._launch(seqs, step.tokens, [s.cached + 1 for s in seqs])
+
+    @torch.inference_mode()
+    def _launch(self, seqs: list[Sequence], ids: torch.Tensor, starts: list[int]) -> Launched:
+        """Queue one greedy decode step (ids [n] at positions `starts`) and the copy of its tokens to the host."""
+        tables = [s.block_table for s in seqs]
+        hidden = self.graphs.decode(ids, tables, starts) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self._forward(ids, tables, starts, [1] * len(seqs))
+        tokens = self.model.compute_logits(hidden).argmax(-1)
+        if tokens.device.type != "cuda":
+            return Launched(seqs, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event(blocking=self.config.blocking_wait)
+        done.record(torch.cuda.current_stream(tokens.device))
+        return Launched(seqs, tokens, host, done)
+
+    def _forward(self, ids: torch.Tensor, tables: list[list[int]], starts: list[int], qlens: list[int]):
+        """The model's eager forward over one flattened batch -> hidden states [N, D]."""
+        bound = self.cache.bind(tables, starts, qlens)
+        paged = PagedMeta.build(tables, starts, qlens, self.cache.block_size) if self.paged else None
+        batch = Batch(qlens, starts, bound, paged)
+        return self.model(ids, batch.positions(self.device), batch)
 
     def _schedule(self) -> tuple[list[Sequence], list[int]]:
         while self.waiting and len(self.running) < self.config.max_batch:
@@ -144,10 +215,7 @@ class Engine:
         if self.graphs is not None and max(qlens) == 1:
             hidden = self.graphs.decode(ids, tables, starts)  # None: this batch cannot replay a graph
         if hidden is None:
-            bound = self.cache.bind(tables, starts, qlens)
-            paged = PagedMeta.build(tables, starts, qlens, self.cache.block_size) if self.paged else None
-            batch = Batch(qlens, starts, bound, paged)
-            hidden = self.model(ids, batch.positions(self.device), batch)
+            hidden = self._forward(ids, tables, starts, qlens)
         if max(qlens) > 1:  # each sequence's last row; a decode step's rows are already one per sequence (and a
             # pageable index copied to the GPU would wait for the whole step, idling the GPU before the LM head)
             hidden = hidden[(torch.tensor(qlens).cumsum(0) - 1).to(hidden.device)]
@@ -170,6 +238,8 @@ class Engine:
     def _postprocess(self, seqs: list[Sequence], qlens: list[int], logits: torch.Tensor) -> list[Sequence]:
         advanced = []
         for seq, q, row in zip(seqs, qlens, logits):
+            if seq.finished:
+                continue  # finished (or aborted) after this step was launched: its row is thrown away
             seq.cached += q
             if seq.cached < len(seq.tokens):
                 continue  # a prefill chunk, not the prompt's end

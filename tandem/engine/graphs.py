@@ -119,6 +119,7 @@ class DecodeGraph:
     staging: torch.Tensor  # [M] int64, pinned: the step's metadata packed on the host
     h: torch.Tensor  # [B, D] static input hidden states
     out: torch.Tensor  # [B, D] static output
+    copied: torch.cuda.Event | None = None  # the last step's copy out of `staging` (steps may be queued ahead)
 
 
 def packed(meta: PagedMeta, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,8 +190,12 @@ class GraphRunner:
         g = self.graphs.get((bucket, width))
         if g is None:
             return self.capture(bucket, width, meta, h, n)
+        if g.copied is not None:
+            g.copied.synchronize()  # the step queued before may not have read `staging` yet
         packed(meta, out=g.staging)
-        g.flat.copy_(g.staging, non_blocking=True)  # one pinned copy (the last step's logits wait freed it)
+        g.flat.copy_(g.staging, non_blocking=True)  # one pinned copy
+        g.copied = torch.cuda.Event()
+        g.copied.record()
         g.h[:n].copy_(h, non_blocking=True)
         g.graph.replay()
         self.replays += 1

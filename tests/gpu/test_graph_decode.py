@@ -46,6 +46,7 @@ def test_graph_decode_equals_eager_and_cpu(pair):
     assert e_eng.graphs is None
     assert g_eng.graphs.disabled is None, g_eng.graphs.disabled
     assert g_eng.graphs.replays > 0
+    assert g_eng.overlapped > 0 and e_eng.overlapped > 0  # greedy steps launched one ahead, graphed and eager
     # prompt 40..99 crosses 16 blocks of 4 tokens: a second, wider graph
     assert {b for b, _ in g_eng.graphs.graphs} >= {1, 2, 4, 8} and len({w for _, w in g_eng.graphs.graphs}) >= 2
     assert graph == eager
