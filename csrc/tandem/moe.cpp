@@ -104,6 +104,12 @@ int down_items_per_thread() {
   return n;
 }
 
+// Decode down items per thread of a shard (before the tail); TANDEM_CPU_DECODE_DOWN_ITEMS sets it (1..16).
+int decode_down_items() {
+  const char* env = std::getenv("TANDEM_CPU_DECODE_DOWN_ITEMS");
+  return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 16) : 4;
+}
+
 // Decode items end in 16-row ones (phases end within a small item of each thread) with >= 4 threads per shard;
 // with 2 the larger runs stream better (2-core EPYC). TANDEM_CPU_TAIL=0 / 1 forces it.
 bool tail_on(int threads) {
@@ -426,7 +432,7 @@ class MoEJob : public Job {
     if (max_ntg)  // >= 2 per thread: larger items re-read each expert's packed h less (see down_items_per_thread)
       chunk2_ = kGemmRows * balanced_chunk(H / kGemmRows, per_shard_threads, down_items_per_thread());
     else
-      chunk2_ = (int)std::max<size_t>(16, round_up(H / (4 * per_shard_threads), 16));
+      chunk2_ = (int)std::max<size_t>(16, round_up(H / (decode_down_items() * per_shard_threads), 16));
     // without GEMM experts the last rows in 16-row items too: the call ends within a small item of each thread
     tail2_ = !max_ntg && tail_on(per_shard_threads)
                  ? std::min(round_down(H / 4, 16), (int)round_up(per_shard_threads * chunk2_ / 2, 16))
