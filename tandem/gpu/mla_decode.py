@@ -52,6 +52,17 @@ class Config:
 
 CONFIGS = {torch.float32: Config(16, 16, 4, 1)}  # fp32 tiles are twice the bytes: half the keys per step
 DEFAULT = Config()
+# many 16-head blocks (DeepSeek-V3's 128 heads at batch 8): 64 heads per program read each key block 4x less often
+# (H200, bench/mla_decode.py --sweep, batch 8: context 4096 126 -> 79 us, context 512 19.3 us either way; batch 1
+# keeps 16 heads: it needs the programs)
+WIDE, WIDE_FROM = Config(64, 32, 8, 2), 64
+
+
+def config_for(dtype: torch.dtype, batch: int, heads: int) -> Config:
+    """The tile shape decode_latent uses by default for this dtype, batch and head count."""
+    if dtype in CONFIGS:
+        return CONFIGS[dtype]
+    return WIDE if heads >= WIDE.block_h and batch * -(-heads // DEFAULT.block_h) >= WIDE_FROM else DEFAULT
 
 if triton is not None:
 
@@ -179,7 +190,7 @@ def decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, 
     if block_tables.shape[0] != b or context_lens.shape != (b,):
         raise ValueError(f"mla_decode: {b} queries but block_tables {tuple(block_tables.shape)}, context_lens "
                          f"{tuple(context_lens.shape)}")
-    cfg = config or CONFIGS.get(q_lat.dtype, DEFAULT)
+    cfg = config or config_for(q_lat.dtype, b, h)
     if out is None:
         out = torch.empty(b, h, r, dtype=q_lat.dtype, device=q_lat.device)
     elif out.shape != (b, h, r) or out.stride(-1) != 1:

@@ -61,6 +61,7 @@ def check(out, q_lat, q_pe, cache, meta, scale, dtype):
 @pytest.mark.parametrize("b,h,r,rope,lens,width,bs", [
     (4, 128, 512, 64, [1, 37, 300, 1000], 64, 16),   # DeepSeek-V3's heads: eight splits, partial blocks
     (1, 128, 512, 64, [2500], 256, 16),               # batch 1, 4096-token table: 32 splits, most empty
+    (8, 128, 512, 64, [900, 3, 64, 700, 1, 33, 1024, 500], 64, 16),  # batch 8: 16-bit dtypes take 64-head tiles
     (2, 16, 512, 64, [64, 65], 8, 64),                # V2-Lite's heads, one block past a split boundary
     (3, 4, 16, 8, [5, 17, 1], 8, 4),                  # the tiny families' shapes: one split
     (3, 4, 16, 8, [130, 7, 64], 40, 4),               # tiny shapes, two splits
