@@ -136,7 +136,7 @@ class Engine:
 
     def _overlaps(self, seqs: list[Sequence], qlens: list[int]) -> bool:
         """Whether this batch's decode steps can be launched one ahead: decode rows only, every one plain greedy
-        (the next input is the device's argmax), the ids' device the model's."""
+        (the next input is the device's argmax)."""
         return self.overlap and max(qlens) == 1 and all(plain_greedy(s.params) for s in seqs)
 
     def _launch_next(self, step: Launched) -> Launched | None:
