@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 
 import torch
+from decode_graphs import copy_bandwidth  # bench/ is the script's folder: the same HBM copy probe
 
 from tandem.gpu import mla_decode
 from tandem.models.attention import Batch, PagedMeta
@@ -45,19 +45,6 @@ class Pages:
 
     def buffers(self, layer: int, *like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.buf,)
-
-
-def copy_bandwidth(gib: float = 4.0) -> float:
-    """HBM bytes/s of a device-to-device copy (read + write counted)."""
-    x = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=DEV)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(5):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 5 / (time.perf_counter() - t)
 
 
 def build_layers(a: ModelArgs, n: int, slots: int) -> list[tuple[MLAttention, torch.Tensor]]:
