@@ -10,9 +10,11 @@ is reported. Decode (T = 1, 4): random distinct experts per call, cycling throug
 from RAM (they are far larger than the caches); GB/s counts the bytes of the experts a call touches.
 The probe and the decode calls share the machine the same way: each decode row runs 9 rounds (--quick 5) of
 one probe (the best of 3 passes over 1 GiB: 1, 2 and 4 runs read side by side per thread) then >= 0.1 s of
-calls; ms is the median round's, pct_bw the median of the rounds' ratios (calls' GB/s / the round's probe GB/s),
-pct_bw_best / _worst the extremes, probe_gbs the median probe, pct_of_run_bw the GB/s against the run's best
-probe (bandwidth_gbs, 1/2/4 runs per thread). /proc/loadavg is recorded at the
+calls submitted back to back (the next is queued before the last is synced: the pool runs a decode step's
+layers so, with no Python in between; sync_ms times one Python call at a time, wake-up included); ms is the
+median round's, pct_bw the median of the rounds' ratios (calls' GB/s / the round's probe GB/s), pct_bw_best /
+_worst the extremes, probe_gbs the median probe, pct_of_run_bw the GB/s against the run's best probe
+(bandwidth_gbs, 1/2/4/8 runs per thread). /proc/loadavg is recorded at the
 start and end.
 Prefill (T = 512, 2048): each token picks K random experts among E; TFLOP/s counts 2*3*H*I per (token, expert);
 bw_bound_tflops is the memory roofline (each touched expert's weights read once at the measured bandwidth).
@@ -92,15 +94,20 @@ class ProbeBuffer:
 def interleaved(fn, probe: ProbeBuffer, rounds: int, min_s: float) -> list[tuple[float, float]]:
     """rounds x (one probe pass, then calls of fn for >= min_s): [(probe GB/s, seconds per call)] per round. A
     core taken by another process slows the probe and the kernel of the same round alike, so the ratio of a
-    round is steadier than the ratio of separately timed runs."""
+    round is steadier than the ratio of separately timed runs. fn(i) submits call i and returns its handle; call
+    i - 1 is synced after call i is submitted, so the pool runs the calls back to back as a decode step's layers
+    reach it (the last thread of one starts the next; Python's work and wake-up fall between, not inside)."""
     out, i = [], 0
-    fn(0)
+    fn(0).sync()
     for _ in range(rounds):
         bw = probe.gbs()
-        n, t0 = 0, time.perf_counter()
+        n, t0, last = 0, time.perf_counter(), None
         while n < 2 or time.perf_counter() - t0 < min_s:
-            fn(i)
-            i, n = i + 1, n + 1
+            h = fn(i)
+            if last is not None:
+                last.sync()
+            last, i, n = h, i + 1, n + 1
+        last.sync()
         out.append((bw, (time.perf_counter() - t0) / n))
     return out
 
@@ -209,10 +216,13 @@ def bench_case(layers, torch_moes, shape, fmt, T, E, k, H, I, expert_bytes, bw, 
     tw = torch.rand(T, k)
     calls = (10 if quick else 30) if decode else 1
     call = lambda i: layers[i % L].forward(x, ids_sets[i % n_sets], tw)  # noqa: E731
+    outs = [torch.empty(T, H).bfloat16() for _ in range(2)]  # two calls in flight: one output each
+    submit = lambda i: layers[i % L].submit(x, ids_sets[i % n_sets], tw, outs[i % 2])  # noqa: E731
     touched = sum(s.unique().numel() for s in ids_sets) / n_sets
     if decode:
-        rounds = interleaved(call, probe, 5 if quick else 9, 0.06 if quick else 0.1)
+        rounds = interleaved(submit, probe, 5 if quick else 9, 0.06 if quick else 0.1)
         ms = median([s for _, s in rounds]) * 1e3
+        sync_ms = timeit(call, calls, 0.1 if quick else 0.2) * 1e3  # one Python call at a time, as eager code does
         ratios = [touched * expert_bytes / s / 1e9 / pbw for pbw, s in rounds]
     else:
         ms = timeit(call, calls, 0) * 1e3
@@ -230,6 +240,7 @@ def bench_case(layers, torch_moes, shape, fmt, T, E, k, H, I, expert_bytes, bw, 
            "speedup": round(best[1] / ms, 2)}
     if decode:
         gbs = touched * expert_bytes / (ms / 1e3) / 1e9
+        row.update(sync_ms=round(sync_ms, 3))
         row.update(gbs=round(gbs, 2), pct_bw=round(100 * median(ratios), 1), pct_bw_best=round(100 * max(ratios), 1),
                    pct_bw_worst=round(100 * min(ratios), 1), probe_gbs=round(median([b for b, _ in rounds]), 2),
                    pct_of_run_bw=round(100 * gbs / bw, 1), rounds=len(rounds))
