@@ -99,7 +99,7 @@ bool gemm_overlap_on() {
 int down_items_per_thread() {
   static const int n = [] {
     const char* env = std::getenv("TANDEM_CPU_DOWN_ITEMS");
-    return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : cpu_is_amd() ? 1 : 2;
+    return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : 2;
   }();
   return n;
 }
