@@ -195,7 +195,7 @@ class GraphRunner:
         packed(meta, out=g.staging)
         g.flat.copy_(g.staging, non_blocking=True)  # one pinned copy
         g.copied = torch.cuda.Event()
-        g.copied.record()
+        g.copied.record(torch.cuda.current_stream(g.flat.device))  # the stream the copy went to
         g.h[:n].copy_(h, non_blocking=True)
         g.graph.replay()
         self.replays += 1
