@@ -153,7 +153,8 @@ class Engine:
         for s in seqs:
             self.cache.grow(s.block_table, s.cached + 2)  # `step`'s token goes in at position cached + 1
         self.overlapped += 1
-        return self._launch(seqs, step.tokens, [s.cached + 1 for s in seqs])
+        ids = step.tokens.to(self.device, non_blocking=True)  # the LM head's GPU may not be the embedding's
+        return self._launch(seqs, ids, [s.cached + 1 for s in seqs])
 
     @torch.inference_mode()
     def _launch(self, seqs: list[Sequence], ids: torch.Tensor, starts: list[int]) -> Launched:
