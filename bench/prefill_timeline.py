@@ -142,34 +142,29 @@ def summarize(events: list[dict], label: str = "prefill") -> dict:
                           for e in sorted(events, key=lambda e: e.get("ts", 0))
                           if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"] != label
                           and t0 <= e["ts"] <= t1][:80]
-    # per layer: the GPU window of the work launched inside each "layer i" annotation (by correlation id)
+    # per layer / upload: the GPU window of the work launched inside each annotation (by correlation id)
     launches = {e["args"]["correlation"]: e["ts"] for e in events if e.get("ph") == "X"
                 and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    layers = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
-              and e["name"].startswith("layer ") and t0 <= e["ts"] <= t1]
-    per = []
-    for lay in sorted(layers, key=lambda e: e["ts"]):
-        mine = [e for e in gpu if lay["ts"] <= launches.get(e.get("args", {}).get("correlation"), -1)
-                <= lay["ts"] + lay["dur"]]
-        if mine:
-            per.append({"layer": lay["name"], "cpu_at_ms": round((lay["ts"] - t0) / 1e3, 2),
-                        "cpu_ms": round(lay["dur"] / 1e3, 2),
-                        "gpu_from_ms": round((min(e["ts"] for e in mine) - t0) / 1e3, 2),
-                        "gpu_to_ms": round((max(e["ts"] + e["dur"] for e in mine) - t0) / 1e3, 2),
-                        "gpu_busy_ms": union_ms([(e["ts"], e["ts"] + e["dur"]) for e in mine])})
-    out["layers"] = per
-    uploads = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
-               and e["name"].startswith("upload ") and t0 - 50e3 <= e["ts"] <= t1]
-    up = []
-    for u in sorted(uploads, key=lambda e: e["ts"]):
-        mine = [e for e in gpu if u["ts"] <= launches.get(e.get("args", {}).get("correlation"), -1)
-                <= u["ts"] + u["dur"]]
-        if mine:
-            up.append({"upload": u["name"], "queued_at_ms": round((u["ts"] - t0) / 1e3, 2),
-                       "gpu_from_ms": round((min(e["ts"] for e in mine) - t0) / 1e3, 2),
-                       "gpu_to_ms": round((max(e["ts"] + e["dur"] for e in mine) - t0) / 1e3, 2),
-                       "busy_ms": union_ms([(e["ts"], e["ts"] + e["dur"]) for e in mine])})
-    out["uploads"] = up
+
+    def annotated_spans(prefix: str, since: float) -> list[tuple[dict, dict]]:
+        """(annotation, its GPU window) for each annotation named prefix* that launched GPU work."""
+        spans = []
+        for a in sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
+                         and e["name"].startswith(prefix) and since <= e["ts"] <= t1), key=lambda e: e["ts"]):
+            mine = [e for e in gpu if a["ts"] <= launches.get(e.get("args", {}).get("correlation"), -1)
+                    <= a["ts"] + a["dur"]]
+            if mine:
+                spans.append((a, {"gpu_from_ms": round((min(e["ts"] for e in mine) - t0) / 1e3, 2),
+                                  "gpu_to_ms": round((max(e["ts"] + e["dur"] for e in mine) - t0) / 1e3, 2),
+                                  "busy_ms": union_ms([(e["ts"], e["ts"] + e["dur"]) for e in mine])}))
+        return spans
+
+    out["layers"] = [{"layer": a["name"], "cpu_at_ms": round((a["ts"] - t0) / 1e3, 2),
+                      "cpu_ms": round(a["dur"] / 1e3, 2), "gpu_from_ms": w["gpu_from_ms"],
+                      "gpu_to_ms": w["gpu_to_ms"], "gpu_busy_ms": w["busy_ms"]}
+                     for a, w in annotated_spans("layer ", t0)]
+    out["uploads"] = [{"upload": a["name"], "queued_at_ms": round((a["ts"] - t0) / 1e3, 2), **w}
+                      for a, w in annotated_spans("upload ", t0 - 50e3)]
     return out
 
 
