@@ -274,6 +274,10 @@ def run(args) -> dict:
                     torch_moe[fam] = TorchMoE(fam, H, I, min(E, 16))
             return [torch_moe[f] for f in fams]
 
+        sweep = [None]
+        if args.sweep:
+            name, values = args.sweep.split("=", 1)
+            sweep = [(name, v) for v in values.split(",")]
         for fmt in args.formats.split(","):
             expert_bytes = 2 * I * K.row_bytes(fmt, H) + H * K.row_bytes(fmt, I)
             E = max(k, min(E_model, int(mem_gb * 1e9 // expert_bytes)))
@@ -283,17 +287,23 @@ def run(args) -> dict:
                 prefill = []
             tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else [1, 4] + prefill
             g = torch.Generator().manual_seed(2)
-            for T in tokens:
+            for T, knob in [(t, kn) for t in tokens for kn in (sweep if t <= 4 else [None])]:
                 # int8pack_mm takes tens of seconds per call at T=2048 (no many-token kernel): T=512 only
                 fams = ([TORCH_FAMILY[fmt]] if T <= 4 else args.torch.split(",") if args.torch
                         else ["bf16"] if args.quick else ["bf16", "int8", "int4"] if T <= 512 else ["bf16", "int4"])
+                if knob is not None:  # the kernel reads it at each call
+                    os.environ[knob[0]] = knob[1]
                 row = bench_case(w, torch_paths(fams, E), shape, fmt, T, E, k, H, I, expert_bytes, bw, g,
                                  args.quick, probe)
+                if knob is not None:
+                    row["knob"] = "=".join(knob)
+                    os.environ.pop(knob[0])
                 res["results"].append(row)
                 perf = (f"{row['gbs']:6.1f} GB/s {row['pct_bw']:5.1f}% bw (rounds: best {row['pct_bw_best']:5.1f}%, "
                         f"probe {row['probe_gbs']:5.1f} GB/s)" if T <= 4
                         else f"{row['tflops']:7.3f} TFLOP/s (bw bound {row['bw_bound_tflops']:5.1f})")
-                print(f"{shape:14s} {fmt:9s} T={T:<5d} E={E:<4d}x{row['layers']} {row['ms']:9.2f} ms  {perf}  "
+                print(f"{shape:14s} {fmt:9s} {row.get('knob', '')} T={T:<5d} E={E:<4d}x{row['layers']} "
+                      f"{row['ms']:9.2f} ms  {perf}  "
                       f"torch({row['torch_path']}) {row['torch_ms']:9.2f} ms  x{row['speedup']:.2f}", flush=True)
             del w
     return res
@@ -310,6 +320,8 @@ def main() -> None:
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--tokens", default="", help="token counts to run instead of the default (e.g. 512,2048)")
     ap.add_argument("--torch", default="", help="stock-torch families timed for prefill (bf16,int8,int4)")
+    ap.add_argument("--sweep", default="", help="decode rows once per value of a knob the kernel reads at each call, "
+                    "e.g. TANDEM_CPU_STREAMS=1,2,4 (TANDEM_CPU_DECODE_DOWN_ITEMS, TANDEM_CPU_TAIL)")
     ap.add_argument("--profile", action="store_true", help="the kernel prints per-phase times of each call (stderr)")
     args = ap.parse_args()
     if args.profile:

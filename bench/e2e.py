@@ -3,7 +3,7 @@ against the physical bounds measured in the same run.
 
     python bench/e2e.py [--models qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4] [--dir /tmp/tandem-e2e]
                         [--prefill 512,2048,8192] [--batches 1,8] [--decode-tokens 32] [--gguf Q4_K_M-like]
-                        [--profile [--profile-dir DIR]] [--trace [--trace-knobs all|default]] [--json]
+                        [--profile [--profile-dir DIR]] [--trace [--trace-knobs all|default|read-ahead]] [--json]
 
 Each model is `tandem synth PRESET --layers L` (random weights in the real per-layer shapes, truncated depth:
 every figure below is per token through those L layers, so ratios hold for the full depth), loaded with the
@@ -19,7 +19,8 @@ FLOPs / measured GPU bf16 matmul rate), FLOPs = 2 P (active non-embedding parame
 new length, builds kernel plans; it is reported as first_call_tok_s). --profile prints torch profiler tables of
 decode steps and of the longest prefill (--profile-dir: its timeline as a Chrome trace). --trace times where a
 batch-1 decode step waits (the CPU experts' host-node calls, from the C++ kernel's trace, against the GPU work
-between them) under the knobs that decide who runs where (--trace-knobs default: the default knobs only), and
+between them) under the knobs that decide who runs where (--trace-knobs default: the default knobs only;
+read-ahead: the defaults with and without the read-ahead of predicted experts, alternating twice), and
 from the default knobs' trace the steady-state figures per MoE layer (`layer_figures`): one layer = its host
 call + the GPU work up to the next call, against that layer's bound (its expert bytes / the run's RAM read
 rate), and a full-depth estimate: the step's fixed part (embedding, dense layers, LM head, sampling, graph
@@ -236,6 +237,7 @@ def trace_decode(llm, steps: int = 24) -> dict:
     while len(seq.output) < 3:  # prefill, first graph capture
         engine.step()
     K.host_trace_start(1 << 16)
+    ahead0 = K.read_ahead_stats()
     marks = []
     while engine.has_work():
         t0 = time.perf_counter_ns()
@@ -243,6 +245,7 @@ def trace_decode(llm, steps: int = 24) -> dict:
         marks.append((t0, time.perf_counter_ns()))
     calls = K.host_trace()
     K.host_trace_start(0)
+    ahead = {k: v - ahead0[k] for k, v in K.read_ahead_stats().items()}
     engine.overlap = overlap
     rows = []
     for a, b in marks:
@@ -269,6 +272,10 @@ def trace_decode(llm, steps: int = 24) -> dict:
             "step_ms": round(med[0], 3), "graph_replay_ms": replay_ms, "in_host_calls_ms": round(med[1], 3),
             "between_calls_ms": round(med[2], 3), "before_first_ms": round(med[3], 3),
             "after_last_ms": round(med[4], 3), "call_ms": round(med[5], 4), "gap_ms": round(med[6], 4),
+            "read_ahead": {"jobs": ahead["jobs"], "stopped": ahead["stopped"],
+                           "mb_per_job": round(ahead["bytes"] / max(1, ahead["jobs"]) / 1e6, 2),
+                           "hit_rate": round(ahead["hits"] / ahead["needed"], 3) if ahead["needed"] else None,
+                           "precision": round(ahead["hits"] / ahead["predicted"], 3) if ahead["predicted"] else None},
             "layer_ms": round(med[7], 4), "fixed_ms": round(med[8], 3), "driver_cpus": sorted({c[2] for c in calls}),
             "pool_threads": K.num_threads()}
 
@@ -315,23 +322,29 @@ def probe_layer(llm) -> dict:
     return res
 
 
-KNOBS = (("blocking", 1, 2000, 1), ("blocking", 2, 2000, 1), ("spin", 1, 2000, 1), ("blocking", 1, 2000, 0),
-         ("blocking", 1, 300, 1), ("blocking", 0, 2000, 1))  # the first: the defaults
+KNOBS = (("blocking", 1, 2000, 1, 1), ("blocking", 2, 2000, 1, 1), ("spin", 1, 2000, 1, 1),
+         ("blocking", 1, 2000, 0, 1), ("blocking", 1, 300, 1, 1), ("blocking", 0, 2000, 1, 1),
+         ("blocking", 1, 2000, 1, 0))  # the first: the defaults; the last: no read-ahead
+KNOB_SETS = {"all": KNOBS, "default": KNOBS[:1], "read-ahead": (KNOBS[0], KNOBS[-1], KNOBS[0], KNOBS[-1])}
 
 
 def trace_variants(llm, knobs=KNOBS) -> list[dict]:
     """trace_decode under the knobs that decide who runs where during a graphed step: how the main thread waits
     for logits (blocking event / spin), cores left to the GPU-driving threads, the pool's idle spin, whether
-    CUDA's host-function thread is pinned to the free cores."""
+    CUDA's host-function thread is pinned to the free cores, whether the pool reads the next layer's predicted
+    experts ahead."""
     from tandem.kernels import cpu as K
 
     out, cores = [], K.physical_cores()
-    for wait, leave, spin, pin in knobs:
+    for wait, leave, spin, pin, ahead in knobs:
         llm.engine.config.blocking_wait = wait == "blocking"
         os.environ["TANDEM_CPU_SPIN_US"], os.environ["TANDEM_PIN_DRIVER"] = str(spin), str(pin)
         K.set_num_threads(cores - leave)  # recreates the pool, which reads both
-        out.append({"wait": wait, "cores_left": leave, "spin_us": spin, "pin_driver": pin, **trace_decode(llm)})
+        K.set_read_ahead(bool(ahead))
+        out.append({"wait": wait, "cores_left": leave, "spin_us": spin, "pin_driver": pin, "read_ahead_on": ahead,
+                    **trace_decode(llm)})
         print(f"  trace {out[-1]}", file=sys.stderr, flush=True)
+    K.set_read_ahead(True)
     return out
 
 
@@ -392,7 +405,7 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     res["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     res["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
     if trace:
-        res["trace"] = trace_variants(llm, KNOBS if trace_knobs == "all" else KNOBS[:1])
+        res["trace"] = trace_variants(llm, KNOB_SETS[trace_knobs])
         if res["trace"][0]["host_calls_per_step"] > 1:  # the defaults' trace; one call has no GPU gap to measure
             res["decode_b1_layers"] = layer_figures(res["trace"][0], c, res["ram_read_gbs"],
                                                     full_depth_moe_layers(preset))
@@ -452,8 +465,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the synthesized models (default: delete each)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--trace", action="store_true", help="where a batch-1 decode step waits, under several knobs")
-    ap.add_argument("--trace-knobs", choices=("all", "default"), default="all",
-                    help="with --trace: every knob variant, or the default knobs only")
+    ap.add_argument("--trace-knobs", choices=tuple(KNOB_SETS), default="all",
+                    help="with --trace: every knob variant, the default knobs only, or the defaults with and "
+                         "without read-ahead")
     ap.add_argument("--gguf", help="synthesize a GGUF of this quant (Q4_K_M-like, or Q4_1: experts Q4_1, rest BF16) "
                                    "instead of bf16 safetensors quantized to int4_g32 at load")
     ap.add_argument("--profile-dir", help="with --profile: write the largest prefill's timeline (Chrome trace) here")

@@ -8,6 +8,7 @@
 
 #include "tandem/cpu_features.h"
 #include "tandem/doorbell.h"
+#include "tandem/read_ahead.h"
 #include "tandem/kernels.h"
 #include "tandem/moe.h"
 
@@ -98,6 +99,15 @@ NB_MODULE(_tandem_cpu, m) {
   m.def("doorbell_remove", [](uintptr_t bell) { tandem::doorbell_remove((tandem::Doorbell*)bell); },
         nb::call_guard<nb::gil_scoped_release>());
   m.def("doorbell_stop", &tandem::doorbell_stop, nb::call_guard<nb::gil_scoped_release>());
+  m.def("doorbell_read_ahead", [](uintptr_t bell, uintptr_t experts, uintptr_t ids, int rows, int k) {
+    tandem::doorbell_read_ahead((tandem::Doorbell*)bell,
+                                tandem::ReadAhead{(const Experts*)experts, (const int64_t*)ids, rows, k});
+  }, nb::call_guard<nb::gil_scoped_release>());
+  m.def("set_read_ahead", &tandem::read_ahead_set_enabled);
+  m.def("read_ahead_stats", [] {
+    const tandem::ReadAheadStats s = tandem::read_ahead_stats();
+    return std::make_tuple(s.jobs, s.stopped, s.bytes, s.predicted, s.needed, s.hits);
+  });
   m.def("host_trace_take", [] {
     std::vector<std::tuple<int64_t, int64_t, int, int>> out;
     for (const auto& c : tandem::host_trace_take()) out.emplace_back(c.start_ns, c.end_ns, c.cpu, c.tokens);
@@ -113,6 +123,7 @@ NB_MODULE(_tandem_cpu, m) {
 
   nb::class_<Experts>(m, "Experts")
       .def(nb::init<int, int, int, int, int, int, int>())
+      .def_prop_ro("address", [](const Experts& e) { return (uintptr_t)&e; })
       .def_prop_ro("n_shards", [](const Experts& e) { return (int)e.shards().size(); })
       .def("shard_range", [](const Experts& e, int s) {
         return std::make_tuple(e.shards().at(s).i0, e.shards().at(s).i1, e.shards().at(s).node);

@@ -8,8 +8,10 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <vector>
 
 #include "moe.h"
+#include "read_ahead.h"
 #include "threadpool.h"
 
 namespace tandem {
@@ -18,6 +20,7 @@ namespace {
 struct Slot {
   std::atomic<Doorbell*> bell{nullptr};
   std::atomic<const HostJob*> job{nullptr};  // written before `bell`, read after it
+  std::atomic<ReadAhead*> ahead{nullptr};    // owned; read after `bell`
 };
 
 Slot g_slots[kMaxDoorbells];
@@ -39,7 +42,7 @@ void wait_for_poller() {  // caller holds g_mu, after clearing slots
   while (g_polling.load() != 0 && g_pass.load() == pass) std::this_thread::yield();
 }
 
-void post(ThreadPool& pool, Doorbell* bell, const HostJob* h) {
+void post(ThreadPool& pool, Doorbell* bell, const HostJob* h, const ReadAhead* ahead) {
   const int64_t t0 = host_trace_clock();
   std::shared_ptr<Job> job;
   try {
@@ -54,7 +57,17 @@ void post(ThreadPool& pool, Doorbell* bell, const HostJob* h) {
     bell->done = 1;
   };
   g_run.fetch_add(1, std::memory_order_relaxed);
+  read_ahead_score(h->experts, h->args);
   pool.submit(std::move(job));
+  if (ahead != nullptr && read_ahead_enabled()) pool.submit(make_read_ahead_job(*ahead, pool));  // runs once the job is done
+}
+
+// Free read-aheads taken out of their slots (caller holds g_mu, after clearing the slots).
+void free_read_aheads(std::vector<ReadAhead*>& taken) {
+  if (taken.empty()) return;
+  wait_for_poller();
+  read_ahead_quiesce();
+  for (ReadAhead* ra : taken) delete ra;
 }
 
 }  // namespace
@@ -76,21 +89,40 @@ int doorbell_add(Doorbell* bell, const HostJob* job) {
   return count;
 }
 
+void doorbell_read_ahead(Doorbell* bell, const ReadAhead& ra) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  for (int i = 0; i < g_high.load(); i++)
+    if (g_slots[i].bell.load() == bell) {
+      std::vector<ReadAhead*> old{g_slots[i].ahead.exchange(new ReadAhead(ra))};
+      if (old[0] == nullptr) old.clear();
+      free_read_aheads(old);
+      return;
+    }
+  throw std::invalid_argument("doorbell_read_ahead: the doorbell is not registered");
+}
+
 void doorbell_remove(Doorbell* bell) {
   std::lock_guard<std::mutex> lk(g_mu);  // held while waiting: no add may reuse the slot mid-pass
+  std::vector<ReadAhead*> taken;
   for (int i = 0; i < g_high.load(); i++)
     if (g_slots[i].bell.load() == bell) {
       g_slots[i].bell.store(nullptr);
       g_count.fetch_sub(1);
+      if (ReadAhead* ra = g_slots[i].ahead.exchange(nullptr)) taken.push_back(ra);
     }
   wait_for_poller();
+  free_read_aheads(taken);
 }
 
 void doorbell_stop() {
   std::lock_guard<std::mutex> lk(g_mu);
-  for (int i = 0; i < g_high.load(); i++)
+  std::vector<ReadAhead*> taken;
+  for (int i = 0; i < g_high.load(); i++) {
     if (g_slots[i].bell.exchange(nullptr) != nullptr) g_count.fetch_sub(1);
+    if (ReadAhead* ra = g_slots[i].ahead.exchange(nullptr)) taken.push_back(ra);
+  }
   wait_for_poller();
+  free_read_aheads(taken);
 }
 
 namespace {
@@ -112,7 +144,7 @@ bool doorbell_poll(ThreadPool& pool) {
     if (bell == nullptr || bell->ring == 0) continue;
     bell->ring = 0;  // taken: the stream rings again only after it has seen `done`
     std::atomic_thread_fence(std::memory_order_acquire);  // the staged inputs after the ring
-    post(pool, bell, g_slots[i].job.load(std::memory_order_relaxed));
+    post(pool, bell, g_slots[i].job.load(std::memory_order_relaxed), g_slots[i].ahead.load());
     posted = true;
   }
   g_pass.fetch_add(1);

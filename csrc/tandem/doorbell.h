@@ -14,6 +14,7 @@
 namespace tandem {
 
 struct HostJob;
+struct ReadAhead;
 class ThreadPool;
 
 // One doorbell: two 32-bit words 64 bytes apart in pinned memory (the caller's).
@@ -28,7 +29,11 @@ static_assert(sizeof(Doorbell) == 128, "Doorbell size");
 // Register a doorbell and the job it rings (both outlive their registration: the caller keeps them). Returns the
 // number of doorbells registered; throws when the table (kMaxDoorbells) is full.
 int doorbell_add(Doorbell* bell, const HostJob* job);
-// Forget a doorbell; returns once no thread can touch it any more (its memory may then be freed).
+// After each of this doorbell's jobs, read `ra`'s experts ahead until a doorbell rings (read_ahead.h); replaces
+// an earlier one. Throws if the doorbell is not registered.
+void doorbell_read_ahead(Doorbell* bell, const ReadAhead& ra);
+// Forget a doorbell (and its read-ahead); returns once no thread can touch it any more (its memory, and the
+// read-ahead's experts, may then be freed).
 void doorbell_remove(Doorbell* bell);
 // Forget every doorbell (at exit, before Python frees them).
 void doorbell_stop();

@@ -162,6 +162,9 @@ def wire_moe_blocks(model: nn.Module, ctx: LoadContext) -> None:
                                                                                                            "cpu"))
             cfg = OpConfig(name, "moe", dev, dev, dev)
         hybridize(m, cfg, ctx.state, pool)
+    blocks = [m for m in model.modules() if isinstance(m, HybridMoE)]
+    for cur, nxt in zip(blocks, blocks[1:]):
+        cur.next_block = (nxt,)  # what a captured layer predicts and reads ahead for
 
 
 def build(module: DecoderModel, cfg: OpConfig, ctx: LoadContext) -> nn.Module:

@@ -38,6 +38,7 @@ class Staging:
     ids: torch.Tensor  # [cap, K] int64
     weights: torch.Tensor  # [cap, K] fp32
     out: torch.Tensor  # [cap, D], x's dtype
+    hint: torch.Tensor  # [cap, K] int64: the next layer's predicted ids, for the read-ahead (written by the GPU)
     jobs: dict = field(default_factory=dict)  # (kernel id, n) -> HostJob bound to these buffers
     bells: dict = field(default_factory=dict)  # (job id, n) -> its tandem.gpu.doorbell.Doorbell
 
@@ -47,7 +48,7 @@ class Staging:
             return torch.empty(*shape, dtype=dt, pin_memory=True)
 
         return cls(pinned(cap, d, dt=dtype), pinned(cap, k, dt=torch.long), pinned(cap, k, dt=torch.float32),
-                   pinned(cap, d, dt=dtype))
+                   pinned(cap, d, dt=dtype), pinned(cap, k, dt=torch.long).fill_(-1))
 
     @property
     def cap(self) -> int:
@@ -115,6 +116,11 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+def top_k_of(gate: nn.Module) -> int:
+    """Experts per token of a router (TopKRouter or DeepSeek's MoEGate)."""
+    return getattr(gate, "top_k", None) or gate.a.num_experts_per_tok
+
+
 def leave_cores(n: int) -> None:
     """Shrink the CPU kernel's pool by `n` threads if it has its default size (one pinned thread per physical
     core), so that the threads driving the GPU never share a core with a pool thread."""
@@ -141,6 +147,11 @@ class HybridMoE(DeviceOp):
     # Shared / hot experts of a captured layer on a parallel branch next to the CPU experts (1), or before them in
     # stream order (TANDEM_SHARED_BRANCH=0; measured slower: DeepSeek-V3's gap between calls 0.216 -> 0.389 ms)
     shared_branch: bool = os.environ.get("TANDEM_SHARED_BRANCH", "1") == "1"
+    # Captured layers with a doorbell predict the next hybrid layer's experts (its router on this layer's input,
+    # on the GPU while the CPU computes this layer) and the pool reads them ahead while the GPU works between the
+    # two calls (csrc/tandem/read_ahead.h). TANDEM_READ_AHEAD=0 turns it off.
+    read_ahead: bool = os.environ.get("TANDEM_READ_AHEAD", "1") == "1"
+    next_block: tuple = ()  # (the next HybridMoE of the stack,), set by the model operator (a tuple: no submodule)
     _pool_sized = False
     streamed = None  # GpuExperts for the current layer-wise prefill, set and cleared by the model operator
     workspace = None  # tandem.gpu.prefill_gemm.Workspace of that prefill (dense path), set with `streamed`
@@ -340,6 +351,7 @@ class HybridMoE(DeviceOp):
             self._side = torch.cuda.Stream(x.device)
         self._side.wait_stream(cur)
         with torch.cuda.stream(self._side):  # a parallel branch of the graph, next to the host node
+            self._predict_next(x, st.hint[:n])
             shared = self.shared(x)
             hot = self._hot(x, local, w)
         call(cur)
@@ -356,14 +368,44 @@ class HybridMoE(DeviceOp):
             bell = st.bells.get((id(job), n))
             if bell is None:
                 bell = st.bells[id(job), n] = doorbell.Doorbell(job)
+            self._read_ahead(bell, st.hint[:n])
             return bell.ring_and_wait
         return lambda stream: launch_host_func(job.fn, job.arg, stream)
 
+    def _next_kernel(self, device: torch.device):
+        """The next block's CPU kernel if it runs hybrid with its router on `device` (what a read-ahead needs)."""
+        if not self.read_ahead or not self.next_block:
+            return None
+        nxt = self.next_block[0]
+        kernel = nxt.cpu_kernel()
+        if kernel is None or not hasattr(kernel, "host_job") or nxt.gate.weight.device != device:
+            return None
+        return kernel if top_k_of(nxt.gate) == top_k_of(self.gate) else None  # hint: this layer's [cap, K]
+
+    def _read_ahead(self, bell, hint: torch.Tensor) -> None:
+        """After this doorbell's job the pool reads the experts `hint` names of the next block (bell keeps it)."""
+        from tandem.kernels import cpu
+
+        kernel = self._next_kernel(self.gate.weight.device)
+        if kernel is not None and not hasattr(bell, "ahead"):
+            cpu.doorbell_read_ahead(bell.words.data_ptr(), kernel, hint)
+            bell.ahead = (kernel, hint)  # alive while the pool may read them (doorbell_remove waits for it)
+
+    def _predict_next(self, x: torch.Tensor, hint: torch.Tensor) -> None:
+        """The next block's router applied to this block's input, its top-k ids into `hint` (pinned): the residual
+        stream changes little from one layer to the next, so they are mostly the ids that block will pick (the
+        hit rate is in tandem.kernels.cpu.read_ahead_stats()). A guess for caching only: results never use it."""
+        if self._next_kernel(x.device) is None:
+            return
+        gate = self.next_block[0].gate
+        logits = F.linear(x, gate.weight)
+        if isinstance(gate, MoEGate) and gate.a.topk_method == "noaux_tc":
+            logits = logits.float().sigmoid() + gate.e_score_correction_bias.float()
+        hint.copy_(logits.topk(hint.shape[1], dim=-1).indices, non_blocking=True)
+
     def warm_graph_buffers(self, n: int, dtype: torch.dtype) -> None:
         """Allocate the graph buffers before a capture (the engine's eager warm-up does it too)."""
-        d = self.gate.weight.shape[1]
-        k = getattr(self.gate, "top_k", None) or self.gate.a.num_experts_per_tok
-        self.pool.get(n, d, k, kernel_dtype(dtype), for_graph=True)
+        self.pool.get(n, self.gate.weight.shape[1], top_k_of(self.gate), kernel_dtype(dtype), for_graph=True)
 
 
 _CLASSES: dict[type, type] = {}

@@ -69,3 +69,29 @@ def test_hybrid_graph_decode_uses_doorbells(tmp_path, monkeypatch):
     out = llm.generate([5, 6, 7, 8], max_new_tokens=12, ignore_eos=True).token_ids
     assert llm.engine.graphs.replays > 0 and K.doorbell_jobs_run() > runs
     assert out == cpu.generate([5, 6, 7, 8], max_new_tokens=12, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_read_ahead_predicts_the_next_layer_and_changes_no_token(family, tmp_path, monkeypatch):
+    from tiny import make_hf, save_hf
+
+    import tandem
+    from tandem.ops.moe import HybridMoE
+
+    path = save_hf(make_hf(family), tmp_path)
+    prompt = [5, 6, 7, 8]
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(HybridMoE, "read_ahead", on)
+        llm = tandem.load(path, rules="1gpu", dtype="float32", progress=False)
+        before = K.read_ahead_stats()
+        outs[on] = llm.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids
+        after = K.read_ahead_stats()
+        assert llm.engine.graphs.replays > 0
+        if on:  # the tiny models have 2 or 3 hybrid layers: every step reads ahead after all but the last
+            assert after["jobs"] > before["jobs"] and after["predicted"] > before["predicted"]
+            assert after["needed"] > before["needed"] and after["bytes"] > before["bytes"]
+        else:
+            assert after == before
+        del llm
+    assert outs[True] == outs[False]

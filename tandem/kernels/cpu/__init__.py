@@ -46,6 +46,7 @@ __all__ = [
     "host_entry",
     "doorbell_add",
     "doorbell_jobs_run",
+    "doorbell_read_ahead",
     "doorbell_remove",
     "doorbell_stop",
     "host_trace",
@@ -54,6 +55,8 @@ __all__ = [
     "numa_nodes",
     "physical_cores",
     "quantize",
+    "read_ahead_stats",
+    "set_read_ahead",
     "row_bytes",
     "set_gemm_min_tokens",
     "set_isa",
@@ -176,6 +179,28 @@ atexit.register(doorbell_stop)
 def doorbell_jobs_run() -> int:
     """Jobs run for rung doorbells."""
     return _C.doorbell_jobs_run()
+
+
+def doorbell_read_ahead(words: int, experts: MoEExperts, ids: torch.Tensor) -> None:
+    """After each job of the doorbell at `words`, the pool reads the weights of `experts` (the next hybrid layer's)
+    that `ids` names ([rows, k] int64, pinned: a GPU writes the predicted ids while the job runs) into its caches
+    until a doorbell rings (csrc/tandem/read_ahead.h). Keep `experts` and `ids` alive until doorbell_remove."""
+    if ids.dim() != 2 or ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous():
+        raise ValueError(f"doorbell_read_ahead: ids must be a contiguous int64 CPU tensor [rows, k], got "
+                         f"{ids.dtype} {tuple(ids.shape)} on {ids.device}")
+    _C.doorbell_read_ahead(int(words), experts._x.address, ids.data_ptr(), ids.shape[0], ids.shape[1])
+
+
+def set_read_ahead(on: bool) -> None:
+    """Run doorbells' read-aheads (the default) or not, without recapturing graphs (for measuring)."""
+    _C.set_read_ahead(bool(on))
+
+
+def read_ahead_stats() -> dict:
+    """Read-ahead counters since the process started: jobs, stopped (by a ring before the end), bytes read, and
+    over the calls scored against the last read-ahead of their layer: distinct experts predicted, needed, hits."""
+    keys = ("jobs", "stopped", "bytes", "predicted", "needed", "hits")
+    return dict(zip(keys, _C.read_ahead_stats()))
 
 
 def host_trace_start(capacity: int = 4096) -> None:
