@@ -20,7 +20,7 @@ new length, builds kernel plans; it is reported as first_call_tok_s). --profile 
 decode steps and of the longest prefill (--profile-dir: its timeline as a Chrome trace). --trace times where a
 batch-1 decode step waits (the CPU experts' host-node calls, from the C++ kernel's trace, against the GPU work
 between them) under the knobs that decide who runs where (--trace-knobs default: the default knobs only;
-read-ahead: the defaults with and without the read-ahead of predicted experts, alternating twice), and
+read-ahead: the defaults with and without the read-ahead of predicted experts, alternating 3 times), and
 from the default knobs' trace the steady-state figures per MoE layer (`layer_figures`): one layer = its host
 call + the GPU work up to the next call, against that layer's bound (its expert bytes / the run's RAM read
 rate), and a full-depth estimate: the step's fixed part (embedding, dense layers, LM head, sampling, graph
@@ -325,7 +325,7 @@ def probe_layer(llm) -> dict:
 KNOBS = (("blocking", 1, 2000, 1, 1), ("blocking", 2, 2000, 1, 1), ("spin", 1, 2000, 1, 1),
          ("blocking", 1, 2000, 0, 1), ("blocking", 1, 300, 1, 1), ("blocking", 0, 2000, 1, 1),
          ("blocking", 1, 2000, 1, 0))  # the first: the defaults; the last: no read-ahead
-KNOB_SETS = {"all": KNOBS, "default": KNOBS[:1], "read-ahead": (KNOBS[0], KNOBS[-1], KNOBS[0], KNOBS[-1])}
+KNOB_SETS = {"all": KNOBS, "default": KNOBS[:1], "read-ahead": (KNOBS[0], KNOBS[-1]) * 3}
 
 
 def trace_variants(llm, knobs=KNOBS) -> list[dict]:
