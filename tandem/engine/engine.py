@@ -153,7 +153,11 @@ class Engine:
         for s in seqs:
             self.cache.grow(s.block_table, s.cached + 2)  # `step`'s token goes in at position cached + 1
         self.overlapped += 1
-        ids = step.tokens.to(self.device, non_blocking=True)  # the LM head's GPU may not be the embedding's
+        # on the LM head's device; a CPU embedding copies them itself, waiting for them (a non_blocking copy into
+        # host memory would hand it stale ids); a GPU one on another device gets a stream-ordered copy
+        ids = step.tokens
+        if self.device.type == "cuda" and ids.device != self.device:
+            ids = ids.to(self.device, non_blocking=True)
         return self._launch(seqs, ids, [s.cached + 1 for s in seqs])
 
     @torch.inference_mode()
