@@ -20,7 +20,8 @@ new length, builds kernel plans; it is reported as first_call_tok_s). --profile 
 decode steps and of the longest prefill (--profile-dir: its timeline as a Chrome trace). --trace times where a
 batch-1 decode step waits (the CPU experts' host-node calls, from the C++ kernel's trace, against the GPU work
 between them) under the knobs that decide who runs where (--trace-knobs default: the default knobs only;
-read-ahead: the defaults with and without the read-ahead of predicted experts, alternating 3 times), and
+read-ahead: the defaults with and without the read-ahead of predicted experts, alternating 3 times; it needs
+TANDEM_READ_AHEAD=1, which registers the read-aheads when the graphs are captured), and
 from the default knobs' trace the steady-state figures per MoE layer (`layer_figures`): one layer = its host
 call + the GPU work up to the next call, against that layer's bound (its expert bytes / the run's RAM read
 rate), and a full-depth estimate: the step's fixed part (embedding, dense layers, LM head, sampling, graph
