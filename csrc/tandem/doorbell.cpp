@@ -59,7 +59,8 @@ void post(ThreadPool& pool, Doorbell* bell, const HostJob* h, const ReadAhead* a
   g_run.fetch_add(1, std::memory_order_relaxed);
   read_ahead_score(h->experts, h->args);
   pool.submit(std::move(job));
-  if (ahead != nullptr && read_ahead_enabled()) pool.submit(make_read_ahead_job(*ahead, pool));  // runs once the job is done
+  if (ahead != nullptr && read_ahead_enabled())  // queued: runs once the job is done
+    pool.submit(make_read_ahead_job(*ahead, pool));
 }
 
 // Free read-aheads taken out of their slots (caller holds g_mu, after clearing the slots).
