@@ -285,12 +285,12 @@ def probe_layer(llm) -> dict:
     """Where a decode step's CPU time goes, one hybrid MoE layer at T = 1: the C++ kernel called directly, the
     same kernel as a host node on a stream, the eager hybrid block, and the block replayed in a CUDA graph (ms)."""
     from tandem.gpu.host_func import launch_host_func
-    from tandem.ops.moe import HybridMoE
+    from tandem.ops.moe import HybridMoE, top_k_of
 
     llm.model.model.run_state.phase = "generate"
     block = next(m for m in llm.model.modules() if isinstance(m, HybridMoE) and m.cpu_kernel() is not None)
     kernel = block.cpu_kernel()
-    k = getattr(block.gate, "top_k", None) or block.gate.a.num_experts_per_tok
+    k = top_k_of(block.gate)
     x = torch.randn(1, kernel.H, dtype=torch.bfloat16).pin_memory()
     out = torch.empty_like(x).pin_memory()
     w = torch.full((1, k), 1.0 / k).pin_memory()

@@ -23,7 +23,7 @@ from torch import nn
 from tandem.models.attention import Batch
 from tandem.models.transformer import DecoderModel, SparseMoE
 from tandem.ops.base import DeviceOp, LoadContext, OpConfig, load_own_tensors, swap_class
-from tandem.ops.moe import HybridMoE, PinnedPool, hybridize
+from tandem.ops.moe import HybridMoE, PinnedPool, hybridize, top_k_of
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,7 @@ class ModelOp(nn.Module):
             i = next(iter(order))
             moe = order[i]
             h2d = measure_h2d(torch.device(moe.op_config.generate_device))
-            top_k = getattr(moe.gate, "top_k", None) or moe.gate.a.num_experts_per_tok
-            cpu = measure_cpu_tokens_per_s(moe.experts.backends["prefill"].kernel, top_k=top_k)
+            cpu = measure_cpu_tokens_per_s(moe.experts.backends["prefill"].kernel, top_k=top_k_of(moe.gate))
             self._threshold = layerwise_threshold(blocks[i].nbytes(), h2d, cpu)
             log.info("layer-wise GPU prefill from %d tokens (host-to-device %.1f GB/s, CPU experts %.0f tok/s "
                      "per layer, %.0f MiB of experts per layer)", self._threshold, h2d / 1e9, cpu,
