@@ -275,6 +275,7 @@ def trace_decode(llm, steps: int = 24) -> dict:
             "after_last_ms": round(med[4], 3), "call_ms": round(med[5], 4), "gap_ms": round(med[6], 4),
             "read_ahead": {"jobs": ahead["jobs"], "stopped": ahead["stopped"],
                            "mb_per_job": round(ahead["bytes"] / max(1, ahead["jobs"]) / 1e6, 2),
+                           "used_mb_per_job": round(ahead["used"] / max(1, ahead["jobs"]) / 1e6, 2),
                            "hit_rate": round(ahead["hits"] / ahead["needed"], 3) if ahead["needed"] else None,
                            "precision": round(ahead["hits"] / ahead["predicted"], 3) if ahead["predicted"] else None},
             "layer_ms": round(med[7], 4), "fixed_ms": round(med[8], 3), "driver_cpus": sorted({c[2] for c in calls}),

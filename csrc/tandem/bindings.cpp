@@ -106,7 +106,7 @@ NB_MODULE(_tandem_cpu, m) {
   m.def("set_read_ahead", &tandem::read_ahead_set_enabled);
   m.def("read_ahead_stats", [] {
     const tandem::ReadAheadStats s = tandem::read_ahead_stats();
-    return std::make_tuple(s.jobs, s.stopped, s.bytes, s.predicted, s.needed, s.hits);
+    return std::make_tuple(s.jobs, s.stopped, s.bytes, s.predicted, s.needed, s.hits, s.used);
   });
   m.def("host_trace_take", [] {
     std::vector<std::tuple<int64_t, int64_t, int, int>> out;

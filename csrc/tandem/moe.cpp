@@ -30,6 +30,7 @@
 
 #include "tandem/cpu_features.h"
 #include "tandem/kernels.h"
+#include "tandem/read_ahead.h"
 
 namespace tandem {
 
@@ -221,6 +222,10 @@ class MoEJob : public Job {
     clk.lap(1);
     wait(clk);
     const int home = P_.thread_node(tid) % S_;
+    for (const Item& item : owned_[tid]) {  // rows this thread read ahead: in its L2
+      gate_up(item);
+      clk.lap(3);
+    }
     for (int s, it; take(next1_, items1_, home, &s, &it);) {
       gate_up(items1_[s][it]);
       clk.lap(gemm_[items1_[s][it].ai] ? 2 : 3);
@@ -405,6 +410,8 @@ class MoEJob : public Job {
     std::stable_sort(by_size.begin(), by_size.end(),
                      [this](int a, int b) { return off_[a + 1] - off_[a] > off_[b + 1] - off_[b]; });
     items1_.assign(S_, {});
+    owned_.assign(nthreads_, {});
+    const std::shared_ptr<ReadAheadRecord> rec = n_act ? read_ahead_take(&ex_, P_) : nullptr;
     for (int s = 0; s < S_; s++) {
       const Shard& sh = ex_.shards()[s];
       const int In = sh.i1 - sh.i0;
@@ -420,11 +427,19 @@ class MoEJob : public Job {
       // barrier within a small item of each other (a 64-row Qwen3 item takes ~20 us of one thread's bandwidth)
       const int tail_want = (int)round_up(per_shard_threads * chunk / (2 * n_dec), unit);
       const int tail = tail_on(per_shard_threads) ? std::min(round_down(In / 4, unit), tail_want) : 0;
+      std::vector<int> read_ahead(n_act, -1);  // rank of each decode expert among the read-ahead's ids
+      if (rec)
+        for (int ai = 0; ai < n_act; ai++) {
+          const auto at = std::find(rec->ids.begin(), rec->ids.end(), active_[ai]);
+          if (!gemm_[ai] && at != rec->ids.end()) read_ahead[ai] = (int)(at - rec->ids.begin());
+        }
       for (int ai = 0; ai < n_act; ai++)
-        if (!gemm_[ai])
+        if (!gemm_[ai] && read_ahead[ai] < 0)
           for (int r = 0; r < In - tail; r += chunk) items1_[s].push_back({s, ai, r, std::min(In - tail, r + chunk)});
       for (int ai = 0; ai < n_act; ai++)
-        if (!gemm_[ai])
+        if (read_ahead[ai] >= 0) split_read_ahead(*rec, s, ai, read_ahead[ai], In, chunk);
+      for (int ai = 0; ai < n_act; ai++)
+        if (!gemm_[ai] && read_ahead[ai] < 0)
           for (int r = In - tail; r < In; r += unit) items1_[s].push_back({s, ai, r, std::min(In, r + unit)});
     }
     // Phase 2 items: chunks of H rows. With GEMM experts, whole panels in balanced items (each item reads
@@ -443,6 +458,22 @@ class MoEJob : public Job {
     n_items2_.assign(S_, T > 0 ? nbig2_ + (tail2_ + 15) / 16 : 0);  // also with no active expert: zero out
     chunk3_ = 256;
     n_items3_ = T > 0 ? (int)(((size_t)T * H + chunk3_ - 1) / chunk3_) : 0;
+  }
+
+  // A read-ahead expert's gate/up rows of shard s: what each reader read becomes that thread's own item, the rest
+  // shared items of at most `chunk` rows.
+  void split_read_ahead(const ReadAheadRecord& rec, int s, int ai, int rank, int In, int chunk) {
+    const Shard& sh = ex_.shards()[s];
+    uint64_t used = 0;
+    for (int j = 0; j < rec.readers(); j++) {
+      const int lo = ReadAheadRecord::slice_lo(In, j, rec.readers()), hi = ReadAheadRecord::slice_lo(In, j + 1,
+                                                                                                    rec.readers());
+      const int n = rec.rows_read(rank, s, j, In);
+      if (n > 0) owned_[rec.reader_tid(j)].push_back({s, ai, lo, lo + n});
+      for (int r = lo + n; r < hi; r += chunk) items1_[s].push_back({s, ai, r, std::min(hi, r + chunk)});
+      used += (uint64_t)n * (sh.m[0].row_bytes + sh.m[1].row_bytes);
+    }
+    read_ahead_count_used(used);
   }
 
   ActRow xview(int t) const { return act_row_view(xact_ + (size_t)t * xrow_, ex_.H(), Bx_); }
@@ -729,6 +760,7 @@ class MoEJob : public Job {
   std::vector<size_t> xp_off_, hp_off_;
   std::vector<std::pair<int, int>> pack_items_;  // (active expert, token group)
   std::vector<std::vector<Item>> items1_;
+  std::vector<std::vector<Item>> owned_;  // per thread: gate/up rows it read ahead, computed before items1_
   std::unique_ptr<std::atomic<int>[]> hdone_;  // rows of h written per (active expert, down activation block)
   std::vector<int> n_items2_;
   uint8_t *xact_ = nullptr, *hact_ = nullptr, *thr_ = nullptr;

@@ -13,7 +13,7 @@
 namespace tandem {
 namespace {
 
-constexpr size_t kChunk = 8 << 10;  // bytes a reader takes at a time: it stops within ~1-2 us of a ring
+constexpr size_t kChunk = 8 << 10;  // bytes of gate (and of up) a reader takes at a time: it stops within ~1-2 us
 
 std::atomic<uint64_t> g_jobs{0}, g_stopped{0}, g_bytes{0}, g_predicted{0}, g_needed{0}, g_hits{0};
 std::atomic<uint64_t> g_gen{0};  // read_ahead_quiesce bumps it: jobs of an older generation stop
@@ -24,25 +24,15 @@ struct Last {  // the last read-ahead's experts and ids, scored against that lay
   const Experts* experts = nullptr;
   std::vector<int> ids;
 };
-std::mutex g_last_mu;
+std::mutex g_last_mu;  // guards g_last and g_record
 Last g_last;
+std::shared_ptr<ReadAheadRecord> g_record;  // the last read-ahead's, until its layer's call takes it
+std::atomic<uint64_t> g_used{0};
 
 inline void relax() {
 #if defined(__x86_64__)
   __builtin_ia32_pause();
 #endif
-}
-
-// One load per cache line; the sum keeps the loads.
-uint64_t touch(const uint8_t* p, size_t n) {
-  uint64_t s0 = 0, s1 = 0;
-  size_t o = 0;
-  for (; o + 128 <= n; o += 128) {
-    s0 += *(const volatile uint64_t*)(p + o);
-    s1 += *(const volatile uint64_t*)(p + o + 64);
-  }
-  for (; o < n; o += 64) s0 += *(const volatile uint64_t*)(p + o);
-  return s0 + s1;
 }
 
 // Distinct valid ids, best rank first (every row's first choice, then every row's second, ...).
@@ -57,40 +47,14 @@ std::vector<int> predicted_ids(const ReadAhead& ra) {
   return out;
 }
 
-// A run of chunks: one expert's gate and up rows of one shard in alternating chunks (an item reads gate and up
-// rows side by side), or its down rows (b == nullptr).
-struct Segment {
-  const uint8_t *a, *b;
-  size_t n;       // bytes of each of a, b
-  size_t chunks;  // chunks of the segment
-};
-
-// What the call reads, in its order: every expert's gate and up, then every expert's down rows. A few segments
-// (not one entry per chunk): each thread builds them in ~1 us.
-std::vector<Segment> plan_segments(const Experts& ex, const std::vector<int>& ids) {
-  std::vector<Segment> out;
-  for (int p : {0, 2})
-    for (int e : ids)
-      for (const Shard& s : ex.shards()) {
-        const size_t n = (size_t)s.m[p].rows * s.m[p].row_bytes, per = (n + kChunk - 1) / kChunk;
-        out.push_back({s.m[p].row(e, 0), p == 0 ? s.m[1].row(e, 0) : nullptr, n, p == 0 ? 2 * per : per});
-      }
-  return out;
-}
-
-// Chunk c of the segments (c < their total): its address and length.
-const uint8_t* chunk_at(const std::vector<Segment>& segs, size_t c, size_t* len) {
-  for (const Segment& s : segs) {
-    if (c >= s.chunks) {
-      c -= s.chunks;
-      continue;
-    }
-    const size_t i = s.b ? c / 2 : c, off = i * kChunk;
-    *len = std::min(kChunk, s.n - off);
-    return (s.b && c % 2 ? s.b : s.a) + off;
+// Loads both runs' cache lines side by side (two streams per core); the sum keeps the loads.
+uint64_t touch2(const uint8_t* a, const uint8_t* b, size_t n) {
+  uint64_t s0 = 0, s1 = 0;
+  for (size_t o = 0; o < n; o += 64) {
+    s0 += *(const volatile uint64_t*)(a + o);
+    s1 += *(const volatile uint64_t*)(b + o);
   }
-  *len = 0;
-  return nullptr;
+  return s0 + s1;
 }
 
 class ReadAheadJob : public Job {
@@ -102,41 +66,74 @@ class ReadAheadJob : public Job {
 
   void run(int tid, int nthreads) override {
     if (g_gen.load(std::memory_order_relaxed) != gen_) return;
-    const std::vector<int> ids = predicted_ids(ra_);  // every thread: the ids are read once the job starts
-    const std::vector<Segment> segs = plan_segments(*ra_.experts, ids);
-    size_t total = 0;
-    for (const Segment& s : segs) total += s.chunks;
-    if (tid == 0) {
-      std::lock_guard<std::mutex> lk(g_last_mu);
-      g_last = {ra_.experts, ids};
-    }
-    if (tid == 0 && nthreads > 1) {
+    if (tid == 0) start(nthreads);
+    if (tid == 0 && nthreads > 1) {  // poll while the readers read (they wait for the record: `started_`)
       while (!stop_.load(std::memory_order_relaxed) && readers_.load(std::memory_order_acquire) < nthreads - 1) {
         if (doorbell_poll(pool_) || g_gen.load(std::memory_order_relaxed) != gen_) stop_.store(true);
         relax();
       }
       return;
     }
-    uint64_t sum = 0, bytes = 0;
-    for (size_t c; !stop_.load(std::memory_order_relaxed) && (c = next_.fetch_add(1)) < total;) {
-      size_t len;
-      const uint8_t* p = chunk_at(segs, c, &len);
-      sum += touch(p, len);
-      bytes += len;
-      if (nthreads == 1 && (doorbell_poll(pool_) || g_gen.load(std::memory_order_relaxed) != gen_))
-        stop_.store(true);
-    }
-    sink_.fetch_add(sum, std::memory_order_relaxed);
-    g_bytes.fetch_add(bytes, std::memory_order_relaxed);
-    if (stop_.load() && next_.load() < total && !counted_.exchange(true)) g_stopped.fetch_add(1);
+    while (!started_.load(std::memory_order_acquire)) relax();
+    read(nthreads > 1 ? tid - 1 : 0, nthreads == 1);
     readers_.fetch_add(1, std::memory_order_release);
   }
 
  private:
+  // Thread 0: the predicted ids (read once, now) and the record the next call of that layer takes.
+  void start(int nthreads) {
+    auto rec = std::make_shared<ReadAheadRecord>();
+    rec->experts = ra_.experts;
+    rec->pool_generation = pool_.generation();
+    rec->pool_threads = nthreads;
+    rec->shards = (int)ra_.experts->shards().size();
+    rec->ids = predicted_ids(ra_);
+    rec->progress.reset(new ReadAheadRecord::Progress[rec->readers()]);
+    {
+      std::lock_guard<std::mutex> lk(g_last_mu);
+      g_last = {ra_.experts, rec->ids};
+      g_record = rec;
+    }
+    rec_ = std::move(rec);
+    started_.store(true, std::memory_order_release);
+  }
+
+  // Reader j: its slice of each unit's gate and up rows, a few KB at a time, until the end or a ring.
+  void read(int j, bool poll) {
+    ReadAheadRecord& rec = *rec_;
+    ReadAheadRecord::Progress& pr = rec.progress[j];
+    const int S = rec.shards, units = (int)rec.ids.size() * S;
+    uint64_t sum = 0, bytes = 0;
+    for (int u = 0; u < units && !stop_.load(std::memory_order_relaxed); u++) {
+      const Shard& sh = ra_.experts->shards()[u % S];
+      const ExpertMatrix &G = sh.m[0], &U = sh.m[1];
+      const int e = rec.ids[u / S], in = sh.i1 - sh.i0;
+      const int lo = ReadAheadRecord::slice_lo(in, j, rec.readers()), hi = ReadAheadRecord::slice_lo(in, j + 1,
+                                                                                                    rec.readers());
+      const int step = std::max<int>(1, (int)(kChunk / G.row_bytes));
+      for (int r = lo; r < hi; r += step) {
+        const int n = std::min(step, hi - r);
+        sum += touch2(G.row(e, r), U.row(e, r), (size_t)n * G.row_bytes);
+        bytes += (size_t)n * (G.row_bytes + U.row_bytes);
+        pr.rows = r + n - lo;
+        if (poll && (doorbell_poll(pool_) || g_gen.load(std::memory_order_relaxed) != gen_)) stop_.store(true);
+        if (stop_.load(std::memory_order_relaxed)) break;
+      }
+      if (pr.rows == hi - lo) {
+        pr.done = u + 1;
+        pr.rows = 0;
+      }
+    }
+    sink_.fetch_add(sum, std::memory_order_relaxed);
+    g_bytes.fetch_add(bytes, std::memory_order_relaxed);
+    if (stop_.load() && pr.done < units && !counted_.exchange(true)) g_stopped.fetch_add(1);
+  }
+
   const ReadAhead ra_;
   ThreadPool& pool_;
   const uint64_t gen_;
-  std::atomic<size_t> next_{0};
+  std::shared_ptr<ReadAheadRecord> rec_;
+  std::atomic<bool> started_{false};
   std::atomic<int> readers_{0};
   std::atomic<bool> stop_{false}, counted_{false};
   std::atomic<uint64_t> sink_{0};
@@ -167,6 +164,16 @@ void read_ahead_score(const Experts* experts, const ForwardArgs& a) {
   g_last = {};
 }
 
+std::shared_ptr<ReadAheadRecord> read_ahead_take(const Experts* experts, const ThreadPool& pool) {
+  std::lock_guard<std::mutex> lk(g_last_mu);
+  if (!g_record || g_record->experts != experts || g_record->pool_generation != pool.generation() ||
+      g_record->pool_threads != pool.size())
+    return nullptr;
+  return std::move(g_record);
+}
+
+void read_ahead_count_used(uint64_t bytes) { g_used.fetch_add(bytes, std::memory_order_relaxed); }
+
 void read_ahead_set_enabled(bool on) { g_on.store(on); }
 bool read_ahead_enabled() { return g_on.load(std::memory_order_relaxed); }
 
@@ -175,10 +182,12 @@ void read_ahead_quiesce() {
   while (g_live.load() > 0) std::this_thread::yield();
   std::lock_guard<std::mutex> lk(g_last_mu);
   g_last = {};
+  g_record.reset();
 }
 
 ReadAheadStats read_ahead_stats() {
-  return {g_jobs.load(), g_stopped.load(), g_bytes.load(), g_predicted.load(), g_needed.load(), g_hits.load()};
+  return {g_jobs.load(), g_stopped.load(), g_bytes.load(), g_predicted.load(), g_needed.load(), g_hits.load(),
+          g_used.load()};
 }
 
 }  // namespace tandem

@@ -1,6 +1,7 @@
 """Read-ahead of the next layer's predicted experts (csrc/tandem/read_ahead.h), on the CPU alone: after a doorbell's
-job the pool reads the predicted experts' bytes until a doorbell rings; a ring stops it and the rung job runs; the
-next call of that layer is scored against the prediction; results are the same bits as without it."""
+job the pool reads the predicted experts' gate and up rows until a doorbell rings; a ring stops it and the rung job
+runs; the next call of that layer is scored against the prediction and computes the rows each thread read on that
+thread; results are the same bits as without it."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def ring(bell: Doorbell, timeout_s: float = 10.0) -> None:
     bell.words[16] = 0
 
 
-def expert_bytes(experts: K.MoEExperts) -> int:
-    return sum(experts._x.nbytes(p) for p in range(3)) // experts._x.E
+def gate_up_bytes(experts: K.MoEExperts) -> int:
+    """Bytes of one expert's gate and up rows (what a read-ahead reads of it)."""
+    return (experts._x.nbytes(0) + experts._x.nbytes(1)) // experts._x.E
 
 
 def wait_for(pred, timeout_s: float = 10.0) -> None:
@@ -59,14 +61,15 @@ def test_read_ahead_reads_the_predicted_experts_and_scores_the_next_call():
     K.doorbell_read_ahead(bell_a.words.data_ptr(), b, hint)
     s0 = K.read_ahead_stats()
     ring(bell_a)
-    wait_for(lambda: K.read_ahead_stats()["bytes"] - s0["bytes"] >= 2 * expert_bytes(b))
+    wait_for(lambda: K.read_ahead_stats()["bytes"] - s0["bytes"] >= 2 * gate_up_bytes(b))
     time.sleep(0.01)
     s1 = K.read_ahead_stats()
     assert s1["jobs"] - s0["jobs"] == 1 and s1["stopped"] == s0["stopped"]
-    assert s1["bytes"] - s0["bytes"] == 2 * expert_bytes(b)  # experts 5 and 7, every byte of them
+    assert s1["bytes"] - s0["bytes"] == 2 * gate_up_bytes(b)  # experts 5 and 7, every gate and up row
     ring(bell_b)
     s2 = K.read_ahead_stats()
     assert (s2["predicted"] - s1["predicted"], s2["needed"] - s1["needed"], s2["hits"] - s1["hits"]) == (2, 2, 1)
+    assert s2["used"] - s1["used"] == gate_up_bytes(b)  # expert 5's rows, each on the thread that read it
     assert s2["jobs"] == s1["jobs"]  # b's doorbell names no read-ahead
     assert torch.equal(out_a, ref_a) and torch.equal(out_b, ref_b)
 
@@ -97,7 +100,7 @@ def test_a_ring_stops_the_read_ahead_and_the_rung_job_runs(threads_leaving_a_cor
         s1 = K.read_ahead_stats()
         if s1["stopped"] - s0["stopped"] == 1:
             stopped += 1
-            assert s1["bytes"] - s0["bytes"] < 64 * expert_bytes(b)
+            assert s1["bytes"] - s0["bytes"] < 64 * gate_up_bytes(b)
         assert (s1["needed"] - s0["needed"], s1["hits"] - s0["hits"]) == (4, 4)
         assert torch.equal(out_a, ref_a) and torch.equal(out_b, ref_b)
         del bell_b
@@ -125,3 +128,29 @@ def test_read_ahead_of_an_unregistered_doorbell_or_bad_ids_is_refused():
         K.doorbell_read_ahead(words.data_ptr(), b, torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="int64"):
         K.doorbell_read_ahead(words.data_ptr(), b, torch.zeros(1, 2, dtype=torch.int32))
+
+
+@pytest.fixture(params=[1, 2])
+def shards(request):
+    """Experts in one shard, or split over two NUMA groups of the pool (forced on a one-node machine)."""
+    K.set_numa_nodes(request.param)
+    yield request.param
+    K.set_numa_nodes(None)
+
+
+def test_each_thread_computes_the_rows_it_read_ahead_in_every_shard(shards):
+    a, b = layer(8, 64, 256, 15), layer(8, 96, 512, 16)
+    assert len(b.shards) == shards
+    job_a, ref_a, out_a = call(a, [[1, 2]], 17)
+    job_b, ref_b, out_b = call(b, [[1, 2], [3, 6]], 18)  # two tokens: experts 1, 2, 3 predicted, 6 not
+    bell_a, bell_b = Doorbell(job_a, pinned=False), Doorbell(job_b, pinned=False)
+    hint = torch.tensor([[0, 1], [2, 3]])  # kept alive while the doorbell is
+    K.doorbell_read_ahead(bell_a.words.data_ptr(), b, hint)
+    s0 = K.read_ahead_stats()
+    ring(bell_a)
+    wait_for(lambda: K.read_ahead_stats()["bytes"] - s0["bytes"] >= 4 * gate_up_bytes(b))
+    time.sleep(0.01)
+    ring(bell_b)
+    s1 = K.read_ahead_stats()
+    assert s1["bytes"] - s0["bytes"] == 4 * gate_up_bytes(b) and s1["used"] - s0["used"] == 3 * gate_up_bytes(b)
+    assert torch.equal(out_a, ref_a) and torch.equal(out_b, ref_b)

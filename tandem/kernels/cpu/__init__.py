@@ -197,9 +197,10 @@ def set_read_ahead(on: bool) -> None:
 
 
 def read_ahead_stats() -> dict:
-    """Read-ahead counters since the process started: jobs, stopped (by a ring before the end), bytes read, and
-    over the calls scored against the last read-ahead of their layer: distinct experts predicted, needed, hits."""
-    keys = ("jobs", "stopped", "bytes", "predicted", "needed", "hits")
+    """Read-ahead counters since the process started: jobs, stopped (by a ring before the end), bytes read; over
+    the calls scored against the last read-ahead of their layer: distinct experts predicted, needed, hits; and
+    used: bytes read ahead that the next call computed on the core that had read them."""
+    keys = ("jobs", "stopped", "bytes", "predicted", "needed", "hits", "used")
     return dict(zip(keys, _C.read_ahead_stats()))
 
 
