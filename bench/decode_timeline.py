@@ -12,6 +12,9 @@ between layer i-1's experts and layer i's. Each variant runs in its own process 
     base     the defaults
     memcpy   TANDEM_STAGING_KERNELS=0 (the hand-off as memcpys and torch's router kernels)
     unfused  TANDEM_FUSED=0 (torch's RMSNorm / RoPE kernels)
+    layer0   TANDEM_FUSED_RESIDUAL=0 TANDEM_ROUTE_ENTRY=0 TANDEM_FUSED_KV=0 (adds, norms, router and KV write as
+             launches of their own: the path before the sixth session)
+    no_entry, no_residual, no_kv: one of those three off
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = {"base": {}, "memcpy": {"TANDEM_STAGING_KERNELS": "0"}, "unfused": {"TANDEM_FUSED": "0"}}
+VARIANTS = {"base": {}, "memcpy": {"TANDEM_STAGING_KERNELS": "0"}, "unfused": {"TANDEM_FUSED": "0"},
+            "layer0": {"TANDEM_FUSED_RESIDUAL": "0", "TANDEM_ROUTE_ENTRY": "0", "TANDEM_FUSED_KV": "0"},
+            "no_entry": {"TANDEM_ROUTE_ENTRY": "0"}, "no_residual": {"TANDEM_FUSED_RESIDUAL": "0"},
+            "no_kv": {"TANDEM_FUSED_KV": "0"}}
 
 
 def gpu_events(trace: Path) -> list[dict]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,11 @@ except ImportError:
     triton = None
 
 ENABLED = triton is not None and os.environ.get("TANDEM_STAGING_KERNELS", "1") != "0"
+# TANDEM_ROUTE_ENTRY=0: the layer's residual add + norm, the router GEMM and route_out as three launches (A/B)
+ENTRY = ENABLED and os.environ.get("TANDEM_ROUTE_ENTRY", "1") != "0"
+ENTRY_ROWS = 16  # decode batches; every row's programs read the whole router weight, so larger batches don't gain
+EXPERTS_PER_PROGRAM = 4  # 32 programs for 128 experts, 64 for 256: the router's weight read spread over SMs
+_counters: dict[torch.device, torch.Tensor] = {}
 MAX_EXPERTS = 1024  # one router row in registers
 BLOCK_D = 1024  # hidden values one program moves
 _PRECISE_EXP = os.environ.get("TRITON_INTERPRET", "0") != "1"  # the interpreter has no libdevice
@@ -57,6 +63,12 @@ if triton is not None:
         """softmax(logits[row]) in fp32, its top K (largest first, lowest index on ties), optionally renormalized."""
         e = tl.arange(0, BLOCK_E)
         z = tl.load(logits_ptr + row.to(tl.int64) * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        _route_z(z, e, ids_ptr, w_ptr, row, E, K, RENORM, BLOCK_E, BLOCK_K, PRECISE)
+
+    @triton.jit
+    def _route_z(z, e, ids_ptr, w_ptr, row, E, K, RENORM: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
+        """_route_row on the row's logits z [BLOCK_E] fp32 (-inf past E) at experts e."""
         if PRECISE:  # libdevice's expf, as torch's softmax
             p = libdevice.exp(z - tl.max(z, 0))
         else:
@@ -124,45 +136,108 @@ if triton is not None:
         if c == 0:
             e = tl.arange(0, BLOCK_E)
             z = tl.load(logits_ptr + row.to(tl.int64) * stride_l + e, mask=e < E, other=float("-inf"))
-            if SIGMOID:
-                if PRECISE:
-                    sc = 1.0 / (1.0 + libdevice.exp(-z))
-                else:
-                    sc = 1.0 / (1.0 + tl.exp(-z))
+            _route_grouped_z(z, e, bias_ptr, hids_ptr, hw_ptr, row, E, K, TOPK_GROUP, scale_w, SIGMOID, HAS_BIAS,
+                             GROUPS, TOP2, RENORM, BLOCK_E, BLOCK_K, PRECISE)
+
+    @triton.jit
+    def _route_grouped_z(z, e, bias_ptr, hids_ptr, hw_ptr, row, E, K, TOPK_GROUP, scale_w, SIGMOID: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, TOP2: tl.constexpr, RENORM: tl.constexpr,
+                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
+        """_route_grouped_kernel's gate on the row's fp32 logits z [BLOCK_E] at experts e."""
+        if SIGMOID:
+            if PRECISE:
+                sc = 1.0 / (1.0 + libdevice.exp(-z))
             else:
-                if PRECISE:
-                    sc = libdevice.exp(z - tl.max(z, 0))
-                else:
-                    sc = tl.exp(z - tl.max(z, 0))
-                sc = sc / tl.sum(sc, 0)
-            sc = tl.where(e < E, sc, 0.0)
-            choice = sc
-            if HAS_BIAS:
-                choice = choice + tl.load(bias_ptr + e, mask=e < E, other=0.0)
-            choice = tl.where(e < E, choice, float("-inf"))
-            if GROUPS > 1:
-                g2 = tl.reshape(choice, (GROUPS, BLOCK_E // GROUPS))
-                col = tl.arange(0, BLOCK_E // GROUPS)
-                best = tl.max(g2, 1)
-                if TOP2:  # the group's two best scores (the first best taken once)
-                    first = tl.min(tl.where(g2 == best[:, None], col[None, :], BLOCK_E), 1)
-                    best = best + tl.max(tl.where(col[None, :] == first[:, None], float("-inf"), g2), 1)
-                gi = tl.arange(0, GROUPS)
-                keep = gi < 0
-                for _ in range(TOPK_GROUP):
-                    top = tl.max(best, 0)
-                    pick = tl.min(tl.where(best == top, gi, GROUPS), 0)
-                    keep = keep | (gi == pick)
-                    best = tl.where(gi == pick, float("-inf"), best)
-                choice = tl.reshape(tl.where(keep[:, None], g2, float("-inf")), (BLOCK_E,))
-            slots = tl.arange(0, BLOCK_K)
-            top_w, top_i = _top_k(choice, sc, e, K, BLOCK_E, BLOCK_K)
-            if RENORM:
-                top_w = top_w / (tl.sum(tl.where(slots < K, top_w, 0.0), 0) + 1e-20)
-            top_w = top_w * scale_w
-            out = row.to(tl.int64) * K + slots
-            tl.store(hids_ptr + out, top_i, mask=slots < K)
-            tl.store(hw_ptr + out, top_w, mask=slots < K)
+                sc = 1.0 / (1.0 + tl.exp(-z))
+        else:
+            if PRECISE:
+                sc = libdevice.exp(z - tl.max(z, 0))
+            else:
+                sc = tl.exp(z - tl.max(z, 0))
+            sc = sc / tl.sum(sc, 0)
+        sc = tl.where(e < E, sc, 0.0)
+        choice = sc
+        if HAS_BIAS:
+            choice = choice + tl.load(bias_ptr + e, mask=e < E, other=0.0)
+        choice = tl.where(e < E, choice, float("-inf"))
+        if GROUPS > 1:
+            g2 = tl.reshape(choice, (GROUPS, BLOCK_E // GROUPS))
+            col = tl.arange(0, BLOCK_E // GROUPS)
+            best = tl.max(g2, 1)
+            if TOP2:  # the group's two best scores (the first best taken once)
+                first = tl.min(tl.where(g2 == best[:, None], col[None, :], BLOCK_E), 1)
+                best = best + tl.max(tl.where(col[None, :] == first[:, None], float("-inf"), g2), 1)
+            gi = tl.arange(0, GROUPS)
+            keep = gi < 0
+            for _ in range(TOPK_GROUP):
+                top = tl.max(best, 0)
+                pick = tl.min(tl.where(best == top, gi, GROUPS), 0)
+                keep = keep | (gi == pick)
+                best = tl.where(gi == pick, float("-inf"), best)
+            choice = tl.reshape(tl.where(keep[:, None], g2, float("-inf")), (BLOCK_E,))
+        slots = tl.arange(0, BLOCK_K)
+        top_w, top_i = _top_k(choice, sc, e, K, BLOCK_E, BLOCK_K)
+        if RENORM:
+            top_w = top_w / (tl.sum(tl.where(slots < K, top_w, 0.0), 0) + 1e-20)
+        top_w = top_w * scale_w
+        out = row.to(tl.int64) * K + slots
+        tl.store(hids_ptr + out, top_i, mask=slots < K)
+        tl.store(hw_ptr + out, top_w, mask=slots < K)
+
+    @triton.jit
+    def _route_entry_kernel(h_ptr, a_ptr, nw_ptr, gw_ptr, bias_ptr, hout_ptr, x_ptr, logits_ptr, cnt_ptr, hx_ptr,
+                            hids_ptr, hw_ptr, D: tl.constexpr, E, K, TOPK_GROUP, inv_d, eps, scale_w,
+                            GROUPED: tl.constexpr,
+                            ROUND_LOGITS: tl.constexpr, RENORM: tl.constexpr, SIGMOID: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, TOP2: tl.constexpr, EPP: tl.constexpr,
+                            BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+                            PRECISE: tl.constexpr):
+        """Program (row, c): s = h + a (rounded to h's dtype), x = RMSNorm(s) * nw as the fused norm computes it, and
+        the logits of experts [c EPP, +EPP) = x gw^T in fp32 (ROUND_LOGITS: rounded to x's dtype, as F.linear's
+        output). Program (row, 0) writes s, x and x to the pinned hx; the row's last program to finish (a counter per
+        row, reset by it) reads all logits and routes them into hids / hw: TopKRouter's softmax top-k, or (GROUPED)
+        DeepSeek's MoEGate."""
+        row, c = tl.program_id(0), tl.program_id(1)
+        base = row.to(tl.int64) * D
+        ty = hout_ptr.dtype.element_ty
+        ss = tl.zeros([BLOCK], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK):  # every program normalizes the row itself: 2 D values from L2, no sync
+            cols = d0 + tl.arange(0, BLOCK)
+            sv = (tl.load(h_ptr + base + cols, mask=cols < D, other=0.0).to(tl.float32)
+                  + tl.load(a_ptr + base + cols, mask=cols < D, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
+            ss += sv * sv
+        inv_rms = tl.rsqrt(tl.sum(ss, 0) * inv_d + eps)
+        ex = c * EPP + tl.arange(0, EPP)
+        acc = tl.zeros([EPP, BLOCK], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK):
+            cols = d0 + tl.arange(0, BLOCK)
+            cm = cols < D
+            sv = (tl.load(h_ptr + base + cols, mask=cm, other=0.0).to(tl.float32)
+                  + tl.load(a_ptr + base + cols, mask=cm, other=0.0).to(tl.float32)).to(ty)
+            yn = (sv.to(tl.float32) * inv_rms).to(ty).to(tl.float32)
+            xv = (yn * tl.load(nw_ptr + cols, mask=cm, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if c == 0:
+                tl.store(hout_ptr + base + cols, sv, mask=cm)
+                tl.store(x_ptr + base + cols, xv, mask=cm)
+                tl.store(hx_ptr + base + cols, xv.to(hx_ptr.dtype.element_ty), mask=cm)
+            w = tl.load(gw_ptr + ex[:, None].to(tl.int64) * D + cols[None, :], mask=(ex[:, None] < E) & cm[None, :],
+                        other=0.0)
+            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        lg = tl.sum(acc, 1)
+        if ROUND_LOGITS:
+            lg = lg.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(logits_ptr + row.to(tl.int64) * E + ex, lg, mask=ex < E)
+        tl.debug_barrier()  # every thread's logits stored before the counter says so (release at GPU scope)
+        if tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
+            e = tl.arange(0, BLOCK_E)
+            z = tl.load(logits_ptr + row.to(tl.int64) * E + e, mask=e < E, other=float("-inf"),
+                        cache_modifier=".cg")  # other programs' stores, from L2
+            if GROUPED:
+                _route_grouped_z(z, e, bias_ptr, hids_ptr, hw_ptr, row, E, K, TOPK_GROUP, scale_w, SIGMOID,
+                                 HAS_BIAS, GROUPS, TOP2, RENORM, BLOCK_E, BLOCK_K, PRECISE)
+            else:
+                _route_z(z, e, hids_ptr, hw_ptr, row, E, K, RENORM, BLOCK_E, BLOCK_K, PRECISE)
+            tl.store(cnt_ptr + row, 0)  # ready for the next launch (stream order)
 
 
 def _on(device: torch.device):
@@ -244,3 +319,60 @@ def route_out_grouped(x: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor 
                                     HAS_BIAS=bias is not None, GROUPS=n_group, TOP2=bool(top2),
                                     RENORM=bool(renormalize), BLOCK_E=e, BLOCK_K=triton.next_power_of_2(top_k),
                                     BLOCK=BLOCK_D, PRECISE=_PRECISE_EXP, num_warps=1)
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """DeepSeek's MoEGate after its logits (route_out_grouped's keywords)."""
+
+    bias: torch.Tensor | None
+    sigmoid: bool
+    n_group: int
+    topk_group: int
+    top2: bool
+    scale: float
+
+
+def entry_counters(device: torch.device) -> torch.Tensor | None:
+    """route_entry's per-row counters on `device` (zeros, made once, never inside a graph capture: None there)."""
+    device = torch.device(device)
+    if device not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[device] = torch.zeros(ENTRY_ROWS, dtype=torch.int32, device=device)
+    return _counters[device]
+
+
+def route_entry(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_weight: torch.Tensor,
+                top_k: int, hx: torch.Tensor, hids: torch.Tensor, hw: torch.Tensor, *, renormalize: bool = True,
+                grouping: Grouping | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A decoder layer's residual add, the norm before its MoE block and the block's router, in one launch:
+    s = h + a, x = rms_norm(s) (tandem.gpu.fused.add_rms_norm's arithmetic), logits = x gate_weight^T, then
+    route_out (TopKRouter) or, with `grouping`, route_out_grouped (MoEGate, fp32 logits) into the pinned hx, hids,
+    hw. Returns (x, s, logits [N, E] fp32), or None where it does not apply (more than ENTRY_ROWS rows, a capture
+    before the first eager call made the counters); h, a [N, D] on one GPU."""
+    n, d = h.shape
+    e = gate_weight.shape[0]
+    ok = grouped_router_supported(e, grouping.n_group) if grouping is not None else e <= MAX_EXPERTS
+    if not ok or gate_weight.shape[1] != d or a.shape != h.shape or norm_weight.shape != (d,):
+        raise ValueError(f"route_entry: h {tuple(h.shape)}, a {tuple(a.shape)}, norm {tuple(norm_weight.shape)}, "
+                         f"gate {tuple(gate_weight.shape)}" + (f" in {grouping.n_group} groups" if grouping else ""))
+    counters = entry_counters(h.device) if 0 < n <= ENTRY_ROWS else None
+    if counters is None:
+        return None
+    h, a, gate_weight = h.contiguous(), a.contiguous(), gate_weight.contiguous()
+    s = torch.empty_like(h)
+    x = torch.empty(n, d, dtype=torch.promote_types(h.dtype, norm_weight.dtype), device=h.device)
+    logits = torch.empty(n, e, dtype=torch.float32, device=h.device)
+    g = grouping or Grouping(None, False, 1, 1, False, 1.0)
+    grid = (n, triton.cdiv(e, EXPERTS_PER_PROGRAM))
+    with _on(h.device):
+        _route_entry_kernel[grid](h, a, norm_weight, gate_weight, g.bias if g.bias is not None else logits, s, x,
+                                  logits, counters, hx, hids, hw, d, e, top_k, g.topk_group, 1.0 / d, eps,
+                                  float(g.scale), GROUPED=grouping is not None, ROUND_LOGITS=grouping is None,
+                                  RENORM=bool(renormalize), SIGMOID=g.sigmoid, HAS_BIAS=g.bias is not None,
+                                  GROUPS=g.n_group, TOP2=g.top2, EPP=EXPERTS_PER_PROGRAM,
+                                  BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
+                                  BLOCK=min(2048, triton.next_power_of_2(d)), PRECISE=_PRECISE_EXP, num_warps=8,
+                                  enable_fp_fusion=False)
+    return x, s, logits

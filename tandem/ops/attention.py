@@ -10,6 +10,8 @@ Triton (tandem.gpu.paged_attention): two or three launches instead of the torch 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,10 @@ from tandem.models.attention import Attention, Batch
 from tandem.models.deepseek import MLAttention
 from tandem.models.layers import RMSNorm, RotaryEmbedding
 from tandem.ops.base import DeviceOp, LoadContext, OpConfig, load_own_tensors, swap_class
+
+# TANDEM_FUSED_KV=0: the paged decode writes k/v with its own launch (paged_attention.write_kv) after the q/k norms
+# and RoPE; 1: the norm/RoPE launch writes them into the cache itself (one launch fewer per layer)
+FUSED_KV = os.environ.get("TANDEM_FUSED_KV", "1") != "0"
 
 
 class GQAKernels(nn.Module):
@@ -40,10 +46,25 @@ class GQAKernels(nn.Module):
         v = y[:, hq + hk :].view(n, self.n_kv_heads, d)
         rope = self.rotary_emb
         norm = hasattr(self, "q_norm")
-        q, k = fused.qk_norm_rope(q, k, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
-                                  self.q_norm.eps if norm else 0.0, positions.to(x.device),
-                                  rope.inv_freq.to(x.device), rope.scale, rope.interleaved)
-        return self.o_proj(self.attend_batch(q, k, v, batch).reshape(n, -1))
+        args = (self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                self.q_norm.eps if norm else 0.0, positions.to(x.device), rope.inv_freq.to(x.device), rope.scale,
+                rope.interleaved)
+        if self._decodes_in_kernel(batch, x) and FUSED_KV and (not norm or self.q_norm.weight.dtype == x.dtype):
+            meta = batch.paged.to(x.device)
+            k_cache, v_cache = batch.cache.buffers(self.layer_idx, k, v)
+            q, _ = fused.qk_norm_rope(q, k, *args, cache=(v, k_cache, v_cache, meta.slot_mapping))
+            out = paged_attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                                   meta.block_size, self.scale)
+        else:
+            q, k = fused.qk_norm_rope(q, k, *args)
+            out = self.attend_batch(q, k, v, batch)
+        return self.o_proj(out.reshape(n, -1))
+
+    @staticmethod
+    def _decodes_in_kernel(batch: Batch, q: torch.Tensor) -> bool:
+        """Whether this batch step attends with the Triton paged decode (attend_batch's test)."""
+        meta = batch.paged
+        return meta is not None and meta.decode and q.is_cuda and paged_attention.ENABLED
 
     def _fused_qkv(self, x: torch.Tensor) -> tuple | None:
         """(weight, bias) of q/k/v as one linear, made once (on an eager call) when all three are plain linears of
@@ -76,10 +97,9 @@ class GQAKernels(nn.Module):
 
     def attend_batch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Grouped-query attention's batch step: the Triton paged decode on a GPU, the module's own elsewhere."""
-        meta = batch.paged
-        if meta is None or not meta.decode or not q.is_cuda or not paged_attention.ENABLED:
+        if not self._decodes_in_kernel(batch, q):
             return super().attend_batch(q, k, v, batch)
-        meta = meta.to(q.device)
+        meta = batch.paged.to(q.device)
         k_cache, v_cache = batch.cache.buffers(self.layer_idx, k, v)
         paged_attention.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         return paged_attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,

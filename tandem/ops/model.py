@@ -22,6 +22,7 @@ from torch import nn
 
 from tandem.models.attention import Batch
 from tandem.models.transformer import DecoderModel, SparseMoE
+from tandem.ops import residual
 from tandem.ops.base import DeviceOp, LoadContext, OpConfig, load_own_tensors, swap_class
 from tandem.ops.moe import HybridMoE, PinnedPool, hybridize, top_k_of
 
@@ -62,20 +63,25 @@ class ModelOp(nn.Module):
         transfers: dict[int, str] = self.op_config.kwargs["transfer_map"]  # effective, includes layer 0
         streamer, order = layerwise if layerwise is not None else self._layerwise(h.shape[0])
         place = {i: j for j, i in enumerate(order)}  # layer -> its index in the streamer
+        pending = None  # the last layer's MLP output, added inside the next norm (tandem.ops.residual)
         try:
             for i, layer in enumerate(self.layers):
                 if i in transfers:
+                    h, pending = residual.settle(h, pending), None
                     h, positions = h.to(transfers[i]), positions.to(transfers[i])
                 moe = order.get(i)
                 if moe is not None:
                     moe.streamed, moe.workspace = streamer.take(place[i]), streamer.workspace
-                h = layer(h, positions, batch)
+                if residual.fusable(layer, h):
+                    h, pending = residual.layer_step(layer, h, pending, positions, batch)
+                else:
+                    h, pending = layer(residual.settle(h, pending), positions, batch), None
                 if moe is not None:
                     moe.streamed = moe.workspace = None
                     streamer.done(place[i])  # the slot is free behind this layer: the next upload into it queued
         finally:
             _close(streamer, order)
-        return self.norm(h.to(first_param_device(self.norm, h.device)))
+        return residual.final_norm(self.norm, h, pending, first_param_device(self.norm, h.device))
 
     # ------------------------------------------------------------------ layer-wise GPU prefill
 

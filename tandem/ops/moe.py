@@ -55,6 +55,16 @@ class Staging:
         return self.x.shape[0]
 
 
+@dataclass
+class Unstaged:
+    """A hybrid block's output not read back yet: the CPU experts' rows in pinned memory and the device tensors
+    (shared / hot experts) to add to them in order. tandem.ops.residual adds it into the residual stream inside the
+    next norm's launch (tandem.gpu.fused.add_rms_norm) instead of a stage_in, an add and a norm."""
+
+    out: torch.Tensor  # [N, D] pinned, kernel_dtype
+    adds: tuple[torch.Tensor, ...]
+
+
 class PinnedPool:
     """The staging buffers every hybrid MoE layer of one model shares: layers run one after another in stream
     order, so a layer's copies are done before the next layer's kernel writes the buffers again.
@@ -114,6 +124,18 @@ def same_device(a, b) -> bool:
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The activation dtype the CPU kernel takes for a model dtype (bf16 as is, others through fp32)."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def grouping_of(gate: MoEGate):
+    """MoEGate's selection after its logits as tandem.gpu.staging.Grouping."""
+    from tandem.gpu import staging
+
+    a = gate.a
+    normalize = a.norm_topk_prob and a.num_experts_per_tok > 1
+    return staging.Grouping(getattr(gate, "e_score_correction_bias", None), sigmoid=a.scoring_func == "sigmoid",
+                            n_group=1 if a.topk_method == "greedy" else a.n_group, topk_group=a.topk_group or 1,
+                            top2=a.topk_method == "noaux_tc",
+                            scale=a.routed_scaling_factor if a.v3_routing or not normalize else 1.0)
 
 
 def top_k_of(gate: nn.Module) -> int:
@@ -206,9 +228,7 @@ class HybridMoE(DeviceOp):
         kernel = self.cpu_kernel()
         if kernel is None:
             return super().forward(x)  # DeviceOp: SparseMoE.forward on the block's device
-        if not self._pool_sized:  # first (eager) call: no job of the pool in flight
-            leave_cores(self.driver_cores)
-            self._pool_sized = True
+        self._size_pool()
         x = x.to(self.op_config.generate_device)
         with torch.cuda.device(x.device):
             if torch.cuda.is_current_stream_capturing():
@@ -216,6 +236,48 @@ class HybridMoE(DeviceOp):
             else:
                 y = self._hybrid(x, kernel)
         return y.to(self.op_config.out_device)
+
+    def _size_pool(self) -> None:
+        if not self._pool_sized:  # first (eager) call: no job of the pool in flight
+            leave_cores(self.driver_cores)
+            self._pool_sized = True
+
+    def takes_residual(self, h: torch.Tensor) -> bool:
+        """Whether forward_residual runs this block hybrid on h's device (else the caller norms and calls it)."""
+        cfg = self.op_config
+        return (self.cpu_kernel() is not None and same_device(cfg.generate_device, h.device)
+                and same_device(cfg.out_device, h.device) and h.is_cuda)
+
+    def forward_residual(self, h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, eps: float
+                         ) -> tuple[torch.Tensor, torch.Tensor | Unstaged]:
+        """(s, y): the decoder layer's residual s = h + a and this block's output y on rms_norm(s) (norm_weight,
+        eps), left Unstaged. The add, the norm and the router (+ its hand-off) are one launch where the router
+        fuses (tandem.gpu.staging.route_entry), else the add and norm are one (tandem.gpu.fused.add_rms_norm)."""
+        kernel = self.cpu_kernel()
+        self._size_pool()
+        with torch.cuda.device(h.device):
+            capturing = torch.cuda.is_current_stream_capturing()
+            x, s, staged = self._enter(h, a, norm_weight, eps, for_graph=capturing)
+            run = self._captured if capturing else self._hybrid
+            return s, run(x, kernel, staged, defer=True)
+
+    def _enter(self, h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, eps: float, for_graph: bool):
+        """(x, s, (staging, hot experts' local ids, weights)) of forward_residual."""
+        from tandem.gpu import fused, staging
+
+        router = self._fused_router(h) if staging.ENTRY else None
+        if router is not None and torch.promote_types(h.dtype, norm_weight.dtype) == self.gate.weight.dtype:
+            k = top_k_of(self.gate)
+            st = self.pool.get(h.shape[0], h.shape[1], k, kernel_dtype(h.dtype), for_graph)
+            gate = self.gate
+            got = staging.route_entry(
+                h, a, norm_weight, eps, gate.weight, k, st.x, st.ids, st.weights,
+                renormalize=gate.norm_topk_prob if router == "topk" else gate.a.norm_topk_prob and k > 1,
+                grouping=grouping_of(gate) if router == "deepseek" else None)
+            if got is not None:
+                return got[0], got[1], (st, None, None)
+        x, s = fused.add_rms_norm(h, a, norm_weight, eps)
+        return x, s, self._route_and_stage(x, for_graph)
 
     def _on_gpu(self, x: torch.Tensor, experts) -> torch.Tensor:
         ids, w = self.gate(x)
@@ -291,13 +353,12 @@ class HybridMoE(DeviceOp):
         if fused == "deepseek":
             a = self.gate.a
             st = self.pool.get(n, x.shape[1], a.num_experts_per_tok, kernel_dtype(x.dtype), for_graph)
-            normalize = a.norm_topk_prob and a.num_experts_per_tok > 1
+            g = grouping_of(self.gate)
             staging.route_out_grouped(
-                x, fp32_logits(x, self.gate.weight), getattr(self.gate, "e_score_correction_bias", None),
-                sigmoid=a.scoring_func == "sigmoid", n_group=1 if a.topk_method == "greedy" else a.n_group,
-                topk_group=a.topk_group or 1, top2=a.topk_method == "noaux_tc", top_k=a.num_experts_per_tok,
-                renormalize=normalize, scale=a.routed_scaling_factor if a.v3_routing or not normalize else 1.0,
-                hx=st.x, hids=st.ids, hw=st.weights)
+                x, fp32_logits(x, self.gate.weight), g.bias, sigmoid=g.sigmoid, n_group=g.n_group,
+                topk_group=g.topk_group, top2=g.top2, top_k=a.num_experts_per_tok,
+                renormalize=a.norm_topk_prob and a.num_experts_per_tok > 1, scale=g.scale, hx=st.x, hids=st.ids,
+                hw=st.weights)
             return st, None, None
         ids, w, local = self._route(x)
         st = self.pool.get(n, x.shape[1], ids.shape[1], kernel_dtype(x.dtype), for_graph)
@@ -310,11 +371,15 @@ class HybridMoE(DeviceOp):
         return st, local, w
 
     @staticmethod
-    def _unstage(st: Staging, x: torch.Tensor, *adds: torch.Tensor | None) -> torch.Tensor:
-        """The CPU experts' output on x's device in x's dtype, plus `adds` (None skipped)."""
+    def _unstage(st: Staging, x: torch.Tensor, *adds: torch.Tensor | None, defer: bool = False
+                 ) -> torch.Tensor | Unstaged:
+        """The CPU experts' output on x's device in x's dtype, plus `adds` (None skipped); `defer`: left as
+        Unstaged for the next norm to read (with the staging kernels)."""
         from tandem.gpu import staging
 
         n = x.shape[0]
+        if staging.ENABLED and defer:
+            return Unstaged(st.out[:n], tuple(t for t in adds if t is not None))
         if staging.ENABLED:
             return staging.stage_in(st.out[:n], x.dtype, x.device, *adds)
         y = st.out[:n].to(x.device, non_blocking=True).to(x.dtype)
@@ -323,9 +388,10 @@ class HybridMoE(DeviceOp):
                 y = y + t
         return y
 
-    def _hybrid(self, x: torch.Tensor, kernel) -> torch.Tensor:
+    def _hybrid(self, x: torch.Tensor, kernel, staged: tuple | None = None, defer: bool = False
+                ) -> torch.Tensor | Unstaged:
         n = x.shape[0]
-        st, local, w = self._route_and_stage(x, for_graph=False)
+        st, local, w = staged or self._route_and_stage(x, for_graph=False)
         if self._side is None:
             self._side = torch.cuda.Stream(x.device)  # made before any capture, used by the captured variant
         copied = torch.cuda.Event()
@@ -335,12 +401,13 @@ class HybridMoE(DeviceOp):
         handle = kernel.submit(st.x[:n], st.ids[:n], st.weights[:n], out=st.out[:n])
         hot = self._hot(x, local, w)
         handle.sync()
-        return self._unstage(st, x, hot, shared)
+        return self._unstage(st, x, hot, shared, defer=defer)
 
-    def _captured(self, x: torch.Tensor, kernel) -> torch.Tensor:
+    def _captured(self, x: torch.Tensor, kernel, staged: tuple | None = None, defer: bool = False
+                  ) -> torch.Tensor | Unstaged:
         n = x.shape[0]
         cur = torch.cuda.current_stream()
-        st, local, w = self._route_and_stage(x, for_graph=True)
+        st, local, w = staged or self._route_and_stage(x, for_graph=True)
         job = st.jobs.get((id(kernel), n))
         if job is None:
             job = st.jobs[id(kernel), n] = kernel.host_job(st.x[:n], st.ids[:n], st.weights[:n], st.out[:n])
@@ -348,7 +415,7 @@ class HybridMoE(DeviceOp):
         if not self.shared_branch:  # before the CPU experts, in stream order
             shared, hot = self.shared(x), self._hot(x, local, w)
             call(cur)
-            return self._unstage(st, x, shared, hot)
+            return self._unstage(st, x, shared, hot, defer=defer)
         if self._side is None:
             self._side = torch.cuda.Stream(x.device)
         self._side.wait_stream(cur)
@@ -358,7 +425,7 @@ class HybridMoE(DeviceOp):
             hot = self._hot(x, local, w)
         call(cur)
         cur.wait_stream(self._side)
-        return self._unstage(st, x, shared, hot)
+        return self._unstage(st, x, shared, hot, defer=defer)
 
     def _cpu_call(self, st: Staging, job, n: int):
         """The stream's call of the CPU experts: a doorbell (stream memory operations, tandem.gpu.doorbell) where
