@@ -206,21 +206,30 @@ class MoEJob : public Job {
     i8_ = i8;
     gemm_ok_ = gemm || i8;
     for (int s = 0; s < S_; s++) next1_[s] = next2_[s] = 0;
+    if (profile_on()) {
+      made_ = now_s();
+      marks_.reset(new double[(size_t)nthreads_ * kMarks]());
+    }
   }
 
   void run(int tid, int) override {
     tls_tid_ = tid;
     Clock clk(nullptr);
+    mark(tid, 0);
     if (tid == 0) {
       if (profile_on()) clk.start(prof_ = new double[(size_t)nthreads_ * kPhases]());  // read after the barrier
       plan();
       clk.lap(0);
+      mark(tid, 1);
     }
     wait(clk);
+    mark(tid, 2);
     if (tid != 0 && prof_) clk.start(prof_ + (size_t)tid * kPhases);
     for (int it; (it = next0_.fetch_add(1)) < n_items0_;) prepare(it);
     clk.lap(1);
+    mark(tid, 3);
     wait(clk);
+    mark(tid, 4);
     const int home = P_.thread_node(tid) % S_;
     for (const Item& item : owned_[tid]) {  // rows this thread read ahead: in its L2
       gate_up(item);
@@ -230,7 +239,9 @@ class MoEJob : public Job {
       gate_up(items1_[s][it]);
       clk.lap(gemm_[items1_[s][it].ai] ? 2 : 3);
     }
+    mark(tid, 5);
     wait(clk);
+    mark(tid, 6);
     if (i8_ && !pack_items_.empty()) {
       for (int it; (it = next1b_.fetch_add(1)) < (int)pack_items_.size();) quant_h(it);
       clk.lap(8);
@@ -238,6 +249,7 @@ class MoEJob : public Job {
     }
     for (int s, it; take(next2_, n_items2_, home, &s, &it);) down(s, it);
     clk.lap(4);
+    mark(tid, 7);
     if (S_ > 1) {
       wait(clk);
       for (int it; (it = next3_.fetch_add(1)) < n_items3_;) finish(it);
@@ -272,6 +284,25 @@ class MoEJob : public Job {
       t = n;
     }
   };
+  // TANDEM_CPU_PROFILE timeline: when each thread passed each point, seconds after the job was made (posted).
+  static constexpr int kMarks = 8;
+  void mark(int tid, int k) {
+    if (marks_) marks_[(size_t)tid * kMarks + k] = now_s() - made_;
+  }
+  std::string timeline() const {
+    static const char* names[kMarks] = {"enter", "plan", "bar0", "prepared", "bar1", "gate_up", "bar2", "down"};
+    std::string line = " | us after post, first-last thread:";
+    for (int k = 0; k < kMarks; k++) {
+      double lo = 1e9, hi = 0;
+      for (int t = 0; t < nthreads_; t++)
+        if (const double v = marks_[(size_t)t * kMarks + k]; v > 0) lo = std::min(lo, v), hi = std::max(hi, v);
+      char buf[64];
+      std::snprintf(buf, sizeof buf, " %s %.1f-%.1f", names[k], 1e6 * lo, 1e6 * hi);
+      line += buf;
+    }
+    return line;
+  }
+
   void wait(Clock& clk) {
     bar_.arrive_and_wait();
     clk.lap(kWait);
@@ -293,7 +324,7 @@ class MoEJob : public Job {
       std::snprintf(buf, sizeof buf, " %s %.2f/%.2f", names[ph], 1e3 * sum / nthreads_, 1e3 * mx);
       line += buf;
     }
-    std::fprintf(stderr, "%s\n", line.c_str());
+    std::fprintf(stderr, "%s%s\n", line.c_str(), timeline().c_str());
   }
 
   template <typename Sizes>
@@ -770,6 +801,8 @@ class MoEJob : public Job {
   float *hf_ = nullptr, *xs_ = nullptr, *hs_ = nullptr;  // int8 GEMM: fp32 h, per-token scales of x and h
   size_t panel_stride_ = 0;
   double* prof_ = nullptr;  // TANDEM_CPU_PROFILE: kPhases seconds per thread
+  std::unique_ptr<double[]> marks_;  // TANDEM_CPU_PROFILE: kMarks points per thread (timeline())
+  double made_ = 0;
   std::atomic<int> next0_{0}, next1b_{0}, next3_{0};
   std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
   const int streams_ = decode_streams();
