@@ -68,7 +68,8 @@ def summarize(segs: list[list[dict]]) -> dict:
              "copies": sum(e["cat"] != "kernel" for e in s), "busy_us": round(sum(e["dur"] for e in s), 1),
              "gaps_us": round(sum(e["gap"] for e in s), 1), "idle_before_us": round(s[0]["idle"], 1)} for s in segs]
     inner = segs[1:-1] or segs  # between two layers' experts: the repeating unit
-    return {"segments": rows, "middle": max(inner, key=len) if inner else [], "all": segs}
+    # the last of the longest: layer 0's segment has no previous layer's output to add
+    return {"segments": rows, "middle": max(reversed(inner), key=len) if inner else [], "all": segs}
 
 
 def child(spec: str, root: Path, gap_us: float, gguf: str | None = None) -> dict:

@@ -58,6 +58,25 @@ if triton is not None:
         return top_w, top_i
 
     @triton.jit
+    def _top_k_packed(p, valid, e, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        """_top_k for scores p >= 0 (where valid) that are also the weights: each pick is one max over the key
+        (p's bits << 32 | BLOCK_E - 1 - e), whose order is p's with the lowest index first on ties, and p is read
+        back from it: one reduction per pick instead of three."""
+        bits = p.to(tl.int32, bitcast=True).to(tl.int64)  # a float >= 0: its bits order as its values
+        key = tl.where(valid, (bits << 32) + (BLOCK_E - 1 - e), -1)
+        slots = tl.arange(0, BLOCK_K)
+        top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+        top_i = tl.zeros([BLOCK_K], dtype=tl.int64)
+        for j in range(K):
+            m = tl.max(key, 0)
+            hi = m >> 32
+            idx = BLOCK_E - 1 - (m - (hi << 32))
+            top_w = tl.where(slots == j, hi.to(tl.int32).to(tl.float32, bitcast=True), top_w)
+            top_i = tl.where(slots == j, idx, top_i)
+            key = tl.where(e == idx, -1, key)
+        return top_w, top_i
+
+    @triton.jit
     def _route_row(logits_ptr, ids_ptr, w_ptr, row, E, K, stride_l, RENORM: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRECISE: tl.constexpr):
         """softmax(logits[row]) in fp32, its top K (largest first, lowest index on ties), optionally renormalized."""
@@ -75,7 +94,7 @@ if triton is not None:
             p = tl.exp(z - tl.max(z, 0))
         p = p / tl.sum(p, 0)
         slots = tl.arange(0, BLOCK_K)
-        top_w, top_i = _top_k(tl.where(e < E, p, float("-inf")), p, e, K, BLOCK_E, BLOCK_K)
+        top_w, top_i = _top_k_packed(p, e < E, e, K, BLOCK_E, BLOCK_K)
         if RENORM:
             top_w = top_w / tl.sum(tl.where(slots < K, top_w, 0.0), 0)
         out = row.to(tl.int64) * K + slots
@@ -373,6 +392,6 @@ def route_entry(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, eps
                                   RENORM=bool(renormalize), SIGMOID=g.sigmoid, HAS_BIAS=g.bias is not None,
                                   GROUPS=g.n_group, TOP2=g.top2, EPP=EXPERTS_PER_PROGRAM,
                                   BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
-                                  BLOCK=min(2048, triton.next_power_of_2(d)), PRECISE=_PRECISE_EXP, num_warps=8,
+                                  BLOCK=min(1024, triton.next_power_of_2(d)), PRECISE=_PRECISE_EXP, num_warps=4,
                                   enable_fp_fusion=False)
     return x, s, logits

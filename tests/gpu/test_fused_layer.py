@@ -9,7 +9,9 @@ Tolerances:
 - the router's logits: the products are exact in fp32 (bf16 x bf16), only the order of the D-term sum differs
   from the fp32 reference: within 2^-14 of the sum of |x_i w_i| (a 2048-term fp32 sum is off by at most
   2048 * 2^-24 of it in the worst case, ~2^-13; in practice far less), plus one bf16 step where TopKRouter rounds
-  them to x's dtype. The routing on the kernel's own logits runs route_out's code: bit-equal ids and weights.
+  them to x's dtype. The routing on the kernel's own logits runs route_out's code with other warps: the same ids
+  (a draw whose probabilities tie within 1e-6 across the k-th place is exempt), weights within 4e-7 relative
+  (the softmax's and the renormalization's sums in another order: a few fp32 ulps, as test_staging.py).
 - a model decoded through the fused path: the same tokens as the unfused path and the CPU reference (float32).
 """
 
@@ -127,7 +129,11 @@ def test_route_entry_topk(dtype, e, k, d, n):
     hx2, hi2, hw2 = host_buffers(16, d, k, kd)
     staging.route_out(x, logits, k, True, hx2, hi2, hw2)  # route_out's code on the same logits
     torch.cuda.synchronize()
-    assert torch.equal(hi[:n], hi2[:n]) and torch.equal(hw[:n], hw2[:n])
+    probs = logits.softmax(-1).sort(-1, descending=True).values.cpu()
+    tie = probs[:, k - 1] - probs[:, k] < 1e-6
+    same = (hi[:n] == hi2[:n]).all(1)
+    assert (same | tie).all()
+    torch.testing.assert_close(hw[:n][same], hw2[:n][same], rtol=4e-7, atol=0)
 
 
 @pytest.mark.parametrize("method", ["noaux_tc", "greedy", "group_limited"])
@@ -157,7 +163,8 @@ def test_route_entry_grouped(method, n):
     staging.route_out_grouped(x, logits, g.bias, sigmoid=g.sigmoid, n_group=g.n_group, topk_group=g.topk_group,
                               top2=g.top2, top_k=k, renormalize=normalize, scale=g.scale, hx=hx2, hids=hi2, hw=hw2)
     torch.cuda.synchronize()
-    assert torch.equal(hi[:n], hi2[:n]) and torch.equal(hw[:n], hw2[:n]) and torch.equal(hx[:n], hx2[:n])
+    assert torch.equal(hi[:n], hi2[:n]) and torch.equal(hx[:n], hx2[:n])
+    torch.testing.assert_close(hw[:n], hw2[:n], rtol=4e-7, atol=0)
 
 
 def test_route_entry_in_a_cuda_graph():
@@ -180,7 +187,8 @@ def test_route_entry_in_a_cuda_graph():
         hx2, hi2, hw2 = (torch.empty_like(t).pin_memory() for t in (hx, hi, hw))
         staging.route_out(x, logits, k, True, hx2, hi2, hw2)
         torch.cuda.synchronize()
-        assert torch.equal(hi, hi2) and torch.equal(hw, hw2) and torch.equal(hx, x.cpu())
+        assert torch.equal(hi, hi2) and torch.equal(hx, x.cpu())
+        torch.testing.assert_close(hw, hw2, rtol=4e-7, atol=0)
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3", "qwen2_moe"])
