@@ -4,10 +4,12 @@ against the physical bounds measured in the same run.
     python bench/e2e.py [--models qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4] [--dir /tmp/tandem-e2e]
                         [--prefill 512,2048,8192] [--batches 1,8] [--decode-tokens 32] [--gguf Q4_K_M-like]
                         [--profile [--profile-dir DIR]] [--trace [--trace-knobs all|default|read-ahead]] [--json]
+                        [--embedding gpu|cpu]
 
 Each model is `tandem synth PRESET --layers L` (random weights in the real per-layer shapes, truncated depth:
 every figure below is per token through those L layers, so ratios hold for the full depth), loaded with the
-family's 1gpu preset plus `weight_format: int4_g32` on the experts; each runs in its own process so peak VRAM
+family's 1gpu preset plus `weight_format: int4_g32` on the experts and, unless --embedding cpu, the token
+embedding on cuda:0 too (the presets keep it on the CPU); each runs in its own process so peak VRAM
 and RSS are its own. Prefill: one prompt of P tokens through the layers (hidden states, no logits), long ones
 through the layer-wise GPU prefill when above its measured threshold. Decode: the engine (paged KV, CUDA graphs
 with the CPU experts as host nodes) at batch 1 and 8.
@@ -150,13 +152,21 @@ def layer_figures(t: dict, c: dict, ram_gbs: float, full_moe: int) -> dict:
 # ---------------------------------------------------------------------- one model (child process)
 
 
-def rules_file(preset_family: str, out: Path) -> Path:
-    """The family's 1gpu preset with the routed experts quantized to int4_g32 on the CPU."""
+def rules_file(preset_family: str, out: Path, weight_format: str | None = "int4_g32",
+               embedding: str = "gpu") -> Path:
+    """The family's 1gpu preset with the routed experts quantized to `weight_format` on the CPU (None: as the file
+    stores them) and the token embedding on cuda:0 (embedding "gpu", the issue's "the rest on the GPU": a decode
+    step launched ahead then takes the last step's token on the device) or the CPU, as the preset keeps it."""
     from tandem.rules.presets import PRESETS
 
     text = (PRESETS / preset_family / "1gpu.yaml").read_text()
     line = '      out_device: "cuda:0"\n'
-    text = text.replace(line, line + "      weight_format: int4_g32\n", 1)
+    if weight_format:
+        text = text.replace(line, line + f"      weight_format: {weight_format}\n", 1)
+    if embedding == "gpu":
+        head, sep, tail = text.partition('name: "^model\\\\.embed_tokens$"')
+        assert sep, f"{preset_family}/1gpu.yaml has no embed_tokens rule"
+        text = head + sep + tail.replace('"cpu"', '"cuda:0"', 2)
     out.write_text(text)
     return out
 
@@ -352,7 +362,7 @@ def trace_variants(llm, knobs=KNOBS) -> list[dict]:
 
 def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], tokens: int, prof: bool,
             trace: bool = False, gguf: str | None = None, profile_dir: str | None = None,
-            trace_knobs: str = "all") -> dict:
+            trace_knobs: str = "all", embedding: str = "gpu") -> dict:
     import tandem
     from tandem.gpu.transfer import measure_h2d
     from tandem.rules.presets import FAMILY_PRESETS
@@ -367,12 +377,14 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
         out = root / f"{preset}-{layers}-{gguf}.gguf"
         if not out.exists():
             synthesize_gguf(preset, out, layers, quant=gguf, progress=False)
-        rules = "1gpu"
+        rules = str(rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}-gguf.yaml", None,
+                               embedding))
     else:
         out = root / f"{preset}-{layers}"
         if not (out / "config.json").exists():
             synthesize(preset, out, layers, progress=False)
-        rules = str(rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}.yaml"))
+        rules = str(rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}.yaml",
+                               embedding=embedding))
     synth_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     llm = tandem.load(out, rules=rules, dtype="bfloat16", progress=False)
@@ -380,7 +392,8 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     c = model_counts(llm)
     weights = {"Q4_1": "GGUF Q4_1 experts -> int4_g32, rest BF16"}.get(gguf, gguf)
     res = {"model": preset, "layers": layers, "weights": weights or "safetensors bf16 -> int4_g32",
-           "synth_s": round(synth_s, 1), "load_s": round(load_s, 1),
+           "embedding": "cuda:0" if embedding == "gpu" else "cpu", "synth_s": round(synth_s, 1),
+           "load_s": round(load_s, 1),
            "routed_expert_gb": round(c["routed_bytes"] / 1e9, 2)}
     res["ram_read_gbs"] = round(ram_read_gbs(), 1)
     res["h2d_gbs"] = round(measure_h2d(torch.device("cuda"), 1 << 30) / 1e9, 1)
@@ -472,6 +485,9 @@ def main() -> None:
                          "without read-ahead")
     ap.add_argument("--gguf", help="synthesize a GGUF of this quant (Q4_K_M-like, or Q4_1: experts Q4_1, rest BF16) "
                                    "instead of bf16 safetensors quantized to int4_g32 at load")
+    ap.add_argument("--embedding", choices=("gpu", "cpu"), default="gpu",
+                    help="the token embedding on cuda:0 (default: everything but the routed experts on the GPU) or "
+                         "on the CPU, as the 1gpu presets keep it")
     ap.add_argument("--profile-dir", help="with --profile: write the largest prefill's timeline (Chrome trace) here")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this model, print its JSON
@@ -482,12 +498,12 @@ def main() -> None:
     batches = [int(x) for x in args.batches.split(",") if x]
     if args.one:
         print(json.dumps(run_one(args.one, root, prefills, batches, args.decode_tokens, args.profile, args.trace,
-                                 args.gguf, args.profile_dir, args.trace_knobs)))
+                                 args.gguf, args.profile_dir, args.trace_knobs, args.embedding)))
         return
     results = []
     for spec in args.models.split(","):
         cmd = [sys.executable, __file__, "--one", spec, "--dir", str(root), "--prefill", args.prefill,
-               "--batches", args.batches, "--decode-tokens", str(args.decode_tokens)]
+               "--batches", args.batches, "--decode-tokens", str(args.decode_tokens), "--embedding", args.embedding]
         cmd += ["--profile"] if args.profile else []
         cmd += ["--trace", "--trace-knobs", args.trace_knobs] if args.trace else []
         cmd += ["--gguf", args.gguf] if args.gguf else []
