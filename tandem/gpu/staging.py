@@ -35,6 +35,7 @@ ENABLED = triton is not None and os.environ.get("TANDEM_STAGING_KERNELS", "1") !
 # TANDEM_ROUTE_ENTRY=0: the layer's residual add + norm, the router GEMM and route_out as three launches (A/B)
 ENTRY = ENABLED and os.environ.get("TANDEM_ROUTE_ENTRY", "1") != "0"
 ENTRY_ROWS = 16  # decode batches; every row's programs read the whole router weight, so larger batches don't gain
+ENTRY_DIM = 8192  # a row in one program's registers (16 warps)
 EXPERTS_PER_PROGRAM = 4  # 32 programs for 128 experts, 64 for 256: the router's weight read spread over SMs
 _counters: dict[torch.device, torch.Tensor] = {}
 MAX_EXPERTS = 1024  # one router row in registers
@@ -211,38 +212,33 @@ if triton is not None:
                             HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, TOP2: tl.constexpr, EPP: tl.constexpr,
                             BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
                             PRECISE: tl.constexpr):
-        """Program (row, c): s = h + a (rounded to h's dtype), x = RMSNorm(s) * nw as the fused norm computes it, and
-        the logits of experts [c EPP, +EPP) = x gw^T in fp32 (ROUND_LOGITS: rounded to x's dtype, as F.linear's
-        output). Program (row, 0) writes s, x and x to the pinned hx; the row's last program to finish (a counter per
-        row, reset by it) reads all logits and routes them into hids / hw: TopKRouter's softmax top-k, or (GROUPED)
-        DeepSeek's MoEGate."""
+        """Program (row, c): s = h + a (rounded to h's dtype), x = RMSNorm(s) * nw as the fused norm computes it
+        (each program the whole row itself, from L2: no sync), and the logits of experts [c EPP, +EPP) = x gw^T in
+        fp32 (ROUND_LOGITS: rounded to x's dtype, as F.linear's output). Program (row, 0) writes s, x and x to the
+        pinned hx; the row's last program to finish (a counter per row, reset by it) reads all logits and routes
+        them into hids / hw: TopKRouter's softmax top-k, or (GROUPED) DeepSeek's MoEGate."""
         row, c = tl.program_id(0), tl.program_id(1)
         base = row.to(tl.int64) * D
         ty = hout_ptr.dtype.element_ty
-        ss = tl.zeros([BLOCK], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK):  # every program normalizes the row itself: 2 D values from L2, no sync
-            cols = d0 + tl.arange(0, BLOCK)
-            sv = (tl.load(h_ptr + base + cols, mask=cols < D, other=0.0).to(tl.float32)
-                  + tl.load(a_ptr + base + cols, mask=cols < D, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
-            ss += sv * sv
-        inv_rms = tl.rsqrt(tl.sum(ss, 0) * inv_d + eps)
-        ex = c * EPP + tl.arange(0, EPP)
-        acc = tl.zeros([EPP, BLOCK], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK):
-            cols = d0 + tl.arange(0, BLOCK)
-            cm = cols < D
-            sv = (tl.load(h_ptr + base + cols, mask=cm, other=0.0).to(tl.float32)
-                  + tl.load(a_ptr + base + cols, mask=cm, other=0.0).to(tl.float32)).to(ty)
-            yn = (sv.to(tl.float32) * inv_rms).to(ty).to(tl.float32)
-            xv = (yn * tl.load(nw_ptr + cols, mask=cm, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-            if c == 0:
-                tl.store(hout_ptr + base + cols, sv, mask=cm)
-                tl.store(x_ptr + base + cols, xv, mask=cm)
-                tl.store(hx_ptr + base + cols, xv.to(hx_ptr.dtype.element_ty), mask=cm)
-            w = tl.load(gw_ptr + ex[:, None].to(tl.int64) * D + cols[None, :], mask=(ex[:, None] < E) & cm[None, :],
-                        other=0.0)
-            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-        lg = tl.sum(acc, 1)
+        cols = tl.arange(0, BLOCK)  # the whole row in registers: every load below is issued at once, none waits
+        cm = cols < D  # for another (a loop over chunks took one memory round trip per chunk: 21 us at D 7168)
+        sv = (tl.load(h_ptr + base + cols, mask=cm, other=0.0).to(tl.float32)
+              + tl.load(a_ptr + base + cols, mask=cm, other=0.0).to(tl.float32)).to(ty)
+        sf = sv.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(sf * sf, 0) * inv_d + eps)
+        yn = (sf * inv_rms).to(ty).to(tl.float32)
+        xv = (yn * tl.load(nw_ptr + cols, mask=cm, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if c == 0:
+            tl.store(hout_ptr + base + cols, sv, mask=cm)
+            tl.store(x_ptr + base + cols, xv, mask=cm)
+            tl.store(hx_ptr + base + cols, xv.to(hx_ptr.dtype.element_ty), mask=cm)
+        xf = xv.to(tl.float32)
+        slot = tl.arange(0, EPP)
+        ex = c * EPP + slot
+        lg = tl.zeros([EPP], dtype=tl.float32)
+        for j in tl.static_range(EPP):  # unrolled: the EPP weight rows load side by side
+            w = tl.load(gw_ptr + (c * EPP + j).to(tl.int64) * D + cols, mask=cm & (c * EPP + j < E), other=0.0)
+            lg = tl.where(slot == j, tl.sum(w.to(tl.float32) * xf, 0), lg)
         if ROUND_LOGITS:
             lg = lg.to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(logits_ptr + row.to(tl.int64) * E + ex, lg, mask=ex < E)
@@ -368,15 +364,15 @@ def route_entry(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, eps
     """A decoder layer's residual add, the norm before its MoE block and the block's router, in one launch:
     s = h + a, x = rms_norm(s) (tandem.gpu.fused.add_rms_norm's arithmetic), logits = x gate_weight^T, then
     route_out (TopKRouter) or, with `grouping`, route_out_grouped (MoEGate, fp32 logits) into the pinned hx, hids,
-    hw. Returns (x, s, logits [N, E] fp32), or None where it does not apply (more than ENTRY_ROWS rows, a capture
-    before the first eager call made the counters); h, a [N, D] on one GPU."""
+    hw. Returns (x, s, logits [N, E] fp32), or None where it does not apply (more than ENTRY_ROWS rows, rows wider
+    than ENTRY_DIM, a capture before the first eager call made the counters); h, a [N, D] on one GPU."""
     n, d = h.shape
     e = gate_weight.shape[0]
     ok = grouped_router_supported(e, grouping.n_group) if grouping is not None else e <= MAX_EXPERTS
     if not ok or gate_weight.shape[1] != d or a.shape != h.shape or norm_weight.shape != (d,):
         raise ValueError(f"route_entry: h {tuple(h.shape)}, a {tuple(a.shape)}, norm {tuple(norm_weight.shape)}, "
                          f"gate {tuple(gate_weight.shape)}" + (f" in {grouping.n_group} groups" if grouping else ""))
-    counters = entry_counters(h.device) if 0 < n <= ENTRY_ROWS else None
+    counters = entry_counters(h.device) if 0 < n <= ENTRY_ROWS and d <= ENTRY_DIM else None
     if counters is None:
         return None
     h, a, gate_weight = h.contiguous(), a.contiguous(), gate_weight.contiguous()
@@ -385,6 +381,7 @@ def route_entry(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, eps
     logits = torch.empty(n, e, dtype=torch.float32, device=h.device)
     g = grouping or Grouping(None, False, 1, 1, False, 1.0)
     grid = (n, triton.cdiv(e, EXPERTS_PER_PROGRAM))
+    block = triton.next_power_of_2(d)  # ~16 values of a row per thread (4 warps at 2048, 16 at 8192)
     with _on(h.device):
         _route_entry_kernel[grid](h, a, norm_weight, gate_weight, g.bias if g.bias is not None else logits, s, x,
                                   logits, counters, hx, hids, hw, d, e, top_k, g.topk_group, 1.0 / d, eps,
@@ -392,6 +389,6 @@ def route_entry(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, eps
                                   RENORM=bool(renormalize), SIGMOID=g.sigmoid, HAS_BIAS=g.bias is not None,
                                   GROUPS=g.n_group, TOP2=g.top2, EPP=EXPERTS_PER_PROGRAM,
                                   BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
-                                  BLOCK=min(1024, triton.next_power_of_2(d)), PRECISE=_PRECISE_EXP, num_warps=4,
+                                  BLOCK=block, PRECISE=_PRECISE_EXP, num_warps=max(4, min(16, block // 512)),
                                   enable_fp_fusion=False)
     return x, s, logits
