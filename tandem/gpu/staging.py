@@ -231,19 +231,18 @@ if triton is not None:
         if c == 0:
             tl.store(hout_ptr + base + cols, sv, mask=cm)
             tl.store(x_ptr + base + cols, xv, mask=cm)
-            tl.store(hx_ptr + base + cols, xv.to(hx_ptr.dtype.element_ty), mask=cm)
-        xf = xv.to(tl.float32)
-        slot = tl.arange(0, EPP)
-        ex = c * EPP + slot
-        lg = tl.zeros([EPP], dtype=tl.float32)
-        for j in tl.static_range(EPP):  # unrolled: the EPP weight rows load side by side
-            w = tl.load(gw_ptr + (c * EPP + j).to(tl.int64) * D + cols, mask=cm & (c * EPP + j < E), other=0.0)
-            lg = tl.where(slot == j, tl.sum(w.to(tl.float32) * xf, 0), lg)
+        ex = c * EPP + tl.arange(0, EPP)
+        w = tl.load(gw_ptr + ex[:, None].to(tl.int64) * D + cols[None, :], mask=(ex[:, None] < E) & cm[None, :],
+                    other=0.0)  # the program's EPP weight rows as one tile: one reduction, not EPP
+        lg = tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], 1)
         if ROUND_LOGITS:
             lg = lg.to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(logits_ptr + row.to(tl.int64) * E + ex, lg, mask=ex < E)
         tl.debug_barrier()  # every thread's logits stored before the counter says so (release at GPU scope)
-        if tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
+        last = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1
+        if c == 0:  # after the counter: its fence would wait for these writes over PCIe
+            tl.store(hx_ptr + base + cols, xv.to(hx_ptr.dtype.element_ty), mask=cm)
+        if last:
             e = tl.arange(0, BLOCK_E)
             z = tl.load(logits_ptr + row.to(tl.int64) * E + e, mask=e < E, other=float("-inf"),
                         cache_modifier=".cg")  # other programs' stores, from L2
@@ -381,7 +380,7 @@ def route_entry(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, eps
     logits = torch.empty(n, e, dtype=torch.float32, device=h.device)
     g = grouping or Grouping(None, False, 1, 1, False, 1.0)
     grid = (n, triton.cdiv(e, EXPERTS_PER_PROGRAM))
-    block = triton.next_power_of_2(d)  # ~16 values of a row per thread (4 warps at 2048, 16 at 8192)
+    block = triton.next_power_of_2(d)  # 8 warps at 2048, 16 at 8192: the [EPP, D] tile ~32-64 values per thread
     with _on(h.device):
         _route_entry_kernel[grid](h, a, norm_weight, gate_weight, g.bias if g.bias is not None else logits, s, x,
                                   logits, counters, hx, hids, hw, d, e, top_k, g.topk_group, 1.0 / d, eps,
@@ -389,6 +388,6 @@ def route_entry(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, eps
                                   RENORM=bool(renormalize), SIGMOID=g.sigmoid, HAS_BIAS=g.bias is not None,
                                   GROUPS=g.n_group, TOP2=g.top2, EPP=EXPERTS_PER_PROGRAM,
                                   BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
-                                  BLOCK=block, PRECISE=_PRECISE_EXP, num_warps=max(4, min(16, block // 512)),
+                                  BLOCK=block, PRECISE=_PRECISE_EXP, num_warps=max(4, min(16, block // 256)),
                                   enable_fp_fusion=False)
     return x, s, logits
