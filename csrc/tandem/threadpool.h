@@ -101,9 +101,10 @@ class ThreadPool {
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> queue_;
   std::shared_ptr<Job> current_;
+  std::atomic<Job*> running_{nullptr};  // current_, read by the threads without the mutex
   std::atomic<uint64_t> posted_{0};
   std::atomic<int> left_{0};  // threads still in the current job
-  bool stop_ = false;
+  std::atomic<bool> stop_{false};
   int spin_us_ = 2000;
 };
 
