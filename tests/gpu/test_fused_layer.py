@@ -139,18 +139,11 @@ def test_route_entry_topk(dtype, e, k, d, n):
 @pytest.mark.parametrize("method", ["noaux_tc", "greedy", "group_limited"])
 @pytest.mark.parametrize("n", [1, 7])
 def test_route_entry_grouped(method, n):
-    from test_staging import BASE, GATES
+    from test_staging import random_gate
 
-    from tandem.models.deepseek import ModelArgs, MoEGate
     from tandem.ops.moe import grouping_of
 
-    torch.manual_seed(n + len(method))
-    a_ = ModelArgs.from_dict({**BASE, **GATES[method]})
-    gate = MoEGate(a_)
-    torch.nn.init.normal_(gate.weight, std=0.1)
-    if hasattr(gate, "e_score_correction_bias"):
-        torch.nn.init.normal_(gate.e_score_correction_bias, std=0.05)
-    gate = gate.to(DEV, torch.bfloat16)
+    gate, a_ = random_gate(method, n + len(method))
     d, k = 512, a_.num_experts_per_tok
     h, a, nw, _ = entry_inputs(n, d, 8, torch.bfloat16, n * 31)
     hx, hi, hw = host_buffers(16, d, k, torch.bfloat16)

@@ -121,22 +121,28 @@ GATES = {  # DeepSeek-V3's noaux_tc (sigmoid, bias, 8 groups keep 4), V2-Lite's 
 }
 
 
+def random_gate(method: str, seed: int):
+    """A DeepSeek MoEGate of GATES[method] on the GPU in bf16, random weights (and score bias), and its ModelArgs."""
+    from tandem.models.deepseek import ModelArgs, MoEGate
+
+    torch.manual_seed(seed)
+    args = ModelArgs.from_dict({**BASE, **GATES[method]})
+    gate = MoEGate(args)
+    torch.nn.init.normal_(gate.weight, std=0.1)
+    if hasattr(gate, "e_score_correction_bias"):
+        torch.nn.init.normal_(gate.e_score_correction_bias, std=0.05)
+    return gate.to(DEV, torch.bfloat16), args
+
+
 @pytest.mark.parametrize("method", list(GATES))
 @pytest.mark.parametrize("n", [1, 7])
 def test_route_out_grouped_matches_moe_gate(method, n):
     """The DeepSeek gate from its fp32 logits: the same expert sets as MoEGate, weights within 1e-5 relative
     (torch's softmax exp differs from libdevice's expf by up to ~25 fp32 ulps, measured 3.3e-6; a routing weight
     scales one expert's contribution, so 1e-5 of it is far below the bf16 output's 4e-3 step)."""
-    from tandem.models.deepseek import ModelArgs, MoEGate
     from tandem.ops.moe import fp32_logits
 
-    torch.manual_seed(n + len(method))
-    a = ModelArgs.from_dict({**BASE, **GATES[method]})
-    gate = MoEGate(a)
-    torch.nn.init.normal_(gate.weight, std=0.1)
-    if hasattr(gate, "e_score_correction_bias"):
-        torch.nn.init.normal_(gate.e_score_correction_bias, std=0.05)
-    gate = gate.to(DEV, torch.bfloat16)
+    gate, a = random_gate(method, n + len(method))
     x = torch.randn(n, 512, device=DEV, dtype=torch.bfloat16)
     with torch.no_grad():
         ids, w = gate(x)
