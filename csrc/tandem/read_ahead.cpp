@@ -47,12 +47,12 @@ std::vector<int> predicted_ids(const ReadAhead& ra) {
   return out;
 }
 
-// Loads both runs' cache lines side by side (two streams per core); the sum keeps the loads.
-uint64_t touch2(const uint8_t* a, const uint8_t* b, size_t n) {
+// Loads the cache lines of two runs side by side (two streams per core); the sum keeps the loads.
+uint64_t touch2(const uint8_t* a, size_t na, const uint8_t* b, size_t nb) {
   uint64_t s0 = 0, s1 = 0;
-  for (size_t o = 0; o < n; o += 64) {
-    s0 += *(const volatile uint64_t*)(a + o);
-    s1 += *(const volatile uint64_t*)(b + o);
+  for (size_t o = 0; o < std::max(na, nb); o += 64) {
+    if (o < na) s0 += *(const volatile uint64_t*)(a + o);
+    if (o < nb) s1 += *(const volatile uint64_t*)(b + o);
   }
   return s0 + s1;
 }
@@ -74,8 +74,12 @@ class ReadAheadJob : public Job {
       }
       return;
     }
-    while (!started_.load(std::memory_order_acquire)) relax();
-    read(nthreads > 1 ? tid - 1 : 0, nthreads == 1);
+    bool go = true;  // thread 0 may have returned above (a quiesce): then no record comes
+    while (go && !started_.load(std::memory_order_acquire)) {
+      go = g_gen.load(std::memory_order_relaxed) == gen_;
+      relax();
+    }
+    if (go) read(nthreads > 1 ? tid - 1 : 0, nthreads == 1);
     readers_.fetch_add(1, std::memory_order_release);
   }
 
@@ -113,7 +117,7 @@ class ReadAheadJob : public Job {
       const int step = std::max<int>(1, (int)(kChunk / G.row_bytes));
       for (int r = lo; r < hi; r += step) {
         const int n = std::min(step, hi - r);
-        sum += touch2(G.row(e, r), U.row(e, r), (size_t)n * G.row_bytes);
+        sum += touch2(G.row(e, r), (size_t)n * G.row_bytes, U.row(e, r), (size_t)n * U.row_bytes);
         bytes += (size_t)n * (G.row_bytes + U.row_bytes);
         pr.rows = r + n - lo;
         if (poll && (doorbell_poll(pool_) || g_gen.load(std::memory_order_relaxed) != gen_)) stop_.store(true);
