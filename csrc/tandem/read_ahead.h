@@ -28,8 +28,8 @@ struct ReadAhead {
 // What the readers of a read-ahead read, for the call that follows. Reader j (pool thread j + 1, or thread 0 of a
 // one-thread pool) reads rows [In * j / readers, In * (j + 1) / readers) of each (predicted expert, shard) unit's
 // In gate and up rows, units in order (expert-major); it finished `done` units and `rows` rows of the next. The
-// call computes those rows on that reader first: they are in its core's L2 (another core's L2 is nearly as far
-// as DRAM on these meshes).
+// call computes those rows on that reader first, from its core's L2 (rows left in another core's L2 cost a snoop
+// across the mesh).
 struct ReadAheadRecord {
   struct Progress {
     alignas(64) int done = 0;  // a cache line per reader: each writes its own as it reads

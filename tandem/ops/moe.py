@@ -171,9 +171,9 @@ class HybridMoE(DeviceOp):
     shared_branch: bool = os.environ.get("TANDEM_SHARED_BRANCH", "1") == "1"
     # TANDEM_READ_AHEAD=1: captured layers with a doorbell predict the next hybrid layer's experts (its router on
     # this layer's input, on the GPU while the CPU computes this layer) and the pool reads them ahead while the GPU
-    # works between the two calls (csrc/tandem/read_ahead.h). Off by default: on the H200 host it read 3-4 MB
-    # (Qwen3-30B-A3B) / 11 MB (DeepSeek-V3) per gap at a 67% / 56% hit rate with no host-call gain beyond the
-    # noise (bench/results/e2e-h200.md, fifth session).
+    # works between the two calls (csrc/tandem/read_ahead.h). Off by default: on the H200 host each thread
+    # computes the rows it read (4.8-5.3 MB of a Qwen3-30B-A3B call's 23.6 MB) and the call was at most 3% faster,
+    # within the noise (bench/results/e2e-h200.md, sixth session).
     read_ahead: bool = os.environ.get("TANDEM_READ_AHEAD", "0") == "1"
     next_block: tuple = ()  # (the next HybridMoE of the stack,), set by the model operator (a tuple: no submodule)
     _pool_sized = False
