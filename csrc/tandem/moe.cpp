@@ -169,17 +169,6 @@ int decode_streams() {  // read once per call (MoEJob::streams_)
   return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 1, 8) : cpu_is_amd() ? 1 : 2;
 }
 
-// How far ahead of the row it computes a decode thread asks for rows (TANDEM_CPU_PREFETCH_BYTES per run, read
-// once per call): at least 1 row (gate/up) or 2 (down), more when rows are short. A Xeon core streams ~11 GB/s
-// at ~200 ns loaded latency, so ~2 KB must be in flight per run; one 1.3 KB Qwen3 gate row ahead is less.
-int decode_prefetch_bytes() {
-  const char* env = std::getenv("TANDEM_CPU_PREFETCH_BYTES");
-  return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 0, 1 << 16) : 0;
-}
-inline int rows_ahead(int bytes, size_t row_bytes, int least) {
-  return std::max<int>(least, (int)((size_t)bytes / row_bytes));
-}
-
 // Row i of [r0, r1) read as `streams` runs of len rows: row i is run i % streams, its (i / streams)-th row.
 struct RowOrder {
   int r0, r1, streams, len;
@@ -578,19 +567,12 @@ class MoEJob : public Job {
     const vec_dot_fn dg = kt_->dot[wtype_slot(G.type)], du = kt_->dot[wtype_slot(U.type)];
     ActRow acts[kTokenTile];
     const bool pf = prefetch_on();
-    const int ahead = rows_ahead(prefetch_bytes_, G.row_bytes, 1);
     for (int st = s0; st < s1; st += kTokenTile) {
       const int ns = std::min(kTokenTile, s1 - st);
       for (int j = 0; j < ns; j++) acts[j] = xview(slot_tok_[st + j]);
       const RowOrder order(r0, r1, streams_);
-      for (int i = order.streams; pf && st == s0 && ahead > 1 && i < std::min(order.count(), ahead * order.streams);
-           i++)  // the rows before the first one asked for `ahead` rows ahead
-        if (const int r = order.row(i); r < r1) {
-          prefetch_row(G.row(e, r), G.row_bytes);
-          prefetch_row(U.row(e, r), U.row_bytes);
-        }
       for (int i = 0; i < order.count(); i++) {
-        const int r = order.row(i), nx = order.ahead(i, ahead);
+        const int r = order.row(i), nx = order.ahead(i, 1);
         if (r >= r1) continue;
         const uint8_t *wg = G.row(e, r), *wu = U.row(e, r);
         if (pf && st == s0 && nx >= 0) {
@@ -753,7 +735,6 @@ class MoEJob : public Job {
     if (gemm_ok_) down_gemm(sh, h0, h1, o);
     const ExpertMatrix& D = sh.m[2];
     const vec_dot_fn dd = kt_->dot[wtype_slot(D.type)];
-    const int ahead = rows_ahead(prefetch_bytes_, D.row_bytes, 2);
     ActRow acts[kTokenTile];
     for (size_t ai = 0; ai < active_.size(); ai++) {
       const int e = active_[ai], s0 = off_[ai], s1 = off_[ai + 1];
@@ -765,12 +746,12 @@ class MoEJob : public Job {
         for (int j = 0; j < ns; j++) acts[j] = shifted(hview(c0 + st - s0 + j), sh.i0, Bd_);
         const RowOrder order(h0, h1, streams_);
         for (int k = 0; pf && st == s0 && k < order.streams; k++)  // each run's first rows
-          prefetch_row(D.row(e, order.row(k)), D.row_bytes * std::min(ahead, h1 - order.row(k)));
+          prefetch_row(D.row(e, order.row(k)), D.row_bytes * std::min(2, h1 - order.row(k)));
         for (int i = 0; i < order.count(); i++) {
           const int h = order.row(i);
           if (h >= h1) continue;
           const uint8_t* wd = D.row(e, h);
-          if (const int a = order.ahead(i, ahead); pf && st == s0 && a >= 0) prefetch_row(D.row(e, a), D.row_bytes);
+          if (const int a = order.ahead(i, 2); pf && st == s0 && a >= 0) prefetch_row(D.row(e, a), D.row_bytes);
           for (int j = 0; j < ns; j += kNT) {
             const int m = std::min(kNT, ns - j);
             float r[kNT];
@@ -824,7 +805,7 @@ class MoEJob : public Job {
   double made_ = 0;
   std::atomic<int> next0_{0}, next1b_{0}, next3_{0};
   std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
-  const int streams_ = decode_streams(), prefetch_bytes_ = decode_prefetch_bytes();
+  const int streams_ = decode_streams();
   int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256, part0_ = 0, parts0_ = 1, tail2_ = 0, nbig2_ = 0;
   static thread_local int tls_tid_;
 };
