@@ -333,9 +333,8 @@ class HybridMoE(DeviceOp):
         if isinstance(gate, TopKRouter) and type(gate).forward in (TopKRouter.forward, DeviceOp.forward):
             return "topk" if gate.weight.shape[0] <= staging.MAX_EXPERTS else None
         if isinstance(gate, MoEGate) and type(gate).forward in (MoEGate.forward, DeviceOp.forward):
-            a = gate.a
-            groups = 1 if a.topk_method == "greedy" else a.n_group
-            return "deepseek" if staging.grouped_router_supported(a.n_routed_experts, groups) else None
+            supported = staging.grouped_router_supported(gate.a.n_routed_experts, grouping_of(gate).n_group)
+            return "deepseek" if supported else None
         return None
 
     def _route_and_stage(self, x: torch.Tensor, for_graph: bool):
