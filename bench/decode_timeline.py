@@ -77,7 +77,7 @@ def child(spec: str, root: Path, gap_us: float, gguf: str | None = None) -> dict
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from e2e import rules_file  # the same model and placement as bench/e2e.py
+    from e2e import GGUF_LINEARS, rules_file  # the same model and placement as bench/e2e.py
 
     import tandem
     from tandem.engine import SamplingParams, Sequence
@@ -91,7 +91,9 @@ def child(spec: str, root: Path, gap_us: float, gguf: str | None = None) -> dict
         out = root / f"{preset}-{layers}-{gguf}.gguf"
         if not out.exists():
             synthesize_gguf(preset, out, int(layers), quant=gguf, progress=False)
-        rules = "1gpu"
+        rules = "1gpu" if gguf not in GGUF_LINEARS else str(rules_file(
+            FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}-{gguf}-timeline.yaml", None, "cpu",
+            GGUF_LINEARS[gguf]))
     else:
         out = root / f"{preset}-{layers}"
         if not (out / "config.json").exists():

@@ -30,7 +30,8 @@ rate), and a full-depth estimate: the step's fixed part (embedding, dense layers
 launch: the step minus its MoE layers, measured) + the full model's MoE layer count x the measured layer time.
 --gguf: the model as a synthesized GGUF of that quant, its blocks used by the CPU kernel as they are (Q4_K_M-like)
 or relaid to int4_g32 (Q4_1: routed experts in Q4_1, everything else BF16; int4_g32 without a bf16 file, so a
-full-depth Qwen3-30B-A3B fits a 64 GB disk).
+full-depth Qwen3-30B-A3B fits a 64 GB disk; Q4_1-Q8_0: the other matrices Q8_0, as hybrid CPU/GPU quants of
+DeepSeek keep attention and shared experts at 8 bits, held as they are by linear.marlin on the GPU).
 """
 
 from __future__ import annotations
@@ -152,14 +153,35 @@ def layer_figures(t: dict, c: dict, ram_gbs: float, full_moe: int) -> dict:
 # ---------------------------------------------------------------------- one model (child process)
 
 
+# --gguf -> the block format the file keeps every other matrix in, run as it is by linear.marlin on the GPU
+GGUF_LINEARS = {"Q4_1-Q8_0": "q8_0"}
+LINEAR_RULE = r"""- match:
+    name: "^lm_head$|^model\\.layers\\."
+    class: torch.nn.Linear
+  replace:
+    class: tandem.ops.Linear
+    kwargs:
+      generate_device: "cuda:0"
+      prefill_device: "cuda:0"
+      generate_op: linear.marlin
+      prefill_op: linear.marlin
+      weight_format: {fmt}
+"""
+
+
 def rules_file(preset_family: str, out: Path, weight_format: str | None = "int4_g32",
-               embedding: str = "gpu") -> Path:
+               embedding: str = "gpu", linear_format: str | None = None) -> Path:
     """The family's 1gpu preset with the routed experts quantized to `weight_format` on the CPU (None: as the file
-    stores them) and the token embedding on cuda:0 (embedding "gpu", the issue's "the rest on the GPU": a decode
-    step launched ahead then takes the last step's token on the device) or the CPU, as the preset keeps it."""
+    stores them), the token embedding on cuda:0 (embedding "gpu", the issue's "the rest on the GPU": a decode
+    step launched ahead then takes the last step's token on the device) or the CPU, as the preset keeps it, and
+    with `linear_format` every linear of the layers and the LM head held in that block format by linear.marlin."""
     from tandem.rules.presets import PRESETS
 
     text = (PRESETS / preset_family / "1gpu.yaml").read_text()
+    if linear_format:
+        last = '- match:\n    name: ".*"'
+        assert text.count(last) == 1, f"{preset_family}/1gpu.yaml: no single catch-all rule"
+        text = text.replace(last, LINEAR_RULE.format(fmt=linear_format) + last)
     line = '      out_device: "cuda:0"\n'
     if weight_format:
         text = text.replace(line, line + f"      weight_format: {weight_format}\n", 1)
@@ -377,8 +399,8 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
         out = root / f"{preset}-{layers}-{gguf}.gguf"
         if not out.exists():
             synthesize_gguf(preset, out, layers, quant=gguf, progress=False)
-        rules = str(rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}-gguf.yaml", None,
-                               embedding))
+        rules = str(rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}-{gguf}.yaml", None,
+                               embedding, GGUF_LINEARS.get(gguf)))
     else:
         out = root / f"{preset}-{layers}"
         if not (out / "config.json").exists():
@@ -390,7 +412,8 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     llm = tandem.load(out, rules=rules, dtype="bfloat16", progress=False)
     load_s = time.perf_counter() - t0
     c = model_counts(llm)
-    weights = {"Q4_1": "GGUF Q4_1 experts -> int4_g32, rest BF16"}.get(gguf, gguf)
+    weights = {"Q4_1": "GGUF Q4_1 experts -> int4_g32, rest BF16",
+               "Q4_1-Q8_0": "GGUF Q4_1 experts -> int4_g32, other matrices Q8_0 (linear.marlin)"}.get(gguf, gguf)
     res = {"model": preset, "layers": layers, "weights": weights or "safetensors bf16 -> int4_g32",
            "embedding": "cuda:0" if embedding == "gpu" else "cpu", "synth_s": round(synth_s, 1),
            "load_s": round(load_s, 1),
@@ -483,8 +506,9 @@ def main() -> None:
     ap.add_argument("--trace-knobs", choices=tuple(KNOB_SETS), default="all",
                     help="with --trace: every knob variant, the default knobs only, or the defaults with and "
                          "without read-ahead")
-    ap.add_argument("--gguf", help="synthesize a GGUF of this quant (Q4_K_M-like, or Q4_1: experts Q4_1, rest BF16) "
-                                   "instead of bf16 safetensors quantized to int4_g32 at load")
+    ap.add_argument("--gguf", help="synthesize a GGUF of this quant (Q4_K_M-like; Q4_1: experts Q4_1, rest BF16; "
+                                   "Q4_1-Q8_0: experts Q4_1, other matrices Q8_0 run by linear.marlin) instead of "
+                                   "bf16 safetensors quantized to int4_g32 at load")
     ap.add_argument("--embedding", choices=("gpu", "cpu"), default="gpu",
                     help="the token embedding on cuda:0 (default: everything but the routed experts on the GPU) or "
                          "on the CPU, as the 1gpu presets keep it")

@@ -6,8 +6,9 @@ attn_v_b), its metadata keys and value types per architecture, the tokenizer (ta
 tokenizer.ggml.*, padded with [PADn] tokens to the model's vocabulary) and the chat template. Types follow a
 recipe: F32 / F16 / BF16 / Q8_0 everywhere, Q4_K_M-like, llama-quantize's Q4_K_M choices restated (see
 `tensor_type`), or Q4_1: routed experts (ffn_*_exps) in Q4_1 and every other matrix BF16, the file a CPU-expert
-benchmark wants (tandem runs Q4_1 experts as int4_g32, the same layout). Norms, biases and routers stay F32, as
-llama.cpp keeps them.
+benchmark wants (tandem runs Q4_1 experts as int4_g32, the same layout), or Q4_1-Q8_0: the same experts, every
+other matrix Q8_0 (hybrid CPU/GPU quants of DeepSeek keep attention and shared experts at 8 bits). Norms, biases
+and routers stay F32, as llama.cpp keeps them.
 
 Tensors stream to disk in constant memory: each (type, scale) gets a pool of valid random blocks, sampled once,
 and a tensor is written as windows of whole blocks of its pool. Quantized blocks are made directly (random quants,
@@ -48,8 +49,9 @@ GGML = {name: (NAMES[name], TYPES[NAMES[name]].block, TYPES[NAMES[name]].bytes)
         for name in ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16")}
 # --quant -> (llama_ftype of general.file_type, type of the weight matrices)
 QUANTS = {"F32": (0, "F32"), "F16": (1, "F16"), "BF16": (32, "BF16"), "Q8_0": (7, "Q8_0"),
-          "Q4_K_M-like": (15, "Q4_K"), "Q4_1": (3, "BF16")}
-EXPERT_QUANTS = {"Q4_1": "Q4_1"}  # --quant -> type of the routed experts (ffn_*_exps) where it differs
+          "Q4_K_M-like": (15, "Q4_K"), "Q4_1": (3, "BF16"), "Q4_1-Q8_0": (3, "Q8_0")}
+# --quant -> type of the routed experts (ffn_*_exps) where it differs
+EXPERT_QUANTS = {"Q4_1": "Q4_1", "Q4_1-Q8_0": "Q4_1"}
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quantize, for rows not of whole 256-blocks
 U32, I32, F32 = 4, 5, 6  # GGUF metadata value types this writer uses besides BOOL, STR, ARR (the reader's table)
 CONTROL, NORMAL, UNUSED = 3, 1, 5
@@ -144,10 +146,10 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layer: int, n_e
     """The ggml type of tensor `name` under `quant`: llama-quantize's choice for the same tensor (llama-quant.cpp).
 
     Vectors, norms, biases and routers (ffn_gate_inp) stay F32. Q4_1: routed experts Q4_1 (F16 where a row is
-    not whole blocks of 32), the rest BF16. Q4_K_M: output Q6_K; attn_v / attn_kv_b and every ffn_down* (experts,
-    shared, dense) Q6_K in the "more bits" layers, else Q4_K; 8-expert models (Mixtral) attn_v and attn_k Q8_0 and
-    attn_output Q5_K; everything else Q4_K. A row that is not whole blocks of the type falls back as
-    llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16).
+    not whole blocks of 32), the rest BF16 (Q4_1-Q8_0: Q8_0). Q4_K_M: output Q6_K; attn_v / attn_kv_b and every
+    ffn_down* (experts, shared, dense) Q6_K in the "more bits" layers, else Q4_K; 8-expert models (Mixtral)
+    attn_v and attn_k Q8_0 and attn_output Q5_K; everything else Q4_K. A row that is not whole blocks of the type
+    falls back as llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16).
     """
     if len(shape) < 2 or "_norm." in name or "ffn_gate_inp" in name or not name.endswith("weight"):
         return "F32"

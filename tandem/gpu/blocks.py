@@ -10,6 +10,7 @@ tests. Formats (values per block, bytes per block):
     int4_g32  128, 80   fp16 d[4] | fp16 m[4] | qs[64]: group g in qs[16g..16g+15], j low / j+16 high
                                                                   w = d[g] q + m[g]  (int4 scale + min, group 32)
     int4_g128 128, 68   fp16 d | fp16 m | qs[64]: j low, j+64 high  w = d q + m      (int4 scale + min, group 128)
+    q8_0p      32, 34   a row: int8 q[K] | fp16 d[K / 32]          w = d q            (q8_0 re-laid, GPU linears)
     bf16 / fp16 / fp32: a plain float tensor.
 
 GGUF's K-quants (q4_k, q5_k, q6_k: 256 values in 144, 176, 210 bytes, ggml's layouts, tandem.weights.gguf_quants)
@@ -46,6 +47,10 @@ KQUANT_FORMATS: dict[str, tuple[int, int, int]] = {"q4_k": (256, 144, 5), "q5_k"
                                                    "q6_k": (256, 210, 7)}
 GGUF_KQUANT = {12: "q4_k", 13: "q5_k", 14: "q6_k"}
 KQUANT_GGUF = {f: t for t, f in GGUF_KQUANT.items()}
+# GPU linears only (never a rule's weight_format, never an experts format): q8_0 re-laid per row as int8 q[K] then
+# fp16 d[K / 32], the same bytes per row as q8_0, so a batch-1 GEMV (tandem.gpu.gemv) loads the values 16
+# aligned bytes at a time; q8_0's 34-byte blocks allow 2-byte loads only
+ROW_FORMATS: dict[str, tuple[int, int, int]] = {"q8_0p": (32, 34, 8)}
 
 
 def canonical(fmt: str, group_size: int | None = None) -> str:
@@ -108,7 +113,7 @@ class QuantTensor:
 
 
 def _layout(fmt: str) -> tuple[int, int, int]:
-    return KQUANT_FORMATS[fmt] if fmt in KQUANT_FORMATS else BLOCK_FORMATS[fmt]
+    return KQUANT_FORMATS.get(fmt) or ROW_FORMATS.get(fmt) or BLOCK_FORMATS[fmt]
 
 
 def row_bytes(fmt: str, k: int) -> int:
@@ -190,6 +195,11 @@ def dequantize(data: torch.Tensor, fmt: str, shape: tuple[int, ...]) -> torch.Te
     if fmt in KQUANT_FORMATS:
         t = gq.TYPES[KQUANT_GGUF[fmt]]
         return gq.DEQUANT[t.id](data.reshape(-1, t.bytes)).reshape(shape)
+    if fmt == "q8_0p":
+        k = shape[-1]
+        rows = data.reshape(-1, data.shape[-1])
+        q = rows[:, :k].contiguous().view(torch.int8).float().view(-1, k // 32, 32)
+        return (q * rows[:, k:].contiguous().view(torch.float16).float()[..., None]).reshape(shape)
     fmt = canonical(fmt)
     blk, nbytes, _ = BLOCK_FORMATS[fmt]
     b = data.reshape(-1, nbytes)
@@ -290,6 +300,15 @@ def _requantize(data: torch.Tensor, ggml_type: int, shape: tuple[int, ...], fmt:
                               CHUNK_VALUES)
         out[r : r + n] = quantize(w, fmt)
     return out.view(*shape[:-1], -1)
+
+
+def q8_0_planar(w: QuantTensor) -> QuantTensor:
+    """A q8_0 weight re-laid as q8_0p on its device (each row: its int8 values, then its fp16 scales): exact."""
+    if w.fmt != "q8_0":
+        raise ValueError(f"q8_0_planar: the weight is {w.fmt}, not q8_0")
+    b = w.data.reshape(-1, w.k // 32, 34)
+    rows = torch.cat((b[..., 2:].reshape(b.shape[0], w.k), b[..., :2].reshape(b.shape[0], -1)), -1)
+    return QuantTensor("q8_0p", rows.view(*w.data.shape), w.shape)
 
 
 def to_grouped(w: QuantTensor) -> QuantTensor:

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.gpu.blocks import BLOCK_FORMATS, QuantTensor
+from tandem.gpu import gemv
+from tandem.gpu.blocks import BLOCK_FORMATS, ROW_FORMATS, QuantTensor
 from tandem.gpu.routing import Routing, moe_align
 
 
@@ -48,11 +49,14 @@ def _weight_tile(w_ptr, base, offs_k, offs_n, mask, K, row_stride, FMT: tl.const
             j = offs_k[:, None] % 32
             q = (tl.load(w_ptr + blk + 16 + g * 16 + j % 16, mask=mask, other=0) >> ((j // 16) * 4)) & 0xF
             w = q.to(tl.float32) * _f16_at(w16, blk + 2 * g, mask) + _f16_at(w16, blk + 8 + 2 * g, mask)
-        else:  # FMT == 4, int4_g128: d | m | qs[64], j low, j + 64 high
+        elif FMT == 4:  # int4_g128: d | m | qs[64], j low, j + 64 high
             blk = row + (offs_k[:, None] // 128) * 68
             j = offs_k[:, None] % 128
             q = (tl.load(w_ptr + blk + 4 + j % 64, mask=mask, other=0) >> ((j // 64) * 4)) & 0xF
             w = q.to(tl.float32) * _f16_at(w16, blk, mask) + _f16_at(w16, blk + 2, mask)
+        else:  # FMT == 8, q8_0p: a row is int8 q[K] | fp16 d[K / 32]
+            q = tl.load(w_ptr + row + offs_k[:, None], mask=mask, other=0).to(tl.int8, bitcast=True)
+            w = q.to(tl.float32) * _f16_at(w16, row + K + (offs_k[:, None] // 32) * 2, mask)
     return w
 
 
@@ -130,10 +134,13 @@ def quant_linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = No
     if a.stride(-1) != 1:
         a = a.contiguous()
     m = a.shape[0]
-    out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
-    if m:
-        bm = _block_m(m)
-        _launch(a, w, out, m, bm, triton.cdiv(m, bm))
+    if gemv.supports(a, w):  # a decode step's few rows: a weight-streaming kernel, not tensor-core tiles
+        out = gemv.gemv(a, w)
+    else:
+        out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
+        if m:
+            bm = _block_m(m)
+            _launch(a, w, out, m, bm, triton.cdiv(m, bm))
     if bias is not None:
         out += bias
     return out.view(*lead, w.n)
@@ -171,4 +178,4 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
 
 
 def supported(fmt: str) -> bool:
-    return fmt in BLOCK_FORMATS or fmt in ("bf16", "fp16", "fp32")
+    return fmt in BLOCK_FORMATS or fmt in ROW_FORMATS or fmt in ("bf16", "fp16", "fp32")

@@ -5,7 +5,8 @@ Backends (registry names): `linear.torch` (F.linear on the checkpoint's float we
 accumulation). When either phase runs linear.marlin the weight is held once, quantized (`weight_format`: int4_g128
 by default, int4_g32, q4_0, int8; see tandem.gpu.blocks); a linear.torch phase then computes with the same
 dequantized values, so prefill and decode agree. A GGUF tensor's blocks are converted on the GPU, never through a
-float copy on the CPU.
+float copy on the CPU. On a GPU, q8_0 is held re-laid as q8_0p (each row's int8 values, then its scales: the same
+values) and a decode step's few rows run the weight-streaming GEMV (tandem.gpu.gemv).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class Linear(nn.Module):
             fmt = linear_format(self.in_features, cfg.kwargs.get("weight_format"), cfg.kwargs.get("group_size"),
                                 cfg.name)
             self.qweight = load_quantized(ctx, f"{cfg.name}.weight", shape, dev, fmt)
+            if self.qweight.fmt == "q8_0" and self.qweight.device.type == "cuda":
+                self.qweight = B.q8_0_planar(self.qweight)  # the decode GEMV's layout: same bytes, same values
             # `weight` is the blocks (uint8): its device is right for callers that ask, its values are not floats
             self.register_buffer("weight", self.qweight.data, persistent=False)
         else:

@@ -36,7 +36,7 @@ def test_family_with_quantized_linears_equals_cpu_reference(family, fmt, prefill
     path = save_hf(make_hf(family), tmp_path / "m")
     llm = tandem.load(path, rules=write_rules(tmp_path, _rules(fmt, prefill_op)), dtype="float32", progress=False)
     quantized = [m for m in llm.model.modules() if isinstance(m, Linear) and m.qweight is not None]
-    assert quantized and any(m.qweight.fmt in ("int4_g128", "q4_0", "q8_0") for m in quantized)
+    assert quantized and any(m.qweight.fmt in ("int4_g128", "q4_0", "q8_0p") for m in quantized)
     ref = dequantized_reference(path, llm)
     assert rel_err(llm.logits(IDS), ref.logits(IDS)) < RTOL
     assert llm.generate(IDS, max_new_tokens=5).token_ids == ref.generate(IDS, max_new_tokens=5).token_ids

@@ -171,6 +171,21 @@ def test_layerwise_threshold_from_measured_rates():
         layerwise_threshold(1, 0.0, 1.0)
 
 
+def test_q8_0_planar_holds_the_same_values_and_bytes_per_row():
+    """GPU linears hold q8_0 re-laid per row (values, then scales) for the decode GEMV: exact, same row size, and
+    never a format a rule can ask for."""
+    w = _weights(rows=6, cols=96, seed=3)
+    q = B.from_float(w, "q8_0")
+    p = B.q8_0_planar(q)
+    assert p.fmt == "q8_0p" and p.data.shape == q.data.shape and B.row_bytes("q8_0p", 96) == q.data.shape[-1]
+    assert torch.equal(p.dequantize(), q.dequantize())
+    assert torch.equal(p.data[:, :96], q.data.view(6, 3, 34)[:, :, 2:].reshape(6, 96))
+    with pytest.raises(ValueError, match="not a GPU weight format"):
+        B.canonical("q8_0p")
+    with pytest.raises(ValueError, match="not q8_0"):
+        B.q8_0_planar(B.from_float(w, "q4_0"))
+
+
 def test_format_names_and_bad_shapes():
     assert B.canonical("int8") == "q8_0" and B.canonical("int4", 128) == "int4_g128"
     assert B.canonical("int4_sym") == "q4_0"

@@ -1,0 +1,76 @@
+"""The decode GEMV (tandem.gpu.gemv) against a float64 reference on the weight's exact values, every format and
+tiling it takes, and its place in quant_linear (a decode step's linears) inside a CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gpu_ref import rel_err
+
+from tandem.gpu import blocks as B
+from tandem.gpu import gemv as G
+from tandem.gpu.quant_matmul import quant_linear
+
+pytestmark = pytest.mark.gpu
+# one output rounding (bf16 / fp16: 2^-9 / 2^-12 relative per element) over fp32 sums of up to 16 K terms
+TOL = {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: 2e-5}
+
+
+def _weight(fmt: str, n: int, k: int, seed: int) -> B.QuantTensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.05
+    if fmt in G.FLOAT:
+        return B.QuantTensor(fmt, w.to(B.FLOAT_FORMATS[fmt]), (n, k))
+    return B.q8_0_planar(B.from_float(w, "q8_0"))
+
+
+def _reference(x: torch.Tensor, w: B.QuantTensor) -> torch.Tensor:
+    return x.double() @ w.dequantize().double().T
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp32", "q8_0p"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(7, 96), (577, 7168), (1536, 1024), (300, 4000)])  # K: whole groups of 32
+def test_gemv_equals_the_float64_product(fmt, m, n, k):
+    dtype = torch.float32 if fmt == "fp32" else torch.float16 if fmt == "fp16" else torch.bfloat16
+    w = _weight(fmt, n, k, seed=n + k + m)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    out = G.gemv(x, w)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out.double(), _reference(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0p"])
+@pytest.mark.parametrize("config", [G.Config(1, 256, 4), G.Config(4, 1024, 8), G.Config(16, 512, 4)])
+def test_every_tiling_gives_the_same_product(fmt, config):
+    """The benchmark sweeps tilings; each must compute the same product (masks on N, K and groups)."""
+    w = _weight(fmt, 333, 2080, seed=1)
+    x = torch.randn(2, 2080, device="cuda", dtype=torch.bfloat16)
+    assert rel_err(G.gemv(x, w, config=config).double(), _reference(x, w)) < TOL[torch.bfloat16]
+
+
+def test_quant_linear_takes_the_gemv_for_few_rows_inside_a_graph():
+    w = _weight("q8_0p", 1024, 2048, seed=2)
+    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    eager = quant_linear(x, w, bias)
+    many = quant_linear(x.expand(8, -1).contiguous(), w, bias)  # 8 rows: the tensor-core kernel
+    assert rel_err(eager.double(), _reference(x, w) + bias.double()) < TOL[torch.bfloat16]
+    assert rel_err(many[:1].double(), eager.double()) < TOL[torch.bfloat16]
+    graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph, stream=s):
+            captured = quant_linear(x, w, bias)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, quant_linear(x, w, bias))
+
+
+def test_gemv_refuses_what_it_does_not_take():
+    w = _weight("bf16", 8, 64, seed=3)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        G.gemv(torch.randn(5, 64, device="cuda", dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="takes 64"):
+        G.gemv(torch.randn(1, 32, device="cuda", dtype=torch.bfloat16), w)
