@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.gpu import mla_decode
+from tandem.gpu import mla_decode, mla_entry
 from tandem.models.attention import (
     Batch,
     attend,
@@ -158,6 +158,9 @@ class MLAttention(nn.Module):
             self.scale *= yarn_mscale(a.rope["factor"], a.rope["mscale_all_dim"]) ** 2
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
+        joined = self._joined_entry(x, batch)
+        if joined is not None:
+            return self._decode_joined(joined, x, positions, batch)
         a, n, h = self.a, x.shape[0], self.a.num_attention_heads
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(n, h, -1).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
@@ -198,6 +201,51 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, pe[:, :, None, :].expand(-1, -1, h, -1)), dim=-1)  # [B, L, H, nope+rope]
         q = pad_queries(torch.cat((q_nope, q_pe), dim=-1), meta)
         return unpad_queries(sdpa_paged(q, k, v, meta, self.scale, causal_fresh=meta.fresh), meta)
+
+    # ---------------------------------- paged decode on a GPU: one projection of x, one launch (tandem.gpu.mla_entry)
+
+    _joined: mla_entry.Joined | None = None  # q_a ‖ kv_a (q ‖ kv_a without q_lora) as one projection, once made
+    _joinable = True  # False once they were found unable to join
+
+    def _joined_entry(self, x: torch.Tensor, batch: Batch) -> mla_entry.Joined | None:
+        """The joined projection when this step is a paged decode on a GPU and its parts fit the entry kernel (made
+        on the first eager such call, never inside a CUDA-graph capture); None: the module's own path."""
+        meta = batch.paged
+        if not (mla_entry.ENABLED and x.is_cuda and meta is not None and meta.decode):
+            return None
+        if self._joined is None and self._joinable and not torch.cuda.is_current_stream_capturing():
+            projs = (self.q_proj if self.a.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa)
+            self._joined = mla_entry.join_linears(projs, x) if self._entry_fits(x) else None
+            self._joinable = self._joined is not None
+        joined = self._joined
+        return joined if joined is not None and joined.device == x.device else None
+
+    def _entry_fits(self, x: torch.Tensor) -> bool:
+        """Whether the norms are RMSNorms and the rope a RotaryEmbedding, all on x's device (the kernel's inputs)."""
+        norms = [self.kv_a_layernorm] + ([self.q_a_layernorm] if self.a.q_lora_rank is not None else [])
+        rope = self.rotary_emb
+        return (all(isinstance(m, RMSNorm) and m.weight.device == x.device for m in norms)
+                and isinstance(rope, RotaryEmbedding) and rope.inv_freq.device == x.device)
+
+    def _decode_joined(self, joined: mla_entry.Joined, x: torch.Tensor, positions: torch.Tensor,
+                       batch: Batch) -> torch.Tensor:
+        """forward's paged decode from the joined projection: the norms, k_pe's RoPE and the cache write in one
+        launch, then q_b_proj, q_pe's RoPE and the absorbed attention; forward's results but for rounding order."""
+        a, n, h = self.a, x.shape[0], self.a.num_attention_heads
+        meta = batch.paged.to(x.device)
+        q_in, kv = joined(x).split(joined.sizes, dim=-1)  # [N, q_lora or H (nope+rope)], [N, r+rope]
+        kv_norm, rope = self.kv_a_layernorm, self.rotary_emb
+        like = torch.empty((0, kv.shape[1]), dtype=mla_entry.cache_dtype(kv, kv_norm.weight), device=x.device)
+        (buf,) = batch.cache.buffers(self.layer_idx, like)  # [S, r+rope], as the module's own path makes it
+        q_norm = self.q_a_layernorm if a.q_lora_rank is not None else None
+        q_a = mla_entry.norm_rope_to_cache(
+            q_in if q_norm is not None else None, kv, None if q_norm is None else q_norm.weight, kv_norm.weight,
+            0.0 if q_norm is None else q_norm.eps, kv_norm.eps, positions, rope.inv_freq, rope.scale,
+            rope.interleaved, buf, meta.slot_mapping)
+        q = q_in if q_norm is None else self.q_b_proj(q_a)
+        q_nope, q_pe = q.view(n, h, -1).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q_pe = self.rotary_emb(q_pe, positions)  # [N, H, rope]
+        return self.o_proj(self.attend_absorbed(q_nope, q_pe, buf, meta).reshape(n, -1))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into its key part [H, nope, r] and value part [H, v, r] (kept once made)."""
