@@ -28,7 +28,7 @@ SHAPES = {  # name -> (N, K)
     "dsv3.lm_head": (129280, 7168), "qwen3.qkv": (5120, 2048), "qwen3.o_proj": (2048, 4096),
     "qwen3.lm_head": (151936, 2048),
 }
-SWEEP = [G.Config(n, k, w) for n in (1, 2, 4, 8, 16) for k in (256, 512, 1024) for w in (4, 8)]
+SWEEP = [G.Config(n, k, w) for n in (1, 2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8)]
 
 
 def weights(fmt: str, n: int, k: int) -> list[B.QuantTensor]:
@@ -82,8 +82,8 @@ def measure(name: str, fmt: str, m: int, hbm: float, sweep: bool) -> dict:
     nbytes = gv[0].nbytes()
     row = {"shape": name, "n": n, "k": k, "format": fmt, "rows": m, "weight_mb": round(nbytes / 1e6, 2),
            "before_us": round(graph_us(before("q8_0" if fmt == "q8_0p" else fmt, x), ws), 2),
-           "gemv_us": round(graph_us(lambda w: G.gemv(x, w), gv), 2)}
-    if sweep:
+           "gemv_us": round(graph_us(lambda w: G.gemv(x, w), gv), 2) if G.supports(x, gv[0]) else None}
+    if sweep and row["gemv_us"] is not None:
         ref = G.gemv(x, gv[0]).float()
         best = None
         for c in SWEEP:
@@ -96,7 +96,7 @@ def measure(name: str, fmt: str, m: int, hbm: float, sweep: bool) -> dict:
         row["best_us"], row["best_config"] = round(best[0], 2), [best[1].block_n, best[1].block_k, best[1].num_warps]
     row["default_config"] = list(vars(G.config_for(fmt, m, n, k, G._sm_count(x.device))).values())
     for key in ("before_us", "gemv_us", "best_us"):
-        if key in row:
+        if row.get(key) is not None:
             row[key.replace("_us", "_pct_hbm")] = round(100 * nbytes / (row[key] * 1e-6) / hbm, 1)
     return row
 
@@ -120,9 +120,9 @@ def main() -> None:
                 r = measure(name, fmt, m, hbm, args.sweep)
                 rows.append(r)
                 best = f"{r['best_us']} ({r['best_pct_hbm']}%) {r['best_config']}" if "best_us" in r else "-"
+                gv = f"{r['gemv_us']} ({r['gemv_pct_hbm']}%) {r['default_config']}" if r["gemv_us"] else "-"
                 print(f"| {name} | {r['n']} x {r['k']} | {fmt} | {m} | {r['weight_mb']} | {r['before_us']} "
-                      f"({r['before_pct_hbm']}%) | {r['gemv_us']} ({r['gemv_pct_hbm']}%) {r['default_config']} | "
-                      f"{best} |", flush=True)
+                      f"({r['before_pct_hbm']}%) | {gv} | {best} |", flush=True)
     if args.json:
         print(json.dumps({"device": torch.cuda.get_device_name(), "hbm_copy_tb_s": round(hbm / 1e12, 3),
                           "rows": rows}))

@@ -1,13 +1,14 @@
-"""A few rows times a weight on the GPU (Triton): y = x Wᵀ for x [M <= MAX_M, K], the decode step's linears.
+"""A few rows times a weight on the GPU (Triton): y = x Wᵀ for x [M, K] with M <= MAX_M, the decode step's linears.
 
-At batch 1 a linear reads its whole weight for one row of x, so it runs at the rate the weight streams from HBM,
-and cuBLAS' GEMM tiles (16+ rows, split-K with a second launch) or the tensor-core quant matmul (quant_matmul)
+At batch 1 a linear reads its whole weight for one row of x, so it runs at the rate the weight streams from HBM;
+the tensor-core quant matmul (quant_matmul: 16-row tiles, the weight's bytes loaded one by one) and cuBLAS' tiles
 spend their time elsewhere. Here each program takes BLOCK_N output rows and walks K with 16-byte loads,
 accumulating x[m, k] w[n, k] elementwise in fp32 and reducing once at the end (no tensor cores, no shuffles in
-the loop). Weights: bf16 / fp16 / fp32, or q8_0p (tandem.gpu.blocks: a row's int8 values, then its fp16 scales;
-the scale applies once per 32-value group sum). fp32 accumulation; one launch; CUDA-graph safe.
+the loop). Weights: bf16 / fp16 / fp32 (one row of x: below cuBLAS' tiles only then), or q8_0p (tandem.gpu.blocks:
+a row's int8 values, then its fp16 scales; rows of K % 64 == 0 so they start on 4-byte words). fp32 accumulation;
+one launch; CUDA-graph safe.
 
-Legend: M rows of x, N output features, K input features, G groups of 32 values per step (q8_0p).
+Legend: M rows of x, N output features, K input features, W int32 words (4 int8 values) per row per step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import triton.language as tl
 
 from tandem.gpu.blocks import QuantTensor
 
-MAX_M = 4  # more rows: the tensor-core kernels read the weight once for all of them anyway
+MAX_M = {"q8_0p": 4, "bf16": 1, "fp16": 1, "fp32": 1}  # more rows: the tensor-core kernels are as fast (H200)
 FLOAT = ("bf16", "fp16", "fp32")
 
 
@@ -48,27 +49,32 @@ def _gemv_float_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, strid
 
 @triton.jit
 def _gemv_q8_0p_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, row_bytes, stride_o,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int8 -> fp32 without the GPU's slow int-to-float unit: byte b of a word, biased by 128 (one xor per 4
+    values), sits in the mantissa of 2^23 (or with 0x4B000000), and 2^23 + 128 is subtracted (exact)."""
+    W: tl.constexpr = BLOCK_K // 4  # int32 words of values per row per step
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, G)
-    kk = offs_g[:, None] * 32 + tl.arange(0, 32)[None, :]  # [G, 32]: the step's values, group by group
+    offs_w = tl.arange(0, W)
+    shifts = tl.arange(0, 4) * 8
     valid_m, valid_n = offs_m < M, offs_n < N
-    rows = offs_n.to(tl.int64) * row_bytes  # byte offset of each weight row
+    rows = offs_n.to(tl.int64) * row_bytes  # byte offset of each weight row (a multiple of 4: K % 64 == 0)
+    words = w_ptr.to(tl.pointer_type(tl.int32)) + rows // 4
     scales = w_ptr.to(tl.pointer_type(tl.float16)) + (rows + K) // 2  # a row's fp16 scales follow its K values
-    n_groups = K // 32
-    acc = tl.zeros((BLOCK_M, BLOCK_N, G), dtype=tl.float32)
-    for g0 in range(0, n_groups, G):
-        valid_g = (g0 + offs_g) < n_groups  # [G]
-        k = g0 * 32 + kk
-        x = tl.load(x_ptr + offs_m[:, None, None] * stride_x + k[None, :, :],
-                    mask=valid_m[:, None, None] & valid_g[None, :, None], other=0.0).to(tl.float32)
-        q = tl.load(w_ptr + rows[:, None, None] + k[None, :, :], mask=valid_n[:, None, None] & valid_g[None, :, None],
-                    other=0, eviction_policy="evict_first").to(tl.int8, bitcast=True).to(tl.float32)
-        d = tl.load(scales[:, None] + g0 + offs_g[None, :], mask=valid_n[:, None] & valid_g[None, :],
-                    other=0.0).to(tl.float32)  # [BN, G]
-        acc += tl.sum(x[:, None, :, :] * q[None, :, :, :], axis=3) * d[None, :, :]
-    y = tl.sum(acc, axis=2)
+    xk = offs_w[:, None] * 4 + tl.arange(0, 4)[None, :]  # [W, 4]: value k of word w, byte j
+    acc = tl.zeros((BLOCK_M, BLOCK_N, W, 4), dtype=tl.float32)
+    for w0 in range(0, K // 4, W):
+        valid_w = (w0 + offs_w) < K // 4
+        q = tl.load(words[:, None] + w0 + offs_w[None, :], mask=valid_n[:, None] & valid_w[None, :], other=0,
+                    eviction_policy="evict_first") ^ -0x7F7F7F80  # 0x80808080: each byte + 128 (mod 256)
+        b = ((q[:, :, None] >> shifts[None, None, :]) & 0xFF) | 0x4B000000
+        qf = b.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+        d = tl.load(scales[:, None] + (w0 + offs_w[None, :]) // 8, mask=valid_n[:, None] & valid_w[None, :],
+                    other=0.0).to(tl.float32)  # [BN, W]: the scale of each word's group of 32
+        x = tl.load(x_ptr + offs_m[:, None, None] * stride_x + w0 * 4 + xk[None, :, :],
+                    mask=valid_m[:, None, None] & valid_w[None, :, None], other=0.0).to(tl.float32)
+        acc += x[:, None, :, :] * (qf * d[:, :, None])[None, :, :, :]
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)
     tl.store(out_ptr + offs_m[:, None] * stride_o + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
              mask=valid_m[:, None] & valid_n[None, :])
 
@@ -88,22 +94,22 @@ def _sm_count(device: torch.device) -> int:
 
 
 def config_for(fmt: str, m: int, n: int, k: int, sms: int) -> Config:
-    """The tiling of an [m, k] x [n, k]ᵀ product: enough programs to cover every SM about four times (few rows
-    each when n is small), 16-byte loads per thread, and the per-thread accumulator bounded as m grows."""
-    block_m = triton.next_power_of_2(m)
-    block_n = 16
-    while block_n > 1 and triton.cdiv(n, block_n) < 4 * sms:
+    """The tiling of an [m, k] x [n, k]ᵀ product: 1 KB or more of each weight row per step, up to 8 rows per
+    program while that leaves 8 programs per SM (bench/gemv.py --sweep on an H200), 8 warps when programs are
+    few, and the per-thread accumulator bounded as m grows."""
+    block_n = 8
+    while block_n > 1 and triton.cdiv(n, block_n) < 8 * sms:
         block_n //= 2
-    step = 512 if fmt in FLOAT else 256  # K values per row per step: 1 KB of bf16, 256 B of int8 (+ 16 B scales)
-    while block_m * block_n * step > 8192 and step > 64:
+    step = 1024
+    while triton.next_power_of_2(m) * block_n * step > 8192 and step > 128:
         step //= 2
-    return Config(block_n, step, 4)
+    return Config(block_n, step, 8 if triton.cdiv(n, block_n) < 4 * sms else 4)
 
 
 def supports(x: torch.Tensor, w: QuantTensor) -> bool:
     """Whether gemv takes this product: few rows, a weight format it reads, x and W on one CUDA device."""
-    return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_M and len(w.shape) == 2
-            and w.device == x.device and (w.fmt in FLOAT or w.fmt == "q8_0p"))
+    return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_M.get(w.fmt, 0) and len(w.shape) == 2
+            and w.device == x.device and (w.fmt != "q8_0p" or w.k % 64 == 0))
 
 
 def gemv(x: torch.Tensor, w: QuantTensor, out: torch.Tensor | None = None, config: Config | None = None
@@ -111,7 +117,8 @@ def gemv(x: torch.Tensor, w: QuantTensor, out: torch.Tensor | None = None, confi
     """x [M, K] @ W[N, K]ᵀ -> [M, N] in x's dtype (into `out` if given); M <= MAX_M."""
     if not supports(x, w):
         raise ValueError(f"gemv: x {tuple(x.shape)} on {x.device} with a {w.fmt} weight {w.shape} on {w.device}: "
-                         f"needs at most {MAX_M} rows, bf16/fp16/fp32/q8_0p, one CUDA device")
+                         f"needs at most {MAX_M.get(w.fmt, 0)} rows of a {'/'.join(MAX_M)} weight (q8_0p: "
+                         "K % 64 == 0), both on one CUDA device")
     m, k = x.shape
     if k != w.k:
         raise ValueError(f"gemv: x has {k} features, the weight takes {w.k}")
@@ -128,6 +135,6 @@ def gemv(x: torch.Tensor, w: QuantTensor, out: torch.Tensor | None = None, confi
                                      num_warps=c.num_warps)
         else:
             _gemv_q8_0p_kernel[grid](x, w.data, out, m, n, k, x.stride(0), w.data.stride(0), out.stride(0),
-                                     BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n, G=c.block_k // 32,
+                                     BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                                      num_warps=c.num_warps)
     return out

@@ -28,9 +28,12 @@ def _reference(x: torch.Tensor, w: B.QuantTensor) -> torch.Tensor:
     return x.double() @ w.dequantize().double().T
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp32", "q8_0p"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
-@pytest.mark.parametrize("n,k", [(7, 96), (577, 7168), (1536, 1024), (300, 4000)])  # K: whole groups of 32
+CASES = [("bf16", 1), ("fp16", 1), ("fp32", 1)] + [("q8_0p", m) for m in (1, 2, 3, 4)]  # (format, rows)
+SHAPES = [(7, 128), (577, 7168), (1536, 1024), (300, 4032)]  # q8_0p rows: whole 4-byte words (K % 64 == 0)
+
+
+@pytest.mark.parametrize("fmt,m,n,k", [(f, m, n, k) for f, m in CASES for n, k in SHAPES + [(5, 100)]
+                                        if f != "q8_0p" or k % 64 == 0])
 def test_gemv_equals_the_float64_product(fmt, m, n, k):
     dtype = torch.float32 if fmt == "fp32" else torch.float16 if fmt == "fp16" else torch.bfloat16
     w = _weight(fmt, n, k, seed=n + k + m)
@@ -40,12 +43,13 @@ def test_gemv_equals_the_float64_product(fmt, m, n, k):
     assert rel_err(out.double(), _reference(x, w)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "q8_0p"])
-@pytest.mark.parametrize("config", [G.Config(1, 256, 4), G.Config(4, 1024, 8), G.Config(16, 512, 4)])
-def test_every_tiling_gives_the_same_product(fmt, config):
-    """The benchmark sweeps tilings; each must compute the same product (masks on N, K and groups)."""
-    w = _weight(fmt, 333, 2080, seed=1)
-    x = torch.randn(2, 2080, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("fmt,m", [("bf16", 1), ("q8_0p", 3)])
+@pytest.mark.parametrize("config", [G.Config(1, 256, 4), G.Config(4, 1024, 8), G.Config(16, 512, 4),
+                                    G.Config(2, 128, 4)])
+def test_every_tiling_gives_the_same_product(fmt, m, config):
+    """The benchmark sweeps tilings; each must compute the same product (masks on N, K and rows)."""
+    w = _weight(fmt, 333, 2112, seed=1)
+    x = torch.randn(m, 2112, device="cuda", dtype=torch.bfloat16)
     assert rel_err(G.gemv(x, w, config=config).double(), _reference(x, w)) < TOL[torch.bfloat16]
 
 
@@ -68,9 +72,14 @@ def test_quant_linear_takes_the_gemv_for_few_rows_inside_a_graph():
     assert torch.equal(captured, quant_linear(x, w, bias))
 
 
-def test_gemv_refuses_what_it_does_not_take():
+def test_gemv_refuses_what_it_does_not_take_and_quant_linear_falls_back():
     w = _weight("bf16", 8, 64, seed=3)
-    with pytest.raises(ValueError, match="at most 4 rows"):
-        G.gemv(torch.randn(5, 64, device="cuda", dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="at most 1 rows"):
+        G.gemv(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), w)
     with pytest.raises(ValueError, match="takes 64"):
         G.gemv(torch.randn(1, 32, device="cuda", dtype=torch.bfloat16), w)
+    odd = _weight("q8_0p", 40, 96, seed=4)  # rows of 102 bytes: not whole words
+    x = torch.randn(1, 96, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="K % 64"):
+        G.gemv(x, odd)
+    assert rel_err(quant_linear(x, odd).double(), _reference(x, odd)) < TOL[torch.bfloat16]
