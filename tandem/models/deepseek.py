@@ -247,13 +247,14 @@ class MLAttention(nn.Module):
         q_pe = self.rotary_emb(q_pe, positions)  # [N, H, rope]
         return self.o_proj(self.attend_absorbed(q_nope, q_pe, buf, meta).reshape(n, -1))
 
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head into its key part [H, nope, r] and value part [H, v, r] (kept once made)."""
-        proj = self.kv_b_proj
-        w = proj.dequantized_weight() if hasattr(proj, "dequantized_weight") else proj.weight
-        if getattr(self, "_absorbed", None) is None or self._absorbed[0].device != w.device:
-            a = self.a
-            w = w.detach().view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head into its key part [H, nope, r] and value part [H, v, r], in `dtype`; made once
+        per device and dtype (a quantized kv_b_proj is dequantized once, not in every decode step)."""
+        proj, a = self.kv_b_proj, self.a
+        made = getattr(self, "_absorbed", None)
+        if made is None or made[0].device != proj.weight.device or made[0].dtype != dtype:
+            w = proj.dequantized_weight() if hasattr(proj, "dequantized_weight") else proj.weight
+            w = w.detach().to(dtype).view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
             self._absorbed = (w[:, : a.qk_nope_head_dim].contiguous(), w[:, a.qk_nope_head_dim :].contiguous())
         return self._absorbed
 
@@ -263,12 +264,12 @@ class MLAttention(nn.Module):
 
         Plain einsums, not SDPA: with one kv head and a mask SDPA falls back to expanding c to all H heads.
         """
-        w_uk, w_uv = self.absorbed_weights()
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
         if meta.decode and q_nope.is_cuda and mla_decode.ENABLED:  # the Triton kernel: ~4 launches instead of ~25
-            return mla_decode.absorbed_decode(q_nope, q_pe, buf, w_uk.to(q_nope.dtype), w_uv.to(q_nope.dtype),
-                                              meta.block_tables, meta.context_lens, meta.block_size, self.scale)
+            return mla_decode.absorbed_decode(q_nope, q_pe, buf, w_uk, w_uv, meta.block_tables, meta.context_lens,
+                                              meta.block_size, self.scale)
         r = self.a.kv_lora_rank
-        q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk.to(q_nope.dtype))  # [N, H, r]
+        q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)  # [N, H, r]
         q = pad_queries(torch.cat((q_lat, q_pe), dim=-1), meta)  # [B, Q, H, r+rope]
         c = gather_pages(buf, meta).to(q.dtype)  # [B, L, r+rope]
         scores = torch.einsum("bqhc,blc->bhql", q, c).float() * self.scale  # [B, H, Q, L]
