@@ -28,7 +28,7 @@ SHAPES = {  # name -> (N, K)
     "dsv3.lm_head": (129280, 7168), "qwen3.qkv": (5120, 2048), "qwen3.o_proj": (2048, 4096),
     "qwen3.lm_head": (151936, 2048),
 }
-SWEEP = [G.Config(n, k, w) for n in (1, 2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8)]
+SWEEP = [G.Config(n, k, w, p) for n in (1, 2, 4, 8) for k in (512, 1024, 2048) for w in (4, 8) for p in (True, False)]
 
 
 def weights(fmt: str, n: int, k: int) -> list[B.QuantTensor]:
@@ -93,7 +93,7 @@ def measure(name: str, fmt: str, m: int, hbm: float, sweep: bool) -> dict:
             assert err < 1e-2, f"{name} {fmt} {c}: differs from the default tiling by {err:.2e}"
             t = graph_us(lambda w, c=c: G.gemv(x, w, config=c), gv)
             best = min(best or (t, c), (t, c), key=lambda p: p[0])
-        row["best_us"], row["best_config"] = round(best[0], 2), [best[1].block_n, best[1].block_k, best[1].num_warps]
+        row["best_us"], row["best_config"] = round(best[0], 2), list(vars(best[1]).values())
     row["default_config"] = list(vars(G.config_for(fmt, m, n, k, G._sm_count(x.device))).values())
     for key in ("before_us", "gemv_us", "best_us"):
         if row.get(key) is not None:

@@ -47,45 +47,78 @@ def _gemv_float_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, strid
              mask=valid_m[:, None] & valid_n[None, :])
 
 
+# word t (each byte already + 128) -> its 4 bytes, each in the mantissa of 2^23 (0x4B000000 | b): one prmt a value
+_PRMT_BYTES = """{
+.reg .b32 m;
+mov.b32 m, 0x4B000000;
+prmt.b32 $0, $4, m, 0x7650;
+prmt.b32 $1, $4, m, 0x7651;
+prmt.b32 $2, $4, m, 0x7652;
+prmt.b32 $3, $4, m, 0x7653;
+}"""
+
+
+@triton.jit
+def _byte_floats(t, PRMT: tl.constexpr):
+    """The 4 bytes of int32 words t as exact floats 2^23 + b (one tensor per byte, lowest first)."""
+    if PRMT:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(_PRMT_BYTES, "=r,=r,=r,=r,r", [t], dtype=(tl.int32,) * 4,
+                                                   is_pure=True, pack=1)
+    else:
+        b0 = (t & 0xFF) | 0x4B000000
+        b1 = ((t >> 8) & 0xFF) | 0x4B000000
+        b2 = ((t >> 16) & 0xFF) | 0x4B000000
+        b3 = ((t >> 24) & 0xFF) | 0x4B000000
+    return (b0.to(tl.float32, bitcast=True), b1.to(tl.float32, bitcast=True), b2.to(tl.float32, bitcast=True),
+            b3.to(tl.float32, bitcast=True))
+
+
 @triton.jit
 def _gemv_q8_0p_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, row_bytes, stride_o,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int8 -> fp32 without the GPU's slow int-to-float unit: byte b of a word, biased by 128 (one xor per 4
-    values), sits in the mantissa of 2^23 (or with 0x4B000000), and 2^23 + 128 is subtracted (exact)."""
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRMT: tl.constexpr):
+    """int8 -> fp32 without the GPU's int-to-float unit (16 a clock per SM against 128 FMAs): each byte, biased by
+    128 (one xor per word), goes into the mantissa of 2^23 and 2^23 + 128 is subtracted (exact). A step takes
+    W words of each of BLOCK_N rows as 4 byte planes, each against x at k = 4 w + j."""
     W: tl.constexpr = BLOCK_K // 4  # int32 words of values per row per step
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, W)
-    shifts = tl.arange(0, 4) * 8
     valid_m, valid_n = offs_m < M, offs_n < N
     rows = offs_n.to(tl.int64) * row_bytes  # byte offset of each weight row (a multiple of 4: K % 64 == 0)
     words = w_ptr.to(tl.pointer_type(tl.int32)) + rows // 4
     scales = w_ptr.to(tl.pointer_type(tl.float16)) + (rows + K) // 2  # a row's fp16 scales follow its K values
-    xk = offs_w[:, None] * 4 + tl.arange(0, 4)[None, :]  # [W, 4]: value k of word w, byte j
-    acc = tl.zeros((BLOCK_M, BLOCK_N, W, 4), dtype=tl.float32)
+    x_rows = x_ptr + offs_m[:, None] * stride_x
+    bias = 8388736.0  # 2^23 + 128
+    acc = tl.zeros((BLOCK_M, BLOCK_N, W), dtype=tl.float32)
     for w0 in range(0, K // 4, W):
-        valid_w = (w0 + offs_w) < K // 4
-        q = tl.load(words[:, None] + w0 + offs_w[None, :], mask=valid_n[:, None] & valid_w[None, :], other=0,
+        wi = w0 + offs_w
+        valid_w = wi < K // 4
+        t = tl.load(words[:, None] + wi[None, :], mask=valid_n[:, None] & valid_w[None, :], other=0,
                     eviction_policy="evict_first") ^ -0x7F7F7F80  # 0x80808080: each byte + 128 (mod 256)
-        b = ((q[:, :, None] >> shifts[None, None, :]) & 0xFF) | 0x4B000000
-        qf = b.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
-        d = tl.load(scales[:, None] + (w0 + offs_w[None, :]) // 8, mask=valid_n[:, None] & valid_w[None, :],
+        q0, q1, q2, q3 = _byte_floats(t, PRMT)
+        xm = valid_m[:, None] & valid_w[None, :]
+        x0 = tl.load(x_rows + 4 * wi[None, :], mask=xm, other=0.0).to(tl.float32)
+        x1 = tl.load(x_rows + 4 * wi[None, :] + 1, mask=xm, other=0.0).to(tl.float32)
+        x2 = tl.load(x_rows + 4 * wi[None, :] + 2, mask=xm, other=0.0).to(tl.float32)
+        x3 = tl.load(x_rows + 4 * wi[None, :] + 3, mask=xm, other=0.0).to(tl.float32)
+        dot = (x0[:, None, :] * (q0 - bias)[None] + x1[:, None, :] * (q1 - bias)[None]
+               + x2[:, None, :] * (q2 - bias)[None] + x3[:, None, :] * (q3 - bias)[None])
+        d = tl.load(scales[:, None] + wi[None, :] // 8, mask=valid_n[:, None] & valid_w[None, :],
                     other=0.0).to(tl.float32)  # [BN, W]: the scale of each word's group of 32
-        x = tl.load(x_ptr + offs_m[:, None, None] * stride_x + w0 * 4 + xk[None, :, :],
-                    mask=valid_m[:, None, None] & valid_w[None, :, None], other=0.0).to(tl.float32)
-        acc += x[:, None, :, :] * (qf * d[:, :, None])[None, :, :, :]
-    y = tl.sum(tl.sum(acc, axis=3), axis=2)
+        acc += dot * d[None, :, :]
+    y = tl.sum(acc, axis=2)
     tl.store(out_ptr + offs_m[:, None] * stride_o + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
              mask=valid_m[:, None] & valid_n[None, :])
 
 
 @dataclass(frozen=True)
 class Config:
-    """One launch's tiling: output rows per program, K values per step (BLOCK_K, or G groups of 32), warps."""
+    """One launch's tiling: output rows per program, K values per step, warps."""
 
     block_n: int
     block_k: int
     num_warps: int
+    prmt: bool = True  # q8_0p: bytes by prmt (inline PTX) rather than shifts and masks
 
 
 @functools.cache
@@ -136,5 +169,5 @@ def gemv(x: torch.Tensor, w: QuantTensor, out: torch.Tensor | None = None, confi
         else:
             _gemv_q8_0p_kernel[grid](x, w.data, out, m, n, k, x.stride(0), w.data.stride(0), out.stride(0),
                                      BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                                     num_warps=c.num_warps)
+                                     PRMT=c.prmt, num_warps=c.num_warps)
     return out
