@@ -48,14 +48,14 @@ def _gemv_float_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, strid
 
 
 # word t (each byte already + 128) -> its 4 bytes, each in the mantissa of 2^23 (0x4B000000 | b): one prmt a value
-_PRMT_BYTES = """{
+_PRMT_BYTES = tl.constexpr("""{
 .reg .b32 m;
 mov.b32 m, 0x4B000000;
 prmt.b32 $0, $4, m, 0x7650;
 prmt.b32 $1, $4, m, 0x7651;
 prmt.b32 $2, $4, m, 0x7652;
 prmt.b32 $3, $4, m, 0x7653;
-}"""
+}""")
 
 
 @triton.jit
