@@ -22,7 +22,9 @@ import triton.language as tl
 
 from tandem.gpu.blocks import QuantTensor
 
-MAX_M = {"q8_0p": 4, "bf16": 1, "fp16": 1, "fp32": 1}  # more rows: the tensor-core kernels are as fast (H200)
+# rows of x it takes (H200, bench/gemv.py): q8_0p at 4 rows still beats the tensor-core quant matmul ~3x; float
+# weights past one row go to the tensor-core kernels
+MAX_M = {"q8_0p": 4, "bf16": 1, "fp16": 1, "fp32": 1}
 FLOAT = ("bf16", "fp16", "fp32")
 
 
@@ -127,16 +129,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 def config_for(fmt: str, m: int, n: int, k: int, sms: int) -> Config:
-    """The tiling of an [m, k] x [n, k]ᵀ product: 1 KB or more of each weight row per step, up to 8 rows per
-    program while that leaves 8 programs per SM (bench/gemv.py --sweep on an H200), 8 warps when programs are
-    few, and the per-thread accumulator bounded as m grows."""
+    """The tiling of an [m, k] x [n, k]ᵀ product, from bench/gemv.py --sweep on an H200: q8_0p takes one row per
+    program and 512 values a step for one row of x (8 rows and 1024 for more: x's rows share each weight load);
+    float weights 1024 values a step and up to 8 rows per program while that leaves 8 programs per SM."""
+    if fmt == "q8_0p":
+        return Config(1, 512, 4) if m == 1 else Config(8, 1024, 4)
     block_n = 8
     while block_n > 1 and triton.cdiv(n, block_n) < 8 * sms:
         block_n //= 2
-    step = 1024
-    while triton.next_power_of_2(m) * block_n * step > 8192 and step > 128:
-        step //= 2
-    return Config(block_n, step, 8 if triton.cdiv(n, block_n) < 4 * sms else 4)
+    return Config(block_n, 1024, 8 if triton.cdiv(n, block_n) < 4 * sms else 4)
 
 
 def supports(x: torch.Tensor, w: QuantTensor) -> bool:
