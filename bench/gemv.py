@@ -17,6 +17,7 @@ import json
 import torch
 import torch.nn.functional as F
 from decode_graphs import copy_bandwidth  # bench/ is the script's folder: the same HBM copy probe
+from mla_decode import graph_ms  # and the same graph timing
 
 from tandem.gpu import blocks as B
 from tandem.gpu import gemv as G
@@ -39,27 +40,9 @@ def weights(fmt: str, n: int, k: int) -> list[B.QuantTensor]:
     return [B.QuantTensor(one.fmt, one.data.clone(), one.shape) for _ in range(min(copies, 64))]
 
 
-def graph_us(fn, ws: list, reps: int = 10) -> float:
+def graph_us(fn, ws: list) -> float:
     """us per call of fn(w) over the copies, replayed in a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for w in ws:
-            fn(w)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=s):
-            for w in ws:
-                fn(w)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / len(ws)
+    return graph_ms(lambda: [fn(w) for w in ws], reps=10) * 1e3 / len(ws)
 
 
 def before(fmt: str, x: torch.Tensor):
