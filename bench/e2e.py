@@ -4,7 +4,7 @@ against the physical bounds measured in the same run.
     python bench/e2e.py [--models qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4] [--dir /tmp/tandem-e2e]
                         [--prefill 512,2048,8192] [--batches 1,8] [--decode-tokens 32] [--gguf Q4_K_M-like]
                         [--profile [--profile-dir DIR]] [--trace [--trace-knobs all|default|read-ahead]] [--json]
-                        [--embedding gpu|cpu]
+                        [--embedding gpu|cpu] [--linears fp8]
 
 Each model is `tandem synth PRESET --layers L` (random weights in the real per-layer shapes, truncated depth:
 every figure below is per token through those L layers, so ratios hold for the full depth), loaded with the
@@ -31,7 +31,9 @@ launch: the step minus its MoE layers, measured) + the full model's MoE layer co
 --gguf: the model as a synthesized GGUF of that quant, its blocks used by the CPU kernel as they are (Q4_K_M-like)
 or relaid to int4_g32 (Q4_1: routed experts in Q4_1, everything else BF16; int4_g32 without a bf16 file, so a
 full-depth Qwen3-30B-A3B fits a 64 GB disk; Q4_1-Q8_0: the other matrices Q8_0, as hybrid CPU/GPU quants of
-DeepSeek keep attention and shared experts at 8 bits, held as they are by linear.marlin on the GPU).
+DeepSeek keep attention and shared experts at 8 bits, held as they are by linear.marlin on the GPU). --linears
+fp8: the layers' linears (attention, shared experts, dense MLPs) as FP8 E4M3 with 128 x 128 block scales on
+linear.fp8, the type DeepSeek-V3's own checkpoint stores them in, quantized from the file's bf16 at load.
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def gpu_matmul_tflops(n: int = 8192) -> float:
         a @ b
     torch.cuda.synchronize()
     return 10 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+
+
+def linear_formats(llm) -> dict:
+    """How many tandem Linear ops hold their weight in each format (float: the checkpoint's dtype)."""
+    from collections import Counter
+
+    from tandem.ops.linear import Linear
+
+    return dict(Counter(m.qweight.fmt if m.qweight is not None else str(m.weight.dtype).removeprefix("torch.")
+                        for m in llm.model.modules() if isinstance(m, Linear)))
 
 
 def model_counts(llm) -> dict:
@@ -156,17 +168,26 @@ def layer_figures(t: dict, c: dict, ram_gbs: float, full_moe: int) -> dict:
 # --gguf -> the block format the file keeps every other matrix in, run as it is by linear.marlin on the GPU
 GGUF_LINEARS = {"Q4_1-Q8_0": "q8_0"}
 LINEAR_RULE = r"""- match:
-    name: "^lm_head$|^model\\.layers\\."
+    name: "{names}"
     class: torch.nn.Linear
   replace:
     class: tandem.ops.Linear
     kwargs:
       generate_device: "cuda:0"
       prefill_device: "cuda:0"
-      generate_op: linear.marlin
-      prefill_op: linear.marlin
-      weight_format: {fmt}
+      generate_op: {op}
+      prefill_op: {op}{fmt}
 """
+
+
+def linear_rule(fmt: str) -> str:
+    """A rule holding the linears in `fmt`: fp8, the layers' linears by linear.fp8 (FP8 E4M3, 128 x 128 block
+    scales: DeepSeek-V3's checkpoint keeps its LM head bf16); a block format, those and the LM head by
+    linear.marlin."""
+    if fmt == "fp8":
+        return LINEAR_RULE.format(names=r"^model\\.layers\\.", op="linear.fp8", fmt="")
+    return LINEAR_RULE.format(names=r"^lm_head$|^model\\.layers\\.", op="linear.marlin",
+                              fmt=f"\n      weight_format: {fmt}")
 
 
 def rules_file(preset_family: str, out: Path, weight_format: str | None = "int4_g32",
@@ -174,14 +195,14 @@ def rules_file(preset_family: str, out: Path, weight_format: str | None = "int4_
     """The family's 1gpu preset with the routed experts quantized to `weight_format` on the CPU (None: as the file
     stores them), the token embedding on cuda:0 (embedding "gpu", the issue's "the rest on the GPU": a decode
     step launched ahead then takes the last step's token on the device) or the CPU, as the preset keeps it, and
-    with `linear_format` every linear of the layers and the LM head held in that block format by linear.marlin."""
+    with `linear_format` every linear of the layers (and the LM head) held in that format (linear_rule)."""
     from tandem.rules.presets import PRESETS
 
     text = (PRESETS / preset_family / "1gpu.yaml").read_text()
     if linear_format:
         last = '- match:\n    name: ".*"'
         assert text.count(last) == 1, f"{preset_family}/1gpu.yaml: no single catch-all rule"
-        text = text.replace(last, LINEAR_RULE.format(fmt=linear_format) + last)
+        text = text.replace(last, linear_rule(linear_format) + last)
     line = '      out_device: "cuda:0"\n'
     if weight_format:
         text = text.replace(line, line + f"      weight_format: {weight_format}\n", 1)
@@ -384,7 +405,7 @@ def trace_variants(llm, knobs=KNOBS) -> list[dict]:
 
 def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], tokens: int, prof: bool,
             trace: bool = False, gguf: str | None = None, profile_dir: str | None = None,
-            trace_knobs: str = "all", embedding: str = "gpu") -> dict:
+            trace_knobs: str = "all", embedding: str = "gpu", linears: str | None = None) -> dict:
     import tandem
     from tandem.gpu.transfer import measure_h2d
     from tandem.rules.presets import FAMILY_PRESETS
@@ -401,13 +422,13 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
         if not out.exists():
             synthesize_gguf(preset, out, layers, quant=gguf, progress=False)
         rules = str(rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}-{gguf}.yaml", None,
-                               embedding, GGUF_LINEARS.get(gguf)))
+                               embedding, linears or GGUF_LINEARS.get(gguf)))
     else:
         out = root / f"{preset}-{layers}"
         if not (out / "config.json").exists():
             synthesize(preset, out, layers, progress=False)
         rules = str(rules_file(FAMILY_PRESETS[PRESETS[preset]["model_type"]], root / f"{preset}.yaml",
-                               embedding=embedding))
+                               embedding=embedding, linear_format=linears))
     synth_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     llm = tandem.load(out, rules=rules, dtype="bfloat16", progress=False)
@@ -415,10 +436,12 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
     c = model_counts(llm)
     weights = {"Q4_1": "GGUF Q4_1 experts -> int4_g32, rest BF16",
                "Q4_1-Q8_0": "GGUF Q4_1 experts -> int4_g32, other matrices Q8_0 (linear.marlin)"}.get(gguf, gguf)
+    if linears == "fp8":
+        weights = (weights or "safetensors bf16 -> int4_g32") + "; layers' linears FP8 E4M3 (linear.fp8)"
     res = {"model": preset, "layers": layers, "weights": weights or "safetensors bf16 -> int4_g32",
            "embedding": "cuda:0" if embedding == "gpu" else "cpu", "synth_s": round(synth_s, 1),
            "load_s": round(load_s, 1),
-           "routed_expert_gb": round(c["routed_bytes"] / 1e9, 2)}
+           "routed_expert_gb": round(c["routed_bytes"] / 1e9, 2), "gpu_linears": linear_formats(llm)}
     # the bound's RAM rate: the better of a probe before the load and one with the model in RAM (on a loaded host
     # the second can come out below what the decode call itself reads: fresh huge pages are then scarce)
     res["ram_read_gbs_before_load"], res["ram_read_gbs_loaded"] = round(probe_free, 1), round(ram_read_gbs(), 1)
@@ -513,6 +536,8 @@ def main() -> None:
     ap.add_argument("--gguf", help="synthesize a GGUF of this quant (Q4_K_M-like; Q4_1: experts Q4_1, rest BF16; "
                                    "Q4_1-Q8_0: experts Q4_1, other matrices Q8_0 run by linear.marlin) instead of "
                                    "bf16 safetensors quantized to int4_g32 at load")
+    ap.add_argument("--linears", choices=("fp8",), help="fp8: every linear of the layers held as FP8 E4M3 with "
+                    "128 x 128 block scales (linear.fp8), as DeepSeek-V3's checkpoint stores them, quantized at load")
     ap.add_argument("--embedding", choices=("gpu", "cpu"), default="gpu",
                     help="the token embedding on cuda:0 (default: everything but the routed experts on the GPU) or "
                          "on the CPU, as the 1gpu presets keep it")
@@ -526,7 +551,7 @@ def main() -> None:
     batches = [int(x) for x in args.batches.split(",") if x]
     if args.one:
         print(json.dumps(run_one(args.one, root, prefills, batches, args.decode_tokens, args.profile, args.trace,
-                                 args.gguf, args.profile_dir, args.trace_knobs, args.embedding)))
+                                 args.gguf, args.profile_dir, args.trace_knobs, args.embedding, args.linears)))
         return
     results = []
     for spec in args.models.split(","):
@@ -535,6 +560,7 @@ def main() -> None:
         cmd += ["--profile"] if args.profile else []
         cmd += ["--trace", "--trace-knobs", args.trace_knobs] if args.trace else []
         cmd += ["--gguf", args.gguf] if args.gguf else []
+        cmd += ["--linears", args.linears] if args.linears else []
         cmd += ["--profile-dir", args.profile_dir] if args.profile_dir else []
         print(f"== {spec}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))

@@ -1,12 +1,12 @@
 """Decode-step linears on one GPU: tandem.gpu.gemv against what ran them before (cuBLAS for bf16, the tensor-core
-quant matmul for q8_0), as weight GB/s and as a share of the HBM copy rate measured in the same run.
+quant matmul for q8_0 and fp8_e4m3), as weight GB/s and as a share of the HBM copy rate measured in the same run.
 
 Shapes: DeepSeek-V3's attention (q_a, q_b, kv_a, q_a + kv_a as one, o_proj), its shared expert and LM head, and
 Qwen3-30B-A3B's q/k/v, o_proj and LM head. Each linear is replayed in a CUDA graph over enough distinct copies of
 its weight (>= 256 MB in all) that no copy stays in the 50 MB L2 from one call to the next, as in a decode step.
 `--sweep`: every tiling in SWEEP too, each checked against the default's output; the best is reported.
 
-Usage: python bench/gemv.py [--rows 1 4] [--formats bf16 q8_0p] [--sweep] [--json]
+Usage: python bench/gemv.py [--rows 1 4] [--formats bf16 q8_0p fp8_e4m3] [--sweep] [--json]
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ SHAPES = {  # name -> (N, K)
     "qwen3.lm_head": (151936, 2048),
 }
 SWEEP = [G.Config(n, k, w, p) for n in (1, 2, 4, 8) for k in (512, 1024, 2048) for w in (4, 8) for p in (True, False)]
+SWEEP_FP8 = [G.Config(n, k, w, p) for n in (4, 8, 16, 32) for k in (128, 256, 512) for w in (2, 4, 8)
+             for p in (True, False)]  # k: 128-value blocks read per step
 
 
 def weights(fmt: str, n: int, k: int) -> list[B.QuantTensor]:
     """Distinct copies of one random weight, >= 256 MB in all (one copy when it alone is larger)."""
     w = torch.randn(n, k, device="cuda") * 0.05
-    one = B.QuantTensor("bf16", w.bfloat16(), (n, k)) if fmt == "bf16" else B.from_float(w, "q8_0")
+    one = B.QuantTensor("bf16", w.bfloat16(), (n, k)) if fmt == "bf16" else B.from_float(
+        w, B.FP8 if fmt == B.FP8 else "q8_0")
     copies = max(1, -(-(256 << 20) // one.nbytes()))
     return [B.QuantTensor(one.fmt, one.data.clone(), one.shape) for _ in range(min(copies, 64))]
 
@@ -46,7 +49,8 @@ def graph_us(fn, ws: list) -> float:
 
 
 def before(fmt: str, x: torch.Tensor):
-    """The path a decode linear took before the GEMV: cuBLAS on bf16, the tensor-core quant matmul on q8_0."""
+    """The path a decode linear took before the GEMV: cuBLAS on bf16, the tensor-core quant matmul on q8_0 and
+    fp8_e4m3."""
     if fmt == "bf16":
         return lambda w: F.linear(x, w.data)
 
@@ -69,7 +73,7 @@ def measure(name: str, fmt: str, m: int, hbm: float, sweep: bool) -> dict:
     if sweep and row["gemv_us"] is not None:
         ref = G.gemv(x, gv[0]).float()
         best = None
-        for c in SWEEP:
+        for c in SWEEP_FP8 if fmt == B.FP8 else SWEEP:
             if m * c.block_n * c.block_k > 65536:
                 continue
             err = (G.gemv(x, gv[0], config=c).float() - ref).norm() / ref.norm()
@@ -87,7 +91,7 @@ def measure(name: str, fmt: str, m: int, hbm: float, sweep: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0p"], choices=["bf16", "q8_0p"])
+    ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0p"], choices=["bf16", "q8_0p", B.FP8])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json", action="store_true")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -46,9 +47,18 @@ FAMILIES = {
 }
 
 
-def make_hf(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A float32 random model of family `name` with weights of O(1) activations (not the tiny default init)."""
+# every linear of a layer in whole 128 x 128 FP8 blocks along K (DeepSeek-V3's and Qwen3's FP8 checkpoints)
+WIDE = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, head_dim=32, kv_lora_rank=128,
+            q_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=64)
+FP8_LINEAR = re.compile(r"^model\.layers\.\d+\..*\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|"
+                        r"kv_b_proj|gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+
+
+def make_hf(name: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A float32 random model of family `name` with weights of O(1) activations (not the tiny default init);
+    `overrides` change its config (e.g. **WIDE)."""
     cfg_cls, model_cls, kw = FAMILIES[name]
+    kw = {**kw, **{k: v for k, v in overrides.items() if k in kw or k not in WIDE}}
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
     with torch.no_grad():
@@ -76,4 +86,24 @@ def save_hf(model, path: Path, hub_style: bool = False) -> Path:
             rope["type"] = rope.pop("rope_type")
             cfg["rope_scaling"] = rope
         (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def to_fp8_checkpoint(path: Path) -> Path:
+    """Rewrite a saved model as an FP8 checkpoint of DeepSeek-V3's kind: every linear of a layer with whole
+    128-value blocks along K stored as float8_e4m3fn plus `<name>_scale_inv` (128 x 128 block scales, w = q s),
+    and the config's quantization_config saying so. Returns path."""
+    from safetensors.torch import load_file, save_file
+
+    from tandem.gpu.blocks import fp8_quantize
+
+    for f in sorted(path.glob("*.safetensors")):
+        tensors = load_file(f)
+        for name in [n for n, t in tensors.items() if FP8_LINEAR.match(n) and t.dim() == 2 and t.shape[1] % 128 == 0]:
+            tensors[name], tensors[name + "_scale_inv"] = fp8_quantize(tensors[name].float())
+        save_file(tensors, f, metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(cfg))
     return path

@@ -11,6 +11,7 @@ tests. Formats (values per block, bytes per block):
                                                                   w = d[g] q + m[g]  (int4 scale + min, group 32)
     int4_g128 128, 68   fp16 d | fp16 m | qs[64]: j low, j+64 high  w = d q + m      (int4 scale + min, group 128)
     q8_0p      32, 34   a row: int8 q[K] | fp16 d[K / 32]          w = d q            (q8_0 re-laid, GPU linears)
+    fp8_e4m3  128, 132  a row: fp8 e4m3 q[K] | fp32 s[K / 128]     w = s q            (FP8 checkpoints, GPU linears)
     bf16 / fp16 / fp32: a plain float tensor.
 
 GGUF's K-quants (q4_k, q5_k, q6_k: 256 values in 144, 176, 210 bytes, ggml's layouts, tandem.weights.gguf_quants)
@@ -50,7 +51,13 @@ KQUANT_GGUF = {f: t for t, f in GGUF_KQUANT.items()}
 # GPU linears only (never a rule's weight_format, never an experts format): q8_0 re-laid per row as int8 q[K] then
 # fp16 d[K / 32], the same bytes per row as q8_0, so a batch-1 GEMV (tandem.gpu.gemv) loads the values 16
 # aligned bytes at a time; q8_0's 34-byte blocks allow 2-byte loads only
-ROW_FORMATS: dict[str, tuple[int, int, int]] = {"q8_0p": (32, 34, 8)}
+ROW_FORMATS: dict[str, tuple[int, int, int]] = {"q8_0p": (32, 34, 8), "fp8_e4m3": (128, 132, 9)}
+# linear.fp8: FP8 E4M3 values with 128 x 128 block scales (DeepSeek-V3's and Qwen3's FP8 checkpoints, their
+# weight_scale_inv). Each row carries its blocks' fp32 scales after its values (a block's scale repeated on its 128
+# rows: +3% bytes) so rows stay independent: projections join along N, a GEMV takes any rows
+FP8 = "fp8_e4m3"
+FP8_BLOCK = 128
+FP8_MAX = 448.0  # the largest E4M3 value
 
 
 def canonical(fmt: str, group_size: int | None = None) -> str:
@@ -195,6 +202,11 @@ def dequantize(data: torch.Tensor, fmt: str, shape: tuple[int, ...]) -> torch.Te
     if fmt in KQUANT_FORMATS:
         t = gq.TYPES[KQUANT_GGUF[fmt]]
         return gq.DEQUANT[t.id](data.reshape(-1, t.bytes)).reshape(shape)
+    if fmt == FP8:
+        k = shape[-1]
+        rows = data.reshape(-1, data.shape[-1])
+        q = rows[:, :k].contiguous().view(torch.float8_e4m3fn).float().view(-1, k // FP8_BLOCK, FP8_BLOCK)
+        return (q * rows[:, k:].contiguous().view(torch.float32)[..., None]).reshape(shape)
     if fmt == "q8_0p":
         k = shape[-1]
         rows = data.reshape(-1, data.shape[-1])
@@ -311,6 +323,39 @@ def q8_0_planar(w: QuantTensor) -> QuantTensor:
     return QuantTensor("q8_0p", rows.view(*w.data.shape), w.shape)
 
 
+def fp8_rows(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK),
+             what: str = "weight") -> QuantTensor:
+    """FP8 E4M3 values q [N, K] and their block scales [ceil(N / 128), K / 128] (a checkpoint's weight_scale_inv:
+    w = q * scale) as an fp8_e4m3 weight on q's device: the same values, nothing requantized."""
+    n, k = q.shape
+    if tuple(block) != (FP8_BLOCK, FP8_BLOCK) or k % FP8_BLOCK:
+        raise ValueError(f"{what}: FP8 weights run with 128 x 128 block scales over whole blocks of 128 input "
+                         f"features; this one has blocks {list(block)} and {k} input features (use linear.torch)")
+    rb, cb = -(-n // FP8_BLOCK), k // FP8_BLOCK
+    if tuple(scale.shape) != (rb, cb):
+        raise ValueError(f"{what}: FP8 scales have shape {list(scale.shape)}, a [{n}, {k}] weight in 128 x 128 "
+                         f"blocks needs [{rb}, {cb}]")
+    if q.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{what}: FP8 values must be float8_e4m3fn, got {q.dtype}")
+    s = scale.to(q.device, torch.float32).repeat_interleave(FP8_BLOCK, 0)[:n]  # [N, K / 128]: each row its blocks'
+    return QuantTensor(FP8, torch.cat((q.contiguous().view(torch.uint8), s.contiguous().view(torch.uint8)), -1),
+                       (n, k))
+
+
+def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [N, K] (K % 128 == 0) as FP8 E4M3 values and 128 x 128 block scales, as FP8 checkpoints
+    quantize: scale = the block's largest magnitude / 448, values rounded to nearest (a zero block: scale 1)."""
+    n, k = w.shape
+    rb = -(-n // FP8_BLOCK)
+    wp = torch.zeros(rb * FP8_BLOCK, k, dtype=torch.float32, device=w.device)
+    wp[:n] = w
+    blocks = wp.view(rb, FP8_BLOCK, k // FP8_BLOCK, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3))  # [rb, K / 128]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(rb * FP8_BLOCK, k)[:n], scale
+
+
 def to_grouped(w: QuantTensor) -> QuantTensor:
     """w in a format the grouped GEMM reads: K-quants converted on their device as from_gguf converts them (q4_k to
     int4_g32, a relayout; q5_k / q6_k to q8_0); any other format as it is."""
@@ -321,5 +366,9 @@ def to_grouped(w: QuantTensor) -> QuantTensor:
 
 def from_float(w: torch.Tensor, fmt: str) -> QuantTensor:
     """A float weight [*, N, K] quantized on its own device."""
+    if fmt == FP8:
+        if w.dim() != 2 or w.shape[-1] % FP8_BLOCK:
+            raise ValueError(f"fp8_e4m3 takes a [N, K] weight with K % 128 == 0, got {list(w.shape)}")
+        return fp8_rows(*fp8_quantize(w))
     fmt = canonical(fmt)
     return QuantTensor(fmt, quantize(w, fmt), tuple(w.shape))

@@ -4,9 +4,9 @@ At batch 1 a linear reads its whole weight for one row of x, so it runs at the r
 the tensor-core quant matmul (quant_matmul: 16-row tiles, the weight's bytes loaded one by one) and cuBLAS' tiles
 spend their time elsewhere. Here each program takes BLOCK_N output rows and walks K with 16-byte loads,
 accumulating x[m, k] w[n, k] elementwise in fp32 and reducing once at the end (no tensor cores, no shuffles in
-the loop). Weights: bf16 / fp16 / fp32 (one row of x: below cuBLAS' tiles only then), or q8_0p (tandem.gpu.blocks:
-a row's int8 values, then its fp16 scales; rows of K % 64 == 0 so they start on 4-byte words). fp32 accumulation;
-one launch; CUDA-graph safe.
+the loop). Weights: bf16 / fp16 / fp32 (one row of x: below cuBLAS' tiles only then), q8_0p (tandem.gpu.blocks:
+a row's int8 values, then its fp16 scales; rows of K % 64 == 0 so they start on 4-byte words), or fp8_e4m3 (a
+row's FP8 values, then the fp32 scales of its 128-value blocks). fp32 accumulation; one launch; CUDA-graph safe.
 
 Legend: M rows of x, N output features, K input features, W int32 words (4 int8 values) per row per step.
 """
@@ -24,7 +24,7 @@ from tandem.gpu.blocks import QuantTensor
 
 # rows of x it takes (H200, bench/gemv.py): q8_0p at 4 rows still beats the tensor-core quant matmul ~3x; float
 # weights past one row go to the tensor-core kernels
-MAX_M = {"q8_0p": 4, "bf16": 1, "fp16": 1, "fp32": 1}
+MAX_M = {"q8_0p": 4, "fp8_e4m3": 8, "bf16": 1, "fp16": 1, "fp32": 1}
 FLOAT = ("bf16", "fp16", "fp32")
 
 
@@ -113,6 +113,68 @@ def _gemv_q8_0p_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, row_bytes, stri
              mask=valid_m[:, None] & valid_n[None, :])
 
 
+# 4 FP8 E4M3 bytes (one register) -> 4 fp32 registers holding value * 2^-120: sign to bit 31, exponent and mantissa
+# to bits 26..20 (prmt puts the byte on top, an arithmetic shift by 4 moves it, the and clears the copied sign
+# bits); a zero exponent lands on an fp32 subnormal of the same mantissa, so subnormal FP8 values stay exact
+_FP8_BITS = tl.constexpr("""{
+.reg .b32 z, r;
+mov.b32 z, 0;
+prmt.b32 r, $4, z, 0x0444;
+shr.s32 r, r, 4;
+and.b32 $0, r, 0x87FFFFFF;
+prmt.b32 r, $4, z, 0x1444;
+shr.s32 r, r, 4;
+and.b32 $1, r, 0x87FFFFFF;
+prmt.b32 r, $4, z, 0x2444;
+shr.s32 r, r, 4;
+and.b32 $2, r, 0x87FFFFFF;
+prmt.b32 r, $4, z, 0x3444;
+shr.s32 r, r, 4;
+and.b32 $3, r, 0x87FFFFFF;
+}""")
+
+
+@triton.jit
+def _fp8_values(w, INT: tl.constexpr):
+    """FP8 E4M3 bytes w (uint8) as fp32: INT, by integer ops, each value times 2^-120 (the caller scales back);
+    else by Triton's conversion (through fp16), the values themselves."""
+    if INT:
+        v = tl.inline_asm_elementwise(_FP8_BITS, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        v = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _gemv_fp8_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, row_bytes, stride_o,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, INT: tl.constexpr):
+    """A step reads CHUNKS blocks of 128 values of BLOCK_N rows; each block's products are summed and times that
+    row's block scale. INT: values converted as value * 2^-120, so x is taken times 2^60 (products of normal size
+    down to |x w| = 2^-66, ~1e-20, below which they are lost: far below a bf16 activation times a weight) and the
+    scales times 2^60."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, 128)
+    valid_m, valid_n = offs_m < M, offs_n < N
+    rows = offs_n.to(tl.int64) * row_bytes  # byte offset of each weight row (a multiple of 4: K % 128 == 0)
+    scales = w_ptr.to(tl.pointer_type(tl.float32)) + (rows + K) // 4  # a row's fp32 block scales follow its values
+    x_rows = x_ptr + offs_m[:, None] * stride_x
+    half = 1.152921504606846976e18 if INT else 1.0  # 2^60
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, 128 * CHUNKS):
+        for c in tl.static_range(CHUNKS):
+            kb = k0 + 128 * c
+            k = kb + offs_k
+            w = tl.load(w_ptr + rows[:, None] + k[None, :], mask=valid_n[:, None] & (k < K)[None, :], other=0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_rows + k[None, :], mask=valid_m[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+            p = tl.sum((x * half)[:, None, :] * _fp8_values(w, INT)[None, :, :], axis=2)
+            s = tl.load(scales + kb // 128, mask=valid_n & (kb < K), other=0.0)
+            acc += p * (s * half)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=valid_m[:, None] & valid_n[None, :])
+
+
 @dataclass(frozen=True)
 class Config:
     """One launch's tiling: output rows per program, K values per step, warps."""
@@ -120,7 +182,8 @@ class Config:
     block_n: int
     block_k: int
     num_warps: int
-    prmt: bool = True  # q8_0p: bytes by prmt (inline PTX) rather than shifts and masks
+    prmt: bool = True  # q8_0p: bytes by prmt (inline PTX) rather than shifts and masks; fp8_e4m3: by integer
+    # ops (inline PTX) rather than Triton's conversion. fp8_e4m3 reads block_k // 128 blocks of 128 a step
 
 
 @functools.cache
@@ -134,6 +197,8 @@ def config_for(fmt: str, m: int, n: int, k: int, sms: int) -> Config:
     float weights 1024 values a step and up to 8 rows per program while that leaves 8 programs per SM."""
     if fmt == "q8_0p":
         return Config(1, 512, 4) if m == 1 else Config(8, 1024, 4)
+    if fmt == "fp8_e4m3":
+        return Config(16, 256, 4)
     block_n = 8
     while block_n > 1 and triton.cdiv(n, block_n) < 8 * sms:
         block_n //= 2
@@ -143,7 +208,8 @@ def config_for(fmt: str, m: int, n: int, k: int, sms: int) -> Config:
 def supports(x: torch.Tensor, w: QuantTensor) -> bool:
     """Whether gemv takes this product: few rows, a weight format it reads, x and W on one CUDA device."""
     return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_M.get(w.fmt, 0) and len(w.shape) == 2
-            and w.device == x.device and (w.fmt != "q8_0p" or w.k % 64 == 0))
+            and w.device == x.device and (w.fmt != "q8_0p" or w.k % 64 == 0) and (w.fmt != "fp8_e4m3"
+                                                                                  or w.k % 128 == 0))
 
 
 def gemv(x: torch.Tensor, w: QuantTensor, out: torch.Tensor | None = None, config: Config | None = None
@@ -152,7 +218,7 @@ def gemv(x: torch.Tensor, w: QuantTensor, out: torch.Tensor | None = None, confi
     if not supports(x, w):
         raise ValueError(f"gemv: x {tuple(x.shape)} on {x.device} with a {w.fmt} weight {w.shape} on {w.device}: "
                          f"needs at most {MAX_M.get(w.fmt, 0)} rows of a {'/'.join(MAX_M)} weight (q8_0p: "
-                         "K % 64 == 0), both on one CUDA device")
+                         "K % 64 == 0, fp8_e4m3: K % 128 == 0), both on one CUDA device")
     m, k = x.shape
     if k != w.k:
         raise ValueError(f"gemv: x has {k} features, the weight takes {w.k}")
@@ -167,6 +233,10 @@ def gemv(x: torch.Tensor, w: QuantTensor, out: torch.Tensor | None = None, confi
             _gemv_float_kernel[grid](x, w.data, out, m, n, k, x.stride(0), w.data.stride(0), out.stride(0),
                                      BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                                      num_warps=c.num_warps)
+        elif w.fmt == "fp8_e4m3":
+            _gemv_fp8_kernel[grid](x, w.data, out, m, n, k, x.stride(0), w.data.stride(0), out.stride(0),
+                                   BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n,
+                                   CHUNKS=max(1, c.block_k // 128), INT=c.prmt, num_warps=c.num_warps)
         else:
             _gemv_q8_0p_kernel[grid](x, w.data, out, m, n, k, x.stride(0), w.data.stride(0), out.stride(0),
                                      BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k,

@@ -25,7 +25,8 @@ def _f16_at(w16, byte_off, mask):
 
 @triton.jit
 def _weight_tile(w_ptr, base, offs_k, offs_n, mask, K, row_stride, FMT: tl.constexpr):
-    """W[offs_n, offs_k] transposed to [BK, BN], dequantized to fp32 (FMT: 0 float, then BLOCK_FORMATS' codes).
+    """W[offs_n, offs_k] transposed to [BK, BN], dequantized to fp32 (FMT: 0 float, then BLOCK_FORMATS' and
+    ROW_FORMATS' codes).
 
     One branch per format, no early return: Triton type-checks every statement of a function."""
     if FMT == 0:
@@ -54,9 +55,14 @@ def _weight_tile(w_ptr, base, offs_k, offs_n, mask, K, row_stride, FMT: tl.const
             j = offs_k[:, None] % 128
             q = (tl.load(w_ptr + blk + 4 + j % 64, mask=mask, other=0) >> ((j // 64) * 4)) & 0xF
             w = q.to(tl.float32) * _f16_at(w16, blk, mask) + _f16_at(w16, blk + 2, mask)
-        else:  # FMT == 8, q8_0p: a row is int8 q[K] | fp16 d[K / 32]
+        elif FMT == 8:  # q8_0p: a row is int8 q[K] | fp16 d[K / 32]
             q = tl.load(w_ptr + row + offs_k[:, None], mask=mask, other=0).to(tl.int8, bitcast=True)
             w = q.to(tl.float32) * _f16_at(w16, row + K + (offs_k[:, None] // 32) * 2, mask)
+        else:  # FMT == 9, fp8_e4m3: a row is fp8 e4m3 q[K] | fp32 s[K / 128]
+            q = tl.load(w_ptr + row + offs_k[:, None], mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+            s = tl.load(w_ptr.to(tl.pointer_type(tl.float32)) + (row + K) // 4 + offs_k[:, None] // 128, mask=mask,
+                        other=0.0)
+            w = q.to(tl.float32) * s
     return w
 
 

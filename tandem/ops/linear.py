@@ -7,6 +7,11 @@ by default, int4_g32, q4_0, int8; see tandem.gpu.blocks); a linear.torch phase t
 dequantized values, so prefill and decode agree. A GGUF tensor's blocks are converted on the GPU, never through a
 float copy on the CPU. On a GPU, q8_0 is held re-laid as q8_0p (each row's int8 values, then its scales: the same
 values) and a decode step's few rows run the weight-streaming GEMV (tandem.gpu.gemv).
+
+`linear.fp8` (KTransformers' KLinearFP8) holds the weight as FP8 E4M3 with 128 x 128 block scales, as DeepSeek-V3's
+and Qwen3's FP8 checkpoints store it: such a checkpoint's bytes load as they are (no dequantize, no requantize); a
+float weight is quantized once at load as those checkpoints were. Half the bytes of bf16 for a decode step's GEMV;
+a prefill dequantizes the weight for the call (one launch) and runs cuBLAS.
 """
 
 from __future__ import annotations
@@ -23,14 +28,32 @@ from tandem.ops.registry import BACKENDS, resolve
 
 log = logging.getLogger(__name__)
 
-QUANTIZED = ("linear.marlin",)
+QUANTIZED = ("linear.marlin", "linear.fp8")
+FP8_DENSE_ROWS = 16  # past this many rows of x an fp8 linear dequantizes its weight for the call and runs cuBLAS
+
+
+def dequantized(w: B.QuantTensor, dtype: torch.dtype) -> torch.Tensor:
+    """w's values in `dtype`: one Triton launch on a GPU (tandem.gpu.dequant), torch elsewhere."""
+    if w.device.type == "cuda" and w.fmt not in B.FLOAT_FORMATS:
+        from tandem.gpu.dequant import dequantize_into
+
+        return dequantize_into(w, torch.empty(w.shape, dtype=dtype, device=w.device))
+    return w.dequantize(dtype)
 
 
 def torch_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """`linear.torch`: F.linear; a quantized weight is dequantized for the call (same values as the kernel)."""
     if isinstance(weight, B.QuantTensor):
-        weight = weight.dequantize(x.dtype)
+        weight = dequantized(weight, x.dtype)
     return F.linear(x, weight, bias)
+
+
+def fp8_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear.fp8`: an FP8 E4M3 weight (128 x 128 block scales); a decode step's few rows stream it (the GEMV),
+    more rows dequantize it for the call and run cuBLAS."""
+    if isinstance(weight, B.QuantTensor) and weight.fmt == B.FP8 and x.numel() > FP8_DENSE_ROWS * x.shape[-1]:
+        return torch_linear(x, weight, bias)
+    return marlin_linear(x, weight, bias)
 
 
 def marlin_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -42,8 +65,17 @@ def marlin_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.T
     return quant_linear(x, weight, bias)
 
 
-def linear_format(k: int, weight_format, group_size, name: str) -> str:
-    """The block format of a quantized linear with k input features (int4_g128 unless asked or impossible)."""
+def linear_format(k: int, weight_format, group_size, name: str, fp8: bool = False) -> str:
+    """The block format of a quantized linear with k input features (int4_g128 unless asked or impossible; fp8:
+    linear.fp8's FP8 E4M3)."""
+    if fp8:
+        if weight_format is not None and str(weight_format).lower() not in ("fp8", B.FP8):
+            raise ValueError(f"rule for {name}: linear.fp8 holds FP8 E4M3 weights; weight_format {weight_format!r} "
+                             "is linear.marlin's (drop it, or use linear.marlin)")
+        if k % B.FP8_BLOCK == 0:
+            return B.FP8
+        log.info("%s: %d input features are not whole 128-value FP8 blocks: kept as float", name, k)
+        return "float"
     if weight_format is not None:
         fmt = B.canonical(str(weight_format), group_size)
         if fmt in B.FLOAT_FORMATS or k % B.BLOCK_FORMATS[fmt][0] == 0:
@@ -57,7 +89,16 @@ def linear_format(k: int, weight_format, group_size, name: str) -> str:
 
 
 def load_quantized(ctx: LoadContext, name: str, shape: tuple[int, int], device: str, fmt: str) -> B.QuantTensor:
-    """Weight `name` in `fmt` on `device`: GGUF blocks converted there, or the float weight quantized there."""
+    """Weight `name` in `fmt` on `device`: GGUF blocks converted there, an FP8 checkpoint's values and scales as
+    they are, or the float weight quantized there."""
+    fp8 = getattr(ctx.source, "fp8", None)
+    if fmt == B.FP8 and fp8 is not None and (stored := fp8(name)) is not None:
+        q, scale = stored
+        w = B.fp8_rows(q.to(device), scale.to(device), what=f"{getattr(ctx.source, 'path', 'checkpoint')}: {name}")
+        if w.shape != tuple(shape):
+            raise ValueError(f"{ctx.source.path}: tensor {name} has shape {list(w.shape)}, the config implies "
+                             f"{list(shape)}")
+        return w
     raw = getattr(ctx.source, "raw", None)
     if raw is not None and name in ctx.source and fmt != "float":
         try:
@@ -84,7 +125,7 @@ class Linear(nn.Module):
         self.qweight: B.QuantTensor | None = None
         if cfg.generate_op in QUANTIZED or cfg.prefill_op in QUANTIZED:
             fmt = linear_format(self.in_features, cfg.kwargs.get("weight_format"), cfg.kwargs.get("group_size"),
-                                cfg.name)
+                                cfg.name, fp8="linear.fp8" in (cfg.generate_op, cfg.prefill_op))
             self.qweight = load_quantized(ctx, f"{cfg.name}.weight", shape, dev, fmt)
             if self.qweight.fmt == "q8_0" and self.qweight.device.type == "cuda":
                 self.qweight = B.q8_0_planar(self.qweight)  # the decode GEMV's layout: same bytes, same values

@@ -82,8 +82,7 @@ for _b in (
     Backend("experts.marlin", ("cuda",), "tandem.ops.experts_gpu:GpuExperts"),
     Backend("linear.torch", ("cpu", "cuda"), "tandem.ops.linear:torch_linear"),
     Backend("linear.marlin", ("cuda",), "tandem.ops.linear:marlin_linear"),
-    Backend("linear.fp8", ("cuda",), pending="FP8 block-scaled weights are not run natively yet: the loader "
-            "dequantizes them, so use linear.marlin (int4/int8) or linear.torch (bf16)"),
+    Backend("linear.fp8", ("cuda",), "tandem.ops.linear:fp8_linear"),
 ):
     register_backend(_b)
 

@@ -163,6 +163,14 @@ class SafetensorsSource:
         self._release(info)
         return out
 
+    def fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An FP8 tensor and its block scales (`name`_scale_inv: w = q * scale) as stored, zero-copy views of the
+        mapping (copy them before `release`), or None when `name` is not stored so."""
+        info, scale = self.infos.get(name), self.infos.get(name + "_scale_inv")
+        if info is None or scale is None or info.dtype != torch.float8_e4m3fn:
+            return None
+        return self._view(info), self._view(scale)
+
     def _get_fp8(self, info: TensorInfo, scale: TensorInfo, dtype: torch.dtype, device) -> torch.Tensor:
         w = self._view(info).to(device=device).float()
         s = self._view(scale).to(device=device).float()

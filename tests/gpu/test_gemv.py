@@ -22,6 +22,8 @@ def _weight(fmt: str, n: int, k: int, seed: int) -> B.QuantTensor:
     w = torch.randn(n, k, device="cuda", generator=g) * 0.05
     if fmt in G.FLOAT:
         return B.QuantTensor(fmt, w.to(B.FLOAT_FORMATS[fmt]), (n, k))
+    if fmt == B.FP8:  # magnitudes over 8 decades: values on E4M3 subnormals in most blocks
+        return B.from_float(w * torch.exp(torch.empty_like(w).uniform_(-9, 0, generator=g)), B.FP8)
     return B.q8_0_planar(B.from_float(w, "q8_0"))
 
 
@@ -84,3 +86,56 @@ def test_gemv_refuses_what_it_does_not_take_and_quant_linear_falls_back():
     with pytest.raises(ValueError, match="K % 64"):
         G.gemv(x, odd)
     assert rel_err(quant_linear(x, odd).double(), _reference(x, odd)) < TOL[torch.bfloat16]
+
+
+FP8_CASES = [(m, n, k) for m in (1, 2, 3, 4, 8) for n, k in [(7, 128), (577, 7168), (1536, 1024), (300, 4096)]]
+
+
+@pytest.mark.parametrize("m,n,k", FP8_CASES)
+def test_fp8_gemv_equals_the_float64_product(m, n, k):
+    w = _weight(B.FP8, n, k, seed=n + k + m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    assert rel_err(G.gemv(x, w).double(), _reference(x, w)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("config", [G.Config(16, 256, 4), G.Config(4, 128, 2), G.Config(32, 512, 8),
+                                    G.Config(8, 384, 4, prmt=False), G.Config(16, 256, 4, prmt=False)])
+def test_every_fp8_tiling_and_conversion_gives_the_same_product(config):
+    """Both conversions (integer ops with the 2^60 scaling, Triton's), every tiling, masks on N, K and rows."""
+    w = _weight(B.FP8, 333, 2176, seed=5)
+    for m in (1, 5):
+        x = torch.randn(m, 2176, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(G.gemv(x, w, config=config).double(), _reference(x, w)) < TOL[torch.bfloat16]
+    # small fp32 activations: the integer conversion's products (x 2^60 times w 2^-120) stay normal down to
+    # |x w| ~ 2^-66 (1e-20); here |x w| reaches 1e-10 * 1e-2 * 2^-9 (the smallest subnormal weights)
+    small = torch.randn(1, 2176, device="cuda", dtype=torch.float32) * 1e-10
+    assert rel_err(G.gemv(small, w, config=config).double(), _reference(small, w)) < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 8, 12, 40])
+def test_fp8_linear_every_row_count_inside_a_graph(m):
+    """linear.fp8: the GEMV (<= 8 rows), the tensor-core quant matmul (<= 16), a dequantized weight and cuBLAS."""
+    from tandem.ops.linear import fp8_linear
+
+    w = _weight(B.FP8, 640, 1536, seed=m)
+    bias = torch.randn(640, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16)
+    eager = fp8_linear(x, w, bias)
+    assert rel_err(eager.double(), _reference(x, w) + bias.double()) < TOL[torch.bfloat16]
+    graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph, stream=s):
+            captured = fp8_linear(x, w, bias)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, fp8_linear(x, w, bias))
+
+
+def test_fp8_dequantize_on_the_gpu_equals_the_reference():
+    from tandem.gpu.dequant import dequantize_into
+
+    w = _weight(B.FP8, 300, 1024, seed=6)
+    out = dequantize_into(w, torch.empty(300, 1024, device="cuda"))
+    assert torch.equal(out, w.dequantize())

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from gpu_ref import RTOL, dequantized_reference, rel_err, write_rules
-from tiny import FAMILIES, make_hf, save_hf
+from tiny import FAMILIES, WIDE, make_hf, save_hf, to_fp8_checkpoint
 
 import tandem
+from tandem.gpu import blocks as B
 from tandem.ops.linear import Linear
 
 pytestmark = pytest.mark.gpu
@@ -37,6 +39,40 @@ def test_family_with_quantized_linears_equals_cpu_reference(family, fmt, prefill
     llm = tandem.load(path, rules=write_rules(tmp_path, _rules(fmt, prefill_op)), dtype="float32", progress=False)
     quantized = [m for m in llm.model.modules() if isinstance(m, Linear) and m.qweight is not None]
     assert quantized and any(m.qweight.fmt in ("int4_g128", "q4_0", "q8_0p") for m in quantized)
+    ref = dequantized_reference(path, llm)
+    assert rel_err(llm.logits(IDS), ref.logits(IDS)) < RTOL
+    assert llm.generate(IDS, max_new_tokens=5).token_ids == ref.generate(IDS, max_new_tokens=5).token_ids
+
+
+FP8_RULES = '''
+- match: {name: "^model\\\\.layers\\\\..*$", class: torch.nn.Linear}
+  replace:
+    class: KTransformersLinear
+    kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0", generate_op: "KLinearFP8", prefill_op: "%s"}
+- match: {name: ".*"}
+  replace: {class: default, kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0"}}
+'''
+
+
+@pytest.mark.parametrize("prefill_op", ["KLinearTorch", "KLinearFP8"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("fp8_file", [False, True], ids=["float-file", "fp8-file"])
+def test_fp8_linears_equal_cpu_reference(family, prefill_op, fp8_file, tmp_path):
+    """KTransformers' DeepSeek-V3 FP8 pattern (KLinearFP8 for decode, torch for prefill) and FP8 in both phases,
+    from a float checkpoint (quantized at load) and from an FP8 one (its bytes as they are)."""
+    path = save_hf(make_hf(family, **WIDE), tmp_path / "m")
+    if fp8_file:
+        to_fp8_checkpoint(path)
+    llm = tandem.load(path, rules=write_rules(tmp_path, FP8_RULES % prefill_op), dtype="float32", progress=False)
+    fp8 = [m for m in llm.model.modules() if isinstance(m, Linear) and m.qweight is not None]
+    assert fp8 and all(m.qweight.fmt == B.FP8 for m in fp8)
+    if fp8_file:
+        from tandem.weights import SafetensorsSource
+
+        src = SafetensorsSource.open(path)
+        name = next(n for n, m in llm.model.named_modules() if m is fp8[0])
+        q, _ = src.fp8(f"{name}.weight")
+        assert torch.equal(fp8[0].qweight.data[:, : q.shape[1]].cpu(), q.view(torch.uint8))
     ref = dequantized_reference(path, llm)
     assert rel_err(llm.logits(IDS), ref.logits(IDS)) < RTOL
     assert llm.generate(IDS, max_new_tokens=5).token_ids == ref.generate(IDS, max_new_tokens=5).token_ids

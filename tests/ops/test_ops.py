@@ -47,11 +47,12 @@ def test_a_registered_gpu_kernel_needs_no_rule_change():
     rules = parse_rules('- match: {class: torch.nn.Linear}\n  replace: {class: KTransformersLinear, kwargs: '
                         '{generate_device: "cuda", generate_op: "KLinearFP8"}}\n')
     assert rules.rules[0].kwargs["generate_op"] == "linear.fp8"
-    old = BACKENDS["linear.fp8"]
-    assert old.pending
+    real = BACKENDS["linear.fp8"]
+    assert not real.pending and real.impl == "tandem.ops.linear:fp8_linear"
     try:
-        register_backend(Backend("linear.fp8", ("cuda",), "tandem.ops.linear:torch_linear"))
-        assert not BACKENDS["linear.fp8"].pending
+        register_backend(Backend("linear.fp8", ("cuda",), pending="arrives later"))
         assert OPS["linear"].default_backend("cuda:0") == "linear.torch"  # first runnable in declared order
+        register_backend(real)
+        assert not BACKENDS["linear.fp8"].pending
     finally:
-        register_backend(old)
+        register_backend(real)
