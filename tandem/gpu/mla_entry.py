@@ -2,7 +2,8 @@
 k_pe's RoPE and the write of the new latent-cache rows (models/deepseek.py, MLAttention).
 
     joined       q_a_proj ‖ kv_a_proj_with_mqa (q_proj ‖ kv_a_proj_with_mqa without a q bottleneck): their weights
-                 concatenated once, on an eager call, the projections keeping views of it   one GEMM instead of two
+                 concatenated once, on an eager call, the projections keeping views of it (tandem.gpu.joined)
+                                                                          one GEMM (GEMV at one row) instead of two
     entry        q_a_layernorm of the q part -> a new tensor (q_b_proj's input); kv_a_layernorm of the latent and
                  RoPE of k_pe -> straight into the paged cache rows latent ‖ k_pe at the step's slots
                                                                           one launch instead of ~6 (two norms, a
@@ -18,15 +19,9 @@ import).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-from tandem.gpu.blocks import QuantTensor
 
 try:  # Triton where a GPU runs it; without it the module's own path runs
     import triton
@@ -38,83 +33,6 @@ except ImportError:
 ENABLED = triton is not None and os.environ.get("TANDEM_MLA_FUSED", "1") != "0"
 # the interpreter (TRITON_INTERPRET=1, CPU tensors) has no libdevice: it takes numpy's cos/sin there
 _PRECISE_TRIG = os.environ.get("TRITON_INTERPRET", "0") != "1"
-
-# ------------------------------------------------------------------------------------------ one projection of x
-
-
-@dataclass(slots=True)
-class Joined:
-    """Several projections of one input as one: y = kernel(x, weight, bias), the parts' outputs side by side."""
-
-    weight: torch.Tensor | QuantTensor  # [sum N, K]
-    bias: torch.Tensor | None
-    kernel: Callable | None  # the parts' own kernel (tandem.ops.linear.Linear), or None: F.linear
-    sizes: tuple[int, ...]  # N of each part
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is None:
-            return F.linear(x, self.weight, self.bias)
-        return self.kernel(x, self.weight, self.bias)
-
-
-def _on(device: str | torch.device, here: torch.device) -> bool:
-    """Whether a placement's device names `here` ("cuda" names the current CUDA device)."""
-    d = torch.device(device)
-    return d.type == here.type and (d.index is None or d.index == here.index)
-
-
-def _weight_key(p: nn.Module, x: torch.Tensor) -> tuple | None:
-    """What two projections must share to join, and None where p cannot join: a plain float linear of x's dtype,
-    or a tandem.ops.linear.Linear (its generate kernel on its block or float weight), all on x's device."""
-    cfg = getattr(p, "op_config", None)
-    if cfg is not None and not _on(cfg.out_device, x.device):
-        return None
-    bias = p.bias is not None
-    if isinstance(getattr(p, "kernels", None), dict) and hasattr(p, "qweight"):  # tandem.ops.linear.Linear
-        w = p.qweight if p.qweight is not None else p.weight
-        fmt = w.fmt if isinstance(w, QuantTensor) else w.dtype
-        if len(w.shape) != 2 or w.device != x.device or (isinstance(w, torch.Tensor) and w.dtype != x.dtype):
-            return None
-        return ("op", p.kernels["generate"], fmt, w.shape[1], bias)
-    # an nn.Linear with its own forward or the placement mixin's (tandem.ops.base.DeviceOp: it only moves tensors,
-    # and this layer cannot import it)
-    plain = type(p).forward is nn.Linear.forward or (
-        cfg is not None and type(p).forward.__qualname__ == "DeviceOp.forward")
-    if not (isinstance(p, nn.Linear) and plain and p.weight.device == x.device and p.weight.dtype == x.dtype):
-        return None
-    return ("plain", None, x.dtype, p.weight.shape[1], bias)
-
-
-def join_linears(projs: Sequence[nn.Module], x: torch.Tensor) -> Joined | None:
-    """The projections as one Joined, their weights (and biases) concatenated along N; each projection keeps a view
-    of its rows, so nothing is held twice. None where they differ in kind, kernel, format, K, bias or device.
-
-    Call it outside CUDA-graph capture (it allocates and copies the weights)."""
-    keys = [_weight_key(p, x) for p in projs]
-    if keys[0] is None or any(k != keys[0] for k in keys):
-        return None
-    op = keys[0][0] == "op"
-    quant = op and projs[0].qweight is not None
-    parts = [p.qweight.data if quant else p.weight.detach() for p in projs]
-    sizes = tuple(t.shape[0] for t in parts)
-    with torch.no_grad(), torch.inference_mode(False):
-        data = torch.cat(parts)
-        bias = None if projs[0].bias is None else torch.cat([p.bias.detach() for p in projs])
-        for p, rows in zip(projs, data.split(sizes)):
-            if quant:
-                p.qweight = QuantTensor(p.qweight.fmt, rows, p.qweight.shape)
-                p.weight = rows  # the blocks' buffer, as tandem.ops.linear.Linear registers it
-            else:
-                p.weight.data = rows
-        for p, rows in zip(projs, bias.split(sizes) if bias is not None else ()):
-            p.bias.data = rows
-    weight = QuantTensor(projs[0].qweight.fmt, data, (sum(sizes), keys[0][3])) if quant else data
-    return Joined(weight, bias, keys[0][1] if op else None, sizes)
-
 
 # ------------------------------------------------------------------------------- norms, RoPE, the cache write
 

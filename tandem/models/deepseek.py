@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.gpu import mla_decode, mla_entry
+from tandem.gpu.joined import Joined, join_linears
 from tandem.models.attention import (
     Batch,
     attend,
@@ -204,10 +205,10 @@ class MLAttention(nn.Module):
 
     # ---------------------------------- paged decode on a GPU: one projection of x, one launch (tandem.gpu.mla_entry)
 
-    _joined: mla_entry.Joined | None = None  # q_a ‖ kv_a (q ‖ kv_a without q_lora) as one projection, once made
+    _joined: Joined | None = None  # q_a ‖ kv_a (q ‖ kv_a without q_lora) as one projection, once made
     _joinable = True  # False once they were found unable to join
 
-    def _joined_entry(self, x: torch.Tensor, batch: Batch) -> mla_entry.Joined | None:
+    def _joined_entry(self, x: torch.Tensor, batch: Batch) -> Joined | None:
         """The joined projection when this step is a paged decode on a GPU and its parts fit the entry kernel (made
         on the first eager such call, never inside a CUDA-graph capture); None: the module's own path."""
         meta = batch.paged
@@ -215,7 +216,7 @@ class MLAttention(nn.Module):
             return None
         if self._joined is None and self._joinable and not torch.cuda.is_current_stream_capturing():
             projs = (self.q_proj if self.a.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa)
-            self._joined = mla_entry.join_linears(projs, x) if self._entry_fits(x) else None
+            self._joined = join_linears(projs, x) if self._entry_fits(x) else None
             self._joinable = self._joined is not None
         joined = self._joined
         return joined if joined is not None and joined.device == x.device else None
@@ -227,7 +228,7 @@ class MLAttention(nn.Module):
         return (all(isinstance(m, RMSNorm) and m.weight.device == x.device for m in norms)
                 and isinstance(rope, RotaryEmbedding) and rope.inv_freq.device == x.device)
 
-    def _decode_joined(self, joined: mla_entry.Joined, x: torch.Tensor, positions: torch.Tensor,
+    def _decode_joined(self, joined: Joined, x: torch.Tensor, positions: torch.Tensor,
                        batch: Batch) -> torch.Tensor:
         """forward's paged decode from the joined projection: the norms, k_pe's RoPE and the cache write in one
         launch, then q_b_proj, q_pe's RoPE and the absorbed attention; forward's results but for rounding order."""

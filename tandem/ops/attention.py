@@ -5,7 +5,8 @@ the operator runs it on its device. With a paged batch (the engine on a GPU) bot
 in tensor ops over the paged cache, and MLA decodes with weight absorption (models/attention.py,
 models/deepseek.py); `absorb_for_prefill: true` makes MLA prefill absorbed too (less memory for long prompts,
 more FLOPs per key). Grouped-query decode on a GPU (one new token per sequence) writes the cache and attends in
-Triton (tandem.gpu.paged_attention): two or three launches instead of the torch path's dozen.
+Triton (tandem.gpu.paged_attention): two or three launches instead of the torch path's dozen; q, k and v run as one
+projection (tandem.gpu.joined).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tandem.gpu import fused, paged_attention
+from tandem.gpu.joined import Joined, join_linears
 from tandem.models.attention import Attention, Batch
 from tandem.models.deepseek import MLAttention
 from tandem.models.layers import RMSNorm, RotaryEmbedding
@@ -29,19 +30,22 @@ FUSED_KV = os.environ.get("TANDEM_FUSED_KV", "1") != "0"
 
 class GQAKernels(nn.Module):
     """Mixed under grouped-query attention (as an `attention` operator or placed by `default`). On a GPU: q, k and v
-    as one GEMM (the three weights become views of one [Hq + 2 Hkv, D] tensor on the first eager call), q/k norms
-    and RoPE in one launch (tandem.gpu.fused.qk_norm_rope), the paged decode in Triton. Elsewhere, or when the
-    projections are not plain linears on x's device, the module's own forward."""
+    as one projection (tandem.gpu.joined: plain float linears or linear ops of one kernel and format, their weights
+    views of one [Hq + 2 Hkv, D] weight from the first eager call on; one row of x in bf16 / fp16: the GEMV), q/k
+    norms and RoPE in one launch (tandem.gpu.fused.qk_norm_rope), the paged decode in Triton. Elsewhere, or when
+    the projections do not join, the module's own forward."""
 
-    _qkv: tuple | None = None
+    _qkv: Joined | None = None  # q ‖ k ‖ v as one projection, once made
+    _joinable = True  # False once they were found unable to join
+    _qkv_prefill = True  # False: the parts' prefill kernel or device is not their generate one (decode steps only)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
-        qkv = self._fused_qkv(x) if x.is_cuda and fused.ENABLED and isinstance(self, Attention) else None
+        qkv = self._joined_qkv(x) if x.is_cuda and fused.ENABLED and isinstance(self, Attention) else None
         if qkv is None:
             return super().forward(x, positions, batch)
         n, d = x.shape[0], self.head_dim
         hq, hk = self.n_heads * d, self.n_kv_heads * d
-        y = F.linear(x, *qkv)
+        y = qkv(x)  # [N, Hq + 2 Hkv]
         q, k = y[:, :hq].view(n, self.n_heads, d), y[:, hq : hq + hk].view(n, self.n_kv_heads, d)
         v = y[:, hq + hk :].view(n, self.n_kv_heads, d)
         rope = self.rotary_emb
@@ -66,34 +70,30 @@ class GQAKernels(nn.Module):
         meta = batch.paged
         return meta is not None and meta.decode and q.is_cuda and paged_attention.ENABLED
 
-    def _fused_qkv(self, x: torch.Tensor) -> tuple | None:
-        """(weight, bias) of q/k/v as one linear, made once (on an eager call) when all three are plain linears of
-        x's dtype, the norms RMSNorms of one eps and the rope a RotaryEmbedding, all on x's device; else None."""
+    def _joined_qkv(self, x: torch.Tensor) -> Joined | None:
+        """q ‖ k ‖ v as one projection, made on the first eager call with the weights on x's device (never inside a
+        CUDA-graph capture), when the three join and the norms are RMSNorms of one eps and the rope a
+        RotaryEmbedding, all on x's device; None: the module's own path."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self._qkv is None and self._joinable and self.q_proj.weight.device == x.device and not (
+                torch.cuda.is_current_stream_capturing()):
+            self._qkv = join_linears(projs, x) if self._qkv_fits(x) else None
+            self._joinable = self._qkv is not None
+            self._qkv_prefill = self._qkv is None or self._qkv.kernel is None or all(
+                p.kernels["prefill"] is p.kernels["generate"]
+                and p.op_config.prefill_device == p.op_config.generate_device for p in projs)
+        qkv = self._qkv
+        if qkv is None or qkv.device != x.device:
+            return None
+        state = getattr(self, "run_state", None)
+        return qkv if self._qkv_prefill or state is None or state.phase == "generate" else None
+
+    def _qkv_fits(self, x: torch.Tensor) -> bool:
+        """Whether the norms (if any) are RMSNorms of one eps and the rope a RotaryEmbedding, all on x's device."""
         norms = [m for m in (getattr(self, "q_norm", None), getattr(self, "k_norm", None)) if m is not None]
-        if any(t.device != x.device for t in (*(p.weight for p in projs), *(m.weight for m in norms))):
-            return None
-        if self._qkv is not None:
-            return self._qkv or None
-        plain = all(isinstance(p, nn.Linear) and type(p).forward in (nn.Linear.forward, DeviceOp.forward)
-                    and p.weight.dtype == x.dtype for p in projs)
-        norms_ok = all(isinstance(m, RMSNorm) and m.eps == norms[0].eps for m in norms)
-        if not (plain and len({p.bias is None for p in projs}) == 1 and norms_ok
-                and isinstance(self.rotary_emb, RotaryEmbedding)):
-            self._qkv = ()
-            return None
-        if torch.cuda.is_current_stream_capturing():
-            return None  # built on an eager call (the engine's warm-up), never inside a capture
-        sizes = [p.weight.shape[0] for p in projs]
-        with torch.no_grad(), torch.inference_mode(False):
-            w = torch.cat([p.weight.detach() for p in projs])
-            b = None if self.q_proj.bias is None else torch.cat([p.bias.detach() for p in projs])
-            for p, pw in zip(projs, w.split(sizes)):  # the projections keep views: no second copy of the weights
-                p.weight.data = pw
-            for p, pb in zip(projs, b.split(sizes) if b is not None else ()):
-                p.bias.data = pb
-        self._qkv = (w, b)
-        return self._qkv
+        rope = self.rotary_emb
+        return (all(isinstance(m, RMSNorm) and m.eps == norms[0].eps and m.weight.device == x.device for m in norms)
+                and isinstance(rope, RotaryEmbedding) and rope.inv_freq.device == x.device)
 
     def attend_batch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Grouped-query attention's batch step: the Triton paged decode on a GPU, the module's own elsewhere."""

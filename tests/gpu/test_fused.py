@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.gpu import fused
+from tandem.gpu import fused, joined
 from tandem.models.layers import RMSNorm, RotaryEmbedding
 from tandem.ops.base import LoadContext, OpConfig, build_device_op
 from tandem.ops.norm import NormOp
@@ -198,28 +198,35 @@ def test_qk_norm_rope_is_norm_then_rope(dtype, interleaved, norm, n, hq, hk, d):
 
 @pytest.mark.skipif(not fused.ENABLED, reason="TANDEM_FUSED=0")
 @pytest.mark.parametrize("qk_norm,bias", [(True, False), (False, True)])
-def test_gqa_kernels_match_the_module(qk_norm, bias):
-    """A GQA module on the GPU with q/k/v fused into one GEMM and the q/k norm + rope launch equals its own forward
-    (three GEMMs, separate norm and rope) within a few bf16 steps (cuBLAS sums one GEMM's rows in another order),
-    and the projections keep views of the fused weight (no second copy)."""
+@pytest.mark.parametrize("n", [6, 1])
+def test_gqa_kernels_match_the_module(qk_norm, bias, n, monkeypatch):
+    """A GQA module on the GPU with q/k/v joined into one projection (one row: the bf16 GEMV, tandem.gpu.joined)
+    and the q/k norm + rope launch equals its own forward (three GEMMs, separate norm and rope) within a few bf16
+    steps (one GEMM's or the GEMV's rows are summed in another order), and the projections keep views of the
+    joined weight (no second copy)."""
+    from tandem.gpu import gemv
     from tandem.models.attention import Attention, Batch
     from tandem.ops.attention import GQAKernels
 
+    calls = []
+    run = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(1) or run(*a, **k))
     torch.manual_seed(11)
     rope = RotaryEmbedding(64, {"rope_type": "default", "rope_theta": 1000000.0}, 4096)
     attn = Attention(0, 512, 8, 2, 64, rope, qkv_bias=bias, qk_norm_eps=1e-6 if qk_norm else None)
     for p in attn.parameters():
         torch.nn.init.normal_(p, std=0.05)
     attn = attn.to(DEV, torch.bfloat16)
-    x = torch.randn(6, 512, device=DEV, dtype=torch.bfloat16)
-    batch = Batch.single(6)
+    x = torch.randn(n, 512, device=DEV, dtype=torch.bfloat16)
+    batch = Batch.single(n)
     pos = batch.positions(DEV)
     with torch.no_grad():
         ref = attn(x, pos, batch)
         attn.__class__ = type("GQA", (GQAKernels, Attention), {})
         out = attn(x, pos, batch)
-    w, _ = attn._qkv
+    w = attn._qkv.weight
     assert attn.q_proj.weight.data_ptr() == w.data_ptr() and attn.v_proj.weight.untyped_storage().data_ptr() == (
         w.untyped_storage().data_ptr())
+    assert bool(calls) == (n == 1 and joined.GEMV)
     torch.testing.assert_close(out, ref, rtol=0.03, atol=0.03 * ref.abs().max().item())
     assert (out == ref).float().mean().item() > 0.5
