@@ -147,36 +147,60 @@ def _fp8_values(w, INT: tl.constexpr):
 
 @triton.jit
 def _gemv_fp8_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, row_bytes, stride_o,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT: tl.constexpr):
-    """A step reads BLOCK_K values of BLOCK_N rows as groups of 16 (one 16-byte load each, x's 16 values beside
-    them): a group's products are summed in its thread, times its 128-value block's scale, and accumulated per
-    group; the groups are summed once at the end. INT: values converted as value * 2^-120, so x is taken times
-    2^60 (products of normal size down to |x w| = 2^-66, ~1e-20, below which they are lost: far below a bf16
-    activation times a weight) and the scales times 2^60."""
-    G: tl.constexpr = BLOCK_K // 16
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, INT: tl.constexpr):
+    """A step reads CHUNKS blocks of 128 values of BLOCK_N rows; each value, times its row's block scale, is
+    multiplied by x and accumulated elementwise (no reduction, no data exchanged between threads in the loop);
+    one reduction at the end. INT: values converted as value * 2^-120, so x is taken times 2^60 (products of
+    normal size down to |x w| = 2^-66, ~1e-20, below which they are lost: far below a bf16 activation times a
+    weight) and the scales times 2^60."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, G)
-    offs_j = tl.arange(0, 16)
+    offs_k = tl.arange(0, 128)
     valid_m, valid_n = offs_m < M, offs_n < N
     rows = offs_n.to(tl.int64) * row_bytes  # byte offset of each weight row (a multiple of 4: K % 128 == 0)
-    w_rows = w_ptr + rows[:, None, None]
     scales = w_ptr.to(tl.pointer_type(tl.float32)) + (rows + K) // 4  # a row's fp32 block scales follow its values
-    x_rows = x_ptr + offs_m[:, None, None] * stride_x
+    w_rows = w_ptr + rows[:, None]
+    x_rows = x_ptr + offs_m[:, None] * stride_x
     half = 1.152921504606846976e18 if INT else 1.0  # 2^60
-    acc = tl.zeros((BLOCK_M, BLOCK_N, G), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_g[:, None] * 16 + offs_j[None, :]  # [G, 16]
-        w = tl.load(w_rows + k[None], mask=valid_n[:, None, None] & (k < K)[None], other=0,
-                    eviction_policy="evict_first")
-        x = tl.load(x_rows + k[None], mask=valid_m[:, None, None] & (k < K)[None], other=0.0).to(tl.float32)
-        p = tl.sum((x * half)[:, None] * _fp8_values(w, INT)[None], axis=3)  # [BM, BN, G]
-        kg = k0 + offs_g * 16
-        s = tl.load(scales[:, None] + (kg // 128)[None, :], mask=valid_n[:, None] & (kg < K)[None, :], other=0.0)
-        acc += p * (s * half)[None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, 128), dtype=tl.float32)
+    for k0 in range(0, K, 128 * CHUNKS):
+        for c in tl.static_range(CHUNKS):
+            kb = k0 + 128 * c
+            k = kb + offs_k
+            w = tl.load(w_rows + k[None, :], mask=valid_n[:, None] & (k < K)[None, :], other=0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_rows + k[None, :], mask=valid_m[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+            s = tl.load(scales + kb // 128, mask=valid_n & (kb < K), other=0.0)
+            acc += (x * half)[:, None, :] * (_fp8_values(w, INT) * (s * half)[:, None])[None]
     y = tl.sum(acc, axis=2)
     tl.store(out_ptr + offs_m[:, None] * stride_o + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
              mask=valid_m[:, None] & valid_n[None, :])
+
+
+@triton.jit
+def _gemv_fp8_row_kernel(x_ptr, w_ptr, out_ptr, N, K, row_bytes,
+                         BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, INT: tl.constexpr):
+    """_gemv_fp8_kernel for one row of x, in two dimensions: the accumulator keeps the layout the weight is loaded
+    in (with x's rows as a dimension of their own, Triton moves every weight value through shared memory); x's
+    128 values of a block are spread once per step and serve the thread's rows."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, 128)
+    valid_n = offs_n < N
+    rows = offs_n.to(tl.int64) * row_bytes
+    scales = w_ptr.to(tl.pointer_type(tl.float32)) + (rows + K) // 4
+    w_rows = w_ptr + rows[:, None]
+    half = 1.152921504606846976e18 if INT else 1.0  # 2^60
+    acc = tl.zeros((BLOCK_N, 128), dtype=tl.float32)
+    for k0 in range(0, K, 128 * CHUNKS):
+        for c in tl.static_range(CHUNKS):
+            kb = k0 + 128 * c
+            k = kb + offs_k
+            w = tl.load(w_rows + k[None, :], mask=valid_n[:, None] & (k < K)[None, :], other=0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            s = tl.load(scales + kb // 128, mask=valid_n & (kb < K), other=0.0)
+            acc += (x * half)[None, :] * (_fp8_values(w, INT) * (s * half)[:, None])
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=valid_n)
 
 
 @dataclass(frozen=True)
@@ -187,7 +211,7 @@ class Config:
     block_k: int
     num_warps: int
     prmt: bool = True  # q8_0p: bytes by prmt (inline PTX) rather than shifts and masks; fp8_e4m3: by integer
-    # ops (inline PTX) rather than Triton's conversion
+    # ops (inline PTX) rather than Triton's conversion; fp8_e4m3 reads block_k // 128 blocks of 128 a step
 
 
 @functools.cache
@@ -201,6 +225,8 @@ def config_for(fmt: str, m: int, n: int, k: int, sms: int) -> Config:
     float weights 1024 values a step and up to 8 rows per program while that leaves 8 programs per SM."""
     if fmt == "q8_0p":
         return Config(1, 512, 4) if m == 1 else Config(8, 1024, 4)
+    if fmt == "fp8_e4m3" and m == 1:
+        return Config(32, 512, 4, prmt=False)
     block_n = 8
     while block_n > 1 and triton.cdiv(n, block_n) < 8 * sms:
         block_n //= 2
@@ -235,10 +261,13 @@ def gemv(x: torch.Tensor, w: QuantTensor, out: torch.Tensor | None = None, confi
             _gemv_float_kernel[grid](x, w.data, out, m, n, k, x.stride(0), w.data.stride(0), out.stride(0),
                                      BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                                      num_warps=c.num_warps)
+        elif w.fmt == "fp8_e4m3" and m == 1:
+            _gemv_fp8_row_kernel[grid](x, w.data, out, n, k, w.data.stride(0), BLOCK_N=c.block_n,
+                                       CHUNKS=max(1, c.block_k // 128), INT=c.prmt, num_warps=c.num_warps)
         elif w.fmt == "fp8_e4m3":
             _gemv_fp8_kernel[grid](x, w.data, out, m, n, k, x.stride(0), w.data.stride(0), out.stride(0),
-                                   BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                                   INT=c.prmt, num_warps=c.num_warps)
+                                   BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n,
+                                   CHUNKS=max(1, c.block_k // 128), INT=c.prmt, num_warps=c.num_warps)
         else:
             _gemv_q8_0p_kernel[grid](x, w.data, out, m, n, k, x.stride(0), w.data.stride(0), out.stride(0),
                                      BLOCK_M=triton.next_power_of_2(m), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
