@@ -15,7 +15,8 @@ between layer i-1's experts and layer i's. Each variant runs in its own process 
     layer0   TANDEM_FUSED_RESIDUAL=0 TANDEM_ROUTE_ENTRY=0 TANDEM_FUSED_KV=0 (adds, norms, router and KV write as
              launches of their own: the path before the sixth session)
     no_entry, no_residual, no_kv: one of those three off
-    no_gemv  TANDEM_JOINED_GEMV=0 (the joined q ‖ k ‖ v projection by cuBLAS at one row, not tandem.gpu.gemv)
+    no_gemv  TANDEM_JOINED_GEMV=0 (joined projections by cuBLAS at one row: MLA's q_a ‖ kv_a not by tandem.gpu.gemv)
+    gemv_all TANDEM_JOINED_GEMV=all (the GEMV for every joined projection at one row: GQA's q ‖ k ‖ v too)
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pathlib import Path
 VARIANTS = {"base": {}, "memcpy": {"TANDEM_STAGING_KERNELS": "0"}, "unfused": {"TANDEM_FUSED": "0"},
             "layer0": {"TANDEM_FUSED_RESIDUAL": "0", "TANDEM_ROUTE_ENTRY": "0", "TANDEM_FUSED_KV": "0"},
             "no_entry": {"TANDEM_ROUTE_ENTRY": "0"}, "no_residual": {"TANDEM_FUSED_RESIDUAL": "0"},
-            "no_kv": {"TANDEM_FUSED_KV": "0"}, "no_gemv": {"TANDEM_JOINED_GEMV": "0"}}
+            "no_kv": {"TANDEM_FUSED_KV": "0"}, "no_gemv": {"TANDEM_JOINED_GEMV": "0"},
+            "gemv_all": {"TANDEM_JOINED_GEMV": "all"}}
 
 
 def gpu_events(trace: Path) -> list[dict]:

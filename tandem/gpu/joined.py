@@ -5,9 +5,12 @@ tandem.ops.attention; MLA's q_a ‖ kv_a, models/deepseek.py).
 Parts join when they are all plain float linears of x's dtype, or all tandem.ops.linear.Linear ops of one generate
 kernel and weight format (block formats included: the joined weight is one QuantTensor), with one K, all with or
 all without a bias, all on x's device. One row of x (a batch-1 decode) with a bf16 / fp16 plain weight on a GPU
-runs the weight-streaming GEMV (tandem.gpu.gemv: 13-25% below cuBLAS on these small linears, bench/results/
-gemv-h200.md); a Linear's own kernel already takes it for its formats (quant_matmul.quant_linear).
-TANDEM_JOINED_GEMV=0: cuBLAS for those too (read once, at import).
+runs the weight-streaming GEMV (tandem.gpu.gemv) where the joined weight has N <= K: there cuBLAS splits K and
+adds a reduce launch, and the GEMV's one launch wins (DeepSeek-V3's q_a ‖ kv_a, 2112 x 7168, in a decode step:
+10.3 us against 10.5 + 1.7); with N > K cuBLAS' single launch streams as fast or faster (Qwen3's q ‖ k ‖ v,
+5120 x 2048: 8.1 us against 7.7; bench/results/e2e-h200.md, eighth session). A Linear's own kernel already takes
+the GEMV for its formats (quant_matmul.quant_linear). TANDEM_JOINED_GEMV=0: cuBLAS for all; =all: the GEMV for
+every shape (read once, at import).
 
 No Triton import at the top (CPU CI has none): the GEMV module is imported on the first call that takes it. A
 module of tandem.gpu rather than tandem.ops: models/deepseek.py imports it, and tandem.ops' package imports the
@@ -26,7 +29,9 @@ from torch import nn
 
 from tandem.gpu.blocks import QuantTensor
 
-GEMV = os.environ.get("TANDEM_JOINED_GEMV", "1") != "0"
+_MODE = os.environ.get("TANDEM_JOINED_GEMV", "1")
+GEMV = _MODE != "0"
+GEMV_MAX_N_PER_K = float("inf") if _MODE == "all" else 1.0  # the GEMV for joined weights of N <= this times K
 _GEMV_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -38,7 +43,7 @@ class Joined:
     bias: torch.Tensor | None
     kernel: Callable | None  # the parts' own kernel (tandem.ops.linear.Linear), or None: F.linear
     sizes: tuple[int, ...]  # N of each part
-    gemv_weight: QuantTensor | None = None  # the float weight as the GEMV takes it (bf16 / fp16 on a GPU)
+    gemv_weight: QuantTensor | None = None  # the float weight as the GEMV takes it (bf16 / fp16, N <= K, GPU)
 
     @property
     def device(self) -> torch.device:
@@ -110,6 +115,7 @@ def join_linears(projs: Sequence[nn.Module], x: torch.Tensor) -> Joined | None:
             p.bias.data = rows
     if quant:
         return Joined(QuantTensor(projs[0].qweight.fmt, data, (sum(sizes), keys[0][3])), bias, keys[0][1], sizes)
-    fmt = _GEMV_FORMATS.get(data.dtype) if GEMV and not op and data.is_cuda else None
+    streams = GEMV and not op and data.is_cuda and data.shape[0] <= GEMV_MAX_N_PER_K * data.shape[1]
+    fmt = _GEMV_FORMATS.get(data.dtype) if streams else None
     return Joined(data, bias, keys[0][1] if op else None, sizes,
                   QuantTensor(fmt, data, tuple(data.shape)) if fmt else None)

@@ -31,7 +31,7 @@ FUSED_KV = os.environ.get("TANDEM_FUSED_KV", "1") != "0"
 class GQAKernels(nn.Module):
     """Mixed under grouped-query attention (as an `attention` operator or placed by `default`). On a GPU: q, k and v
     as one projection (tandem.gpu.joined: plain float linears or linear ops of one kernel and format, their weights
-    views of one [Hq + 2 Hkv, D] weight from the first eager call on; one row of x in bf16 / fp16: the GEMV), q/k
+    views of one [Hq + 2 Hkv, D] weight from the first eager call on; the decode GEMV where it beats cuBLAS), q/k
     norms and RoPE in one launch (tandem.gpu.fused.qk_norm_rope), the paged decode in Triton. Elsewhere, or when
     the projections do not join, the module's own forward."""
 

@@ -1,7 +1,7 @@
-"""Linears of one input as one projection (tandem.gpu.joined): one row of x with a bf16 / fp16 weight takes the
-GEMV (against a float64 product, eagerly and inside a decode graph), and GQA's q ‖ k ‖ v joined from linear.marlin
-ops (their blocks concatenated) decodes the tokens of the module's own path and of the CPU model holding the
-dequantized weights.
+"""Linears of one input as one projection (tandem.gpu.joined): one row of x with a bf16 / fp16 weight of N <= K
+takes the GEMV (against a float64 product, eagerly and inside a decode graph), and GQA's q ‖ k ‖ v joined from
+linear.marlin ops (their blocks concatenated) decodes the tokens of the module's own path and of the CPU model
+holding the dequantized weights.
 
 Tolerance of the GEMV against float64: fp32 sums (2^-16 of sum |x w| covers K = 512 with room), one rounding of
 the product to bf16 / fp16 and one of the bias' add (half a step each: 2^-8 of the value in bf16). Decoded models:
@@ -18,7 +18,6 @@ import tandem
 from tandem.gpu import joined
 from tandem.gpu.blocks import QuantTensor
 from tandem.gpu.joined import join_linears
-from tandem.models.attention import Attention
 
 pytest.importorskip("triton")  # tandem.gpu.gemv imports it: CPU-only installs skip the whole file
 from tandem.gpu import gemv  # noqa: E402
@@ -60,26 +59,41 @@ def test_one_row_takes_the_gemv(dtype, bias, monkeypatch):
     assert torch.equal(j(x6), torch.nn.functional.linear(x6, j.weight, j.bias)) and not ns  # 6 rows: cuBLAS
 
 
-def test_gemv_switch_off_keeps_cublas(monkeypatch):
-    monkeypatch.setattr(joined, "GEMV", False)
-    projs = [torch.nn.Linear(256, 128, bias=False).to(DEV, torch.bfloat16) for _ in range(2)]
+@pytest.mark.parametrize("sizes,on,want", [((128, 128), True, True), ((384, 64, 64), True, False),
+                                           ((128, 128), False, False)])
+def test_gemv_where_n_fits_k(sizes, on, want, monkeypatch):
+    """The GEMV for joined weights of N <= K (cuBLAS splits K there); cuBLAS for wider ones, and with the switch
+    off."""
+    monkeypatch.setattr(joined, "GEMV", on)
+    monkeypatch.setattr(joined, "GEMV_MAX_N_PER_K", 1.0)  # the default (TANDEM_JOINED_GEMV=all makes it inf)
+    projs = [torch.nn.Linear(256, n, bias=False).to(DEV, torch.bfloat16) for n in sizes]
     j = join_linears(projs, torch.randn(1, 256, device=DEV, dtype=torch.bfloat16))
-    assert j.gemv_weight is None
+    assert (j.gemv_weight is not None) == want
+
+
+ON_GPU = """
+- match: {name: ".*"}
+  replace: {class: default, kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0"}}
+"""
 
 
 def test_one_row_decode_graph_takes_the_gemv(helpers, tmp_path, monkeypatch):
-    """bf16 llama, a batch-1 decode step captured and replayed (GraphRunner): q ‖ k ‖ v by the GEMV, replay equal
-    to its eager warm-up, logits close to the same model with the GEMV switched off (cuBLAS)."""
+    """bf16 llama placed by `default` rules (GQA decoding with the kernels), a batch-1 decode step captured and
+    replayed (GraphRunner): q ‖ k ‖ v by the GEMV, replay equal to its eager warm-up, logits close to the same
+    model with the GEMV switched off (cuBLAS)."""
     from test_graph_decode import PROMPTS
 
     from tandem.engine.graphs import GraphRunner
+    from tandem.ops.attention import GQAKernels
 
-    path = helpers.save_family("llama", tmp_path)
+    path = helpers.save_family("llama", tmp_path / "m")
+    rules = write_rules(tmp_path, ON_GPU)
     ns = count_gemv(monkeypatch)
+    monkeypatch.setattr(joined, "GEMV_MAX_N_PER_K", float("inf"))  # the tiny q ‖ k ‖ v: N = 128 > K = 64
     logits = {}
     for on in (False, True):
         monkeypatch.setattr(joined, "GEMV", on)
-        llm = tandem.load(path, dtype="bfloat16", device="cuda", progress=False)
+        llm = tandem.load(path, rules=rules, dtype="bfloat16", progress=False)
         a = llm.model.args
         n_qkv = (a.num_attention_heads + 2 * a.num_key_value_heads) * (a.hidden_size // a.num_attention_heads)
         prompt = torch.tensor(PROMPTS[1])
@@ -93,7 +107,7 @@ def test_one_row_decode_graph_takes_the_gemv(helpers, tmp_path, monkeypatch):
         assert runner.replays == 1
         assert helpers.rel_err(replay, first) <= 1e-6
         assert (n_qkv in ns) == on
-        attns = [m for m in llm.model.modules() if isinstance(m, Attention)]
+        attns = [m for m in llm.model.modules() if isinstance(m, GQAKernels)]
         assert attns and all(m._qkv is not None and (m._qkv.gemv_weight is not None) == on for m in attns)
         logits[on] = replay
     assert helpers.rel_err(logits[True], logits[False]) <= 3e-2  # bf16 (test_attention_gpu's RTOL_BF16)
