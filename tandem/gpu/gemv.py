@@ -222,11 +222,13 @@ def _sm_count(device: torch.device) -> int:
 def config_for(fmt: str, m: int, n: int, k: int, sms: int) -> Config:
     """The tiling of an [m, k] x [n, k]ᵀ product, from bench/gemv.py --sweep on an H200: q8_0p takes one row per
     program and 512 values a step for one row of x (8 rows and 1024 for more: x's rows share each weight load);
-    float weights 1024 values a step and up to 8 rows per program while that leaves 8 programs per SM."""
+    float weights 1024 values a step and up to 8 rows per program while that leaves 8 programs per SM; fp8_e4m3
+    (one row of x) 512 values a step, Triton's conversion, 16 rows and 8 warps, fewer rows where N is small."""
     if fmt == "q8_0p":
         return Config(1, 512, 4) if m == 1 else Config(8, 1024, 4)
-    if fmt == "fp8_e4m3" and m == 1:
-        return Config(32, 512, 4, prmt=False)
+    if fmt == "fp8_e4m3" and m == 1:  # 8 values a thread per block of 128 (Triton then loads x in place)
+        block_n = 16 if triton.cdiv(n, 16) >= 2 * sms else 8 if triton.cdiv(n, 8) >= 2 * sms else 4
+        return Config(block_n, 512, block_n // 2, prmt=False)
     block_n = 8
     while block_n > 1 and triton.cdiv(n, block_n) < 8 * sms:
         block_n //= 2

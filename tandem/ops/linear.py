@@ -100,7 +100,7 @@ def load_quantized(ctx: LoadContext, name: str, shape: tuple[int, int], device: 
                              f"{list(shape)}")
         return w
     raw = getattr(ctx.source, "raw", None)
-    if raw is not None and name in ctx.source and fmt != "float":
+    if raw is not None and name in ctx.source and fmt not in ("float", B.FP8):  # GGUF has no FP8 blocks
         try:
             ggml_type, data, stored = raw(name)
         except ValueError:  # stored transformed (permuted q/k): no raw form, go through floats

@@ -79,6 +79,24 @@ def test_an_fp8_checkpoint_loads_its_bytes_as_they_are(tmp_path):
         load_quantized(LoadContext(src, torch.float32), name, (q.shape[0], q.shape[1] * 2), "cpu", B.FP8)
 
 
+def test_a_gguf_float_tensor_is_quantized_to_fp8_at_load():
+    """GGUF holds no FP8 blocks: linear.fp8 quantizes the file's float weight (bf16 here) as FP8 checkpoints do."""
+    w = torch.randn(256, 384).bfloat16()
+
+    class GGUFLike:  # a GGUF source's two entry points: raw blocks and dequantized floats
+        def __contains__(self, name):
+            return name == "w"
+
+        def raw(self, name):
+            return 30, w.view(torch.uint8).reshape(-1), (256, 384)
+
+        def get(self, name, dtype=None, device="cpu"):
+            return w.to(device=device, dtype=dtype)
+
+    got = load_quantized(LoadContext(GGUFLike(), torch.float32), "w", (256, 384), "cpu", B.FP8)
+    assert got.fmt == B.FP8 and torch.equal(got.data, B.from_float(w.float(), B.FP8).data)
+
+
 def test_an_fp8_checkpoint_runs_on_the_cpu(tmp_path):
     """The FP8 checkpoint on the CPU is the model of its values w = q s: the same logits as a float32 checkpoint
     holding those values (written here, each tensor dequantized in float64)."""
