@@ -180,27 +180,27 @@ def _gemv_fp8_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, row_bytes, stride
 @triton.jit
 def _gemv_fp8_row_kernel(x_ptr, w_ptr, out_ptr, N, K, row_bytes,
                          BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, INT: tl.constexpr):
-    """_gemv_fp8_kernel for one row of x, in two dimensions: the accumulator keeps the layout the weight is loaded
-    in (with x's rows as a dimension of their own, Triton moves every weight value through shared memory); x's
-    128 values of a block are spread once per step and serve the thread's rows."""
+    """_gemv_fp8_kernel for one row of x: a step's CHUNKS blocks of 128 as one [BLOCK_N, CHUNKS, 128] tile, so
+    warps spread along K too (a few long rows still fill the GPU), and the accumulator keeps the weight's load
+    layout (with x's rows as a dimension of their own, Triton moves every weight value through shared memory)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, CHUNKS)
     offs_k = tl.arange(0, 128)
     valid_n = offs_n < N
     rows = offs_n.to(tl.int64) * row_bytes
     scales = w_ptr.to(tl.pointer_type(tl.float32)) + (rows + K) // 4
-    w_rows = w_ptr + rows[:, None]
+    w_rows = w_ptr + rows[:, None, None]
     half = 1.152921504606846976e18 if INT else 1.0  # 2^60
-    acc = tl.zeros((BLOCK_N, 128), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, CHUNKS, 128), dtype=tl.float32)
     for k0 in range(0, K, 128 * CHUNKS):
-        for c in tl.static_range(CHUNKS):
-            kb = k0 + 128 * c
-            k = kb + offs_k
-            w = tl.load(w_rows + k[None, :], mask=valid_n[:, None] & (k < K)[None, :], other=0,
-                        eviction_policy="evict_first")
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            s = tl.load(scales + kb // 128, mask=valid_n & (kb < K), other=0.0)
-            acc += (x * half)[None, :] * (_fp8_values(w, INT) * (s * half)[:, None])
-    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=valid_n)
+        kb = k0 + 128 * offs_c  # [C]: the first value of each block
+        k = kb[:, None] + offs_k[None, :]  # [C, 128]
+        w = tl.load(w_rows + k[None], mask=valid_n[:, None, None] & (k < K)[None], other=0,
+                    eviction_policy="evict_first")
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        s = tl.load(scales[:, None] + (kb // 128)[None, :], mask=valid_n[:, None] & (kb < K)[None, :], other=0.0)
+        acc += (x * half)[None] * (_fp8_values(w, INT) * (s * half)[:, :, None])
+    tl.store(out_ptr + offs_n, tl.sum(tl.sum(acc, axis=2), axis=1).to(out_ptr.dtype.element_ty), mask=valid_n)
 
 
 @dataclass(frozen=True)
@@ -223,12 +223,14 @@ def config_for(fmt: str, m: int, n: int, k: int, sms: int) -> Config:
     """The tiling of an [m, k] x [n, k]ᵀ product, from bench/gemv.py --sweep on an H200: q8_0p takes one row per
     program and 512 values a step for one row of x (8 rows and 1024 for more: x's rows share each weight load);
     float weights 1024 values a step and up to 8 rows per program while that leaves 8 programs per SM; fp8_e4m3
-    (one row of x) 512 values a step, Triton's conversion, 16 rows and 8 warps, fewer rows where N is small."""
+    (one row of x) 512 values a step, Triton's conversion, up to 16 rows while that leaves 4 programs per SM."""
     if fmt == "q8_0p":
         return Config(1, 512, 4) if m == 1 else Config(8, 1024, 4)
-    if fmt == "fp8_e4m3" and m == 1:  # 8 values a thread per block of 128 (Triton then loads x in place)
-        block_n = 16 if triton.cdiv(n, 16) >= 2 * sms else 8 if triton.cdiv(n, 8) >= 2 * sms else 4
-        return Config(block_n, 512, block_n // 2, prmt=False)
+    if fmt == "fp8_e4m3" and m == 1:
+        block_n = 16
+        while block_n > 2 and triton.cdiv(n, block_n) < 4 * sms:
+            block_n //= 2
+        return Config(block_n, 512, 8 if block_n >= 8 else 4, prmt=False)
     block_n = 8
     while block_n > 1 and triton.cdiv(n, block_n) < 8 * sms:
         block_n //= 2
