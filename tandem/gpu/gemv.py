@@ -223,14 +223,11 @@ def config_for(fmt: str, m: int, n: int, k: int, sms: int) -> Config:
     """The tiling of an [m, k] x [n, k]ᵀ product, from bench/gemv.py --sweep on an H200: q8_0p takes one row per
     program and 512 values a step for one row of x (8 rows and 1024 for more: x's rows share each weight load);
     float weights 1024 values a step and up to 8 rows per program while that leaves 8 programs per SM; fp8_e4m3
-    (one row of x) 512 values a step, Triton's conversion, up to 16 rows while that leaves 4 programs per SM."""
+    (one row of x) Triton's conversion, 4 warps, 1024 values a step on long rows, 2-8 rows by N and K."""
     if fmt == "q8_0p":
         return Config(1, 512, 4) if m == 1 else Config(8, 1024, 4)
-    if fmt == "fp8_e4m3" and m == 1:
-        block_n = 16
-        while block_n > 2 and triton.cdiv(n, block_n) < 4 * sms:
-            block_n //= 2
-        return Config(block_n, 512, 8 if block_n >= 8 else 4, prmt=False)
+    if fmt == "fp8_e4m3" and m == 1:  # the sweep's best on DeepSeek-V3's five attention / shared-expert shapes
+        return Config(2 if n < 4096 else 4 if k >= 16384 else 8, 1024 if k >= 4096 else 512, 4, prmt=False)
     block_n = 8
     while block_n > 1 and triton.cdiv(n, block_n) < 8 * sms:
         block_n //= 2
