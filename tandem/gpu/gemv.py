@@ -116,22 +116,8 @@ def _gemv_q8_0p_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, row_bytes, stri
 # 4 FP8 E4M3 bytes (one register) -> 4 fp32 registers holding value * 2^-120: sign to bit 31, exponent and mantissa
 # to bits 26..20 (prmt puts the byte on top, an arithmetic shift by 4 moves it, the and clears the copied sign
 # bits); a zero exponent lands on an fp32 subnormal of the same mantissa, so subnormal FP8 values stay exact
-_FP8_BITS = tl.constexpr("""{
-.reg .b32 z, r;
-mov.b32 z, 0;
-prmt.b32 r, $4, z, 0x0444;
-shr.s32 r, r, 4;
-and.b32 $0, r, 0x87FFFFFF;
-prmt.b32 r, $4, z, 0x1444;
-shr.s32 r, r, 4;
-and.b32 $1, r, 0x87FFFFFF;
-prmt.b32 r, $4, z, 0x2444;
-shr.s32 r, r, 4;
-and.b32 $2, r, 0x87FFFFFF;
-prmt.b32 r, $4, z, 0x3444;
-shr.s32 r, r, 4;
-and.b32 $3, r, 0x87FFFFFF;
-}""")
+_FP8_BITS = tl.constexpr("{\n.reg .b32 z, r;\nmov.b32 z, 0;\n" + "".join(
+    f"prmt.b32 r, $4, z, 0x{j}444;\nshr.s32 r, r, 4;\nand.b32 ${j}, r, 0x87FFFFFF;\n" for j in range(4)) + "}")
 
 
 @triton.jit
@@ -148,11 +134,11 @@ def _fp8_values(w, INT: tl.constexpr):
 @triton.jit
 def _gemv_fp8_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, row_bytes, stride_o,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, INT: tl.constexpr):
-    """A step reads CHUNKS blocks of 128 values of BLOCK_N rows; each value, times its row's block scale, is
-    multiplied by x and accumulated elementwise (no reduction, no data exchanged between threads in the loop);
-    one reduction at the end. INT: values converted as value * 2^-120, so x is taken times 2^60 (products of
-    normal size down to |x w| = 2^-66, ~1e-20, below which they are lost: far below a bf16 activation times a
-    weight) and the scales times 2^60."""
+    """2-8 rows of x (one row: _gemv_fp8_row_kernel). A step reads CHUNKS blocks of 128 values of BLOCK_N rows;
+    each value, times its row's block scale, is multiplied by x and accumulated elementwise (no reduction, no
+    data exchanged between threads in the loop); one reduction at the end. INT: values converted as value *
+    2^-120, so x is taken times 2^60 (products of normal size down to |x w| = 2^-66, ~1e-20, below which they are
+    lost: far below a bf16 activation times a weight) and the scales times 2^60."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, 128)

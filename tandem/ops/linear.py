@@ -95,6 +95,8 @@ def load_quantized(ctx: LoadContext, name: str, shape: tuple[int, int], device: 
     if fmt == B.FP8 and fp8 is not None and (stored := fp8(name)) is not None:
         q, scale = stored
         w = B.fp8_rows(q.to(device), scale.to(device), what=f"{getattr(ctx.source, 'path', 'checkpoint')}: {name}")
+        for t in (name, name + "_scale_inv"):  # fp8_rows made fresh rows: the mapped pages can go
+            ctx.source.release(t)
         if w.shape != tuple(shape):
             raise ValueError(f"{ctx.source.path}: tensor {name} has shape {list(w.shape)}, the config implies "
                              f"{list(shape)}")

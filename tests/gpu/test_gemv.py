@@ -31,6 +31,19 @@ def _reference(x: torch.Tensor, w: B.QuantTensor) -> torch.Tensor:
     return x.double() @ w.dequantize().double().T
 
 
+def _replays_in_a_graph(fn, x: torch.Tensor, *args) -> None:
+    """fn(x, *args) captured in a CUDA graph and replayed on a new x equals the eager call."""
+    graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph, stream=s):
+            captured = fn(x, *args)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, fn(x, *args))
+
+
 CASES = [("bf16", 1), ("fp16", 1), ("fp32", 1)] + [("q8_0p", m) for m in (1, 2, 3, 4)]  # (format, rows)
 SHAPES = [(7, 128), (577, 7168), (1536, 1024), (300, 4032)]  # q8_0p rows: whole 4-byte words (K % 64 == 0)
 
@@ -64,15 +77,7 @@ def test_quant_linear_takes_the_gemv_for_few_rows_inside_a_graph():
     many = quant_linear(x.expand(8, -1).contiguous(), w, bias)  # 8 rows: the tensor-core kernel
     assert rel_err(eager.double(), _reference(x, w) + bias.double()) < TOL[torch.bfloat16]
     assert rel_err(many[:1].double(), eager.double()) < TOL[torch.bfloat16]
-    graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(graph, stream=s):
-            captured = quant_linear(x, w, bias)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, quant_linear(x, w, bias))
+    _replays_in_a_graph(quant_linear, x, w, bias)
 
 
 def test_gemv_refuses_what_it_does_not_take_and_quant_linear_falls_back():
@@ -122,15 +127,7 @@ def test_fp8_linear_every_row_count_inside_a_graph(m):
     x = torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16)
     eager = fp8_linear(x, w, bias)
     assert rel_err(eager.double(), _reference(x, w) + bias.double()) < TOL[torch.bfloat16]
-    graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(graph, stream=s):
-            captured = fp8_linear(x, w, bias)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, fp8_linear(x, w, bias))
+    _replays_in_a_graph(fp8_linear, x, w, bias)
 
 
 def test_fp8_dequantize_on_the_gpu_equals_the_reference():
