@@ -31,6 +31,25 @@ _PRECISE_TRIG = os.environ.get("TRITON_INTERPRET", "0") != "1"
 if triton is not None:
 
     @triton.jit
+    def _rope_cos_sin(freqs, scale, PRECISE: tl.constexpr):
+        """cos and sin of the angles, times the rope's scale: libdevice's cosf / sinf (PRECISE), as torch's CUDA
+        kernels (tl.cos may take the approximate unit), else tl's (the interpreter has no libdevice)."""
+        if PRECISE:
+            cos, sin = libdevice.cos(freqs) * scale, libdevice.sin(freqs) * scale
+        else:
+            cos, sin = tl.cos(freqs) * scale, tl.sin(freqs) * scale
+        return cos, sin
+
+    @triton.jit
+    def _rope_pairs(j, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+        """The indices rotated together: pairs (x[2j], x[2j+1]) (INTERLEAVED) or halves (x[j], x[j + HALF])."""
+        if INTERLEAVED:
+            i1, i2 = 2 * j, 2 * j + 1
+        else:
+            i1, i2 = j, j + HALF
+        return i1, i2
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, R, D, stride_x, inv_d, eps, BLOCK_R: tl.constexpr,
                          BLOCK_D: tl.constexpr):
         """BLOCK_R rows of x [R, D] (row stride stride_x) -> out [R, D] contiguous."""
@@ -84,14 +103,8 @@ if triton is not None:
         n, h = rows // H, rows % H
         pos = tl.load(pos_ptr + n, mask=valid_r, other=0)
         freqs = pos.to(tl.float32)[:, None] * tl.load(inv_ptr + j, mask=j < HALF, other=0.0)[None, :]
-        if PRECISE:  # libdevice's cosf / sinf, as torch's CUDA kernels (tl.cos may take the approximate unit)
-            cos, sin = libdevice.cos(freqs) * scale, libdevice.sin(freqs) * scale
-        else:
-            cos, sin = tl.cos(freqs) * scale, tl.sin(freqs) * scale
-        if INTERLEAVED:  # pairs (x[2j], x[2j+1])
-            i1, i2 = 2 * j, 2 * j + 1
-        else:  # halves (x[j], x[j + d/2])
-            i1, i2 = j, j + HALF
+        cos, sin = _rope_cos_sin(freqs, scale, PRECISE)
+        i1, i2 = _rope_pairs(j, HALF, INTERLEAVED)
         src = x_ptr + (n.to(tl.int64) * stride_n + h.to(tl.int64) * stride_h)[:, None]
         x1 = tl.load(src + i1[None, :], mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + i2[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -112,10 +125,7 @@ if triton is not None:
         valid_r = rows < R
         mask = valid_r[:, None] & (j[None, :] < HALF)
         n, h = rows // H, rows % H
-        if INTERLEAVED:
-            i1, i2 = 2 * j, 2 * j + 1
-        else:
-            i1, i2 = j, j + HALF
+        i1, i2 = _rope_pairs(j, HALF, INTERLEAVED)
         src = x_ptr + (n.to(tl.int64) * stride_n + h.to(tl.int64) * stride_h)[:, None]
         x1 = tl.load(src + i1[None, :], mask=mask, other=0.0)
         x2 = tl.load(src + i2[None, :], mask=mask, other=0.0)
@@ -129,10 +139,7 @@ if triton is not None:
             y2 = ((y2 * inv_rms[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]).to(ty).to(tl.float32)
         pos = tl.load(pos_ptr + n, mask=valid_r, other=0)
         freqs = pos.to(tl.float32)[:, None] * tl.load(inv_ptr + j, mask=j < HALF, other=0.0)[None, :]
-        if PRECISE:
-            cos, sin = libdevice.cos(freqs) * scale, libdevice.sin(freqs) * scale
-        else:
-            cos, sin = tl.cos(freqs) * scale, tl.sin(freqs) * scale
+        cos, sin = _rope_cos_sin(freqs, scale, PRECISE)
         orow = rows.to(tl.int64)
         if SLOTS:
             orow = tl.load(slots_ptr + n, mask=valid_r, other=0).to(tl.int64) * H + h

@@ -23,16 +23,14 @@ from contextlib import nullcontext
 
 import torch
 
-try:  # Triton where a GPU runs it; without it the module's own path runs
-    import triton
+from tandem.gpu.fused import _PRECISE_TRIG, triton  # triton: None where it is not installed
+
+if triton is not None:  # Triton where a GPU runs it; without it the module's own path runs
     import triton.language as tl
-    from triton.language.extra import libdevice
-except ImportError:
-    triton = None
+
+    from tandem.gpu.fused import _rope_cos_sin, _rope_pairs
 
 ENABLED = triton is not None and os.environ.get("TANDEM_MLA_FUSED", "1") != "0"
-# the interpreter (TRITON_INTERPRET=1, CPU tensors) has no libdevice: it takes numpy's cos/sin there
-_PRECISE_TRIG = os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 # ------------------------------------------------------------------------------- norms, RoPE, the cache write
 
@@ -67,14 +65,8 @@ if triton is not None:
         j = tl.arange(0, BLOCK_J)
         mj = j < HALF
         freqs = tl.load(pos_ptr + n).to(tl.float32) * tl.load(inv_ptr + j, mask=mj, other=0.0)
-        if PRECISE:  # libdevice's cosf / sinf, as torch's CUDA kernels
-            cos, sin = libdevice.cos(freqs) * scale, libdevice.sin(freqs) * scale
-        else:
-            cos, sin = tl.cos(freqs) * scale, tl.sin(freqs) * scale
-        if INTERLEAVED:  # pairs (x[2j], x[2j+1])
-            i1, i2 = 2 * j, 2 * j + 1
-        else:  # halves (x[j], x[j + HALF])
-            i1, i2 = j, j + HALF
+        cos, sin = _rope_cos_sin(freqs, scale, PRECISE)
+        i1, i2 = _rope_pairs(j, HALF, INTERLEAVED)
         x1 = tl.load(src + R + i1, mask=mj, other=0.0)
         x2 = tl.load(src + R + i2, mask=mj, other=0.0)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
