@@ -139,6 +139,10 @@ NB_MODULE(_tandem_cpu, m) {
       .def("map_blocks", [](Experts& e, int proj, uintptr_t p, size_t n, bool copy) {
         e.map_blocks(proj, (const void*)p, n, copy);
       }, nb::arg("proj"), nb::arg("p"), nb::arg("n"), nb::arg("copy") = false, nb::call_guard<nb::gil_scoped_release>())
+      .def("shard_data", [](const Experts& e, int proj, int s) {  // (address, bytes) of a shard's matrix
+        const ExpertMatrix& m = e.shards().at(s).m[proj];
+        return std::make_tuple((uintptr_t)m.data, m.bytes(), (bool)m.owned);
+      })
       .def("dequantize", [](const Experts& e, int proj, int ex, uintptr_t dst) {
         e.dequantize(proj, ex, (float*)dst);
       }, nb::call_guard<nb::gil_scoped_release>())

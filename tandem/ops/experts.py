@@ -12,7 +12,10 @@ Backends (registry names):
   weights live in kernel memory and have no `blocks()`, so a layer-wise GPU prefill leaves such layers on the
   CPU. From a GGUF file, experts stored in a block type the kernel runs (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, F32,
   BF16) are used as the file's blocks, never dequantized; other types are converted once at load (see
-  `convert_target`), with one log line. `threads` sets the kernel's thread pool (one per process).
+  `convert_target`), with one log line. The kernel copies its weights into its own memory, on huge pages (and
+  on each NUMA node its shard), and the file's pages leave the process; `use_mmap: true` reads the file's
+  mapped pages in place instead (llama.cpp's mmap: no copy at load, 4 KB pages at decode). `threads` sets the
+  kernel's thread pool (one per process).
 
 A backend takes the weights once at load, either `load(weights: ExpertWeights, device, **kwargs)` or, for plain
 float kernels, `from_weights(gate [E, I, D], up [E, I, D], down [E, D, I], act, device, **kwargs)`; then
@@ -246,7 +249,7 @@ class CpuExperts:
 
     def __init__(self, kernel, dtype: torch.dtype, origin: str, buffers: tuple = ()):
         self.kernel, self.dtype, self.origin = kernel, dtype, origin
-        self.buffers = buffers  # what the kernel reads, per projection (it maps them, no copy)
+        self.buffers = buffers  # the weights as the kernel reads them, per projection (uint8, file layout)
         self.device = "cpu"
 
     @property
@@ -260,7 +263,10 @@ class CpuExperts:
         return f"C++ kernel, {fmt} {self.origin}, {_kernel().num_threads()} threads"
 
     @classmethod
-    def load(cls, w: ExpertWeights, device: str, weight_format=None, group_size=None, threads=None, **kwargs):
+    def load(cls, w: ExpertWeights, device: str, weight_format=None, group_size=None, threads=None,
+             use_mmap: bool = False, **kwargs):
+        if not isinstance(use_mmap, bool):
+            raise ValueError(f"{w.name}: use_mmap must be true or false, got {use_mmap!r}")
         if w.act is not F.silu:
             raise ValueError(f"{w.name}: experts.cpu computes SiLU-gated experts and this model's use "
                              f"{getattr(w.act, '__name__', w.act)}; use generate_op experts.torch for it")
@@ -270,13 +276,14 @@ class CpuExperts:
         fmt = requested_format(weight_format, group_size, w.name)
         if fmt in ROW_FORMATS:
             return cls._from_rows(w, fmt)
-        parts, origins = [], []
+        parts, origins, mapped = [], [], []
         for p, (_, cols) in enumerate(w.shapes):
             stored = w.stored[p] if w.stored is not None else None
             if stored is not None and stored.ggml_type in cpu.GGML_TYPES and (
                     fmt is None or cpu.FORMATS[fmt] == stored.ggml_type):
                 parts.append((stored.ggml_type, stored.data))  # the file's blocks, as they are
                 origins.append("as the GGUF file stores them")
+                mapped.append(stored)
             elif stored is not None and fmt is None:
                 target = convert_target(stored, cols, w.dtype)
                 w.say("GGUF experts in %s are not a CPU kernel format: converted once at load to %s (%.1f bits "
@@ -289,8 +296,16 @@ class CpuExperts:
                 origins.append("converted at load" if fmt else "weights")
         (I, D) = w.shapes[0]  # noqa: E741
         types = tuple(t for t, _ in parts)
-        kernel = cpu.MoEExperts.from_gguf_blocks(*(b for _, b in parts), types, w.n_experts, I, D)
-        return cls(kernel, w.dtype, ", ".join(dict.fromkeys(origins)), tuple(b for _, b in parts))
+        kernel = cpu.MoEExperts.from_gguf_blocks(*(b for _, b in parts), types, w.n_experts, I, D,
+                                                 copy=not use_mmap)
+        buffers = tuple(b for _, b in parts)
+        if not use_mmap:
+            for stored in mapped:
+                stored.release()  # the kernel holds a copy: the file's pages leave this process (RSS counted once)
+            if len(kernel.shards) == 1:
+                buffers = tuple(kernel.memory(p) for p in ROLES)
+        origin = ", ".join(dict.fromkeys(origins)) + (", mapped from the file" if use_mmap and mapped else "")
+        return cls(kernel, w.dtype, origin, buffers)
 
     @classmethod
     def _from_rows(cls, w: ExpertWeights, fmt: str) -> CpuExperts:

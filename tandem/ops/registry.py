@@ -90,7 +90,7 @@ _ANY = ("cpu", "cuda")  # the torch reference of these operators runs wherever t
 for _spec in (
     OpSpec("experts", (Experts,), "routed experts (an Experts list)", "tandem.ops.experts:build",
            ("experts.cpu", "experts.torch", "experts.marlin"),
-           frozenset({"threads", "weight_format", "group_size", "hot_experts", "hot_device", "backend"}),
+           frozenset({"threads", "weight_format", "group_size", "hot_experts", "hot_device", "backend", "use_mmap"}),
            isolated=True, phases_apart=True),
     OpSpec("linear", (nn.Linear,), "a linear layer (torch.nn.Linear)", "tandem.ops.linear:build",
            ("linear.torch", "linear.marlin", "linear.fp8"), frozenset({"weight_format", "group_size"}),

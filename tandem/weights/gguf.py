@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import mmap
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -114,6 +116,13 @@ class StoredExperts:
     data: torch.Tensor  # uint8 [E * out * in / block * block bytes]
     shape: tuple[int, int, int]  # [E, out, in]
     file: Path
+    unmap: Callable[[], None] | None = None  # drops the process's pages of a mapped `data` (None: a copy)
+
+    def release(self) -> None:
+        """Give back the pages of `data` this process has touched, once a kernel holds its own copy; `data` stays
+        valid (a mapped view reads the file again if touched)."""
+        if self.unmap is not None:
+            self.unmap()
 
     @property
     def type_name(self) -> str:
@@ -227,7 +236,7 @@ class GGUFSource:
             stacked = self.entries.get(f"{prefix}.{role}")
             if stacked is not None and stacked.transform is None and stacked.shape[0] == n_experts:
                 t = stacked.parts[0]
-                out.append(StoredExperts(t.ggml_type, self.bytes_of(t), t.shape, t.file))
+                out.append(StoredExperts(t.ggml_type, self.bytes_of(t), t.shape, t.file, partial(self._release, t)))
                 continue
             parts = [self.entries.get(f"{prefix}.{e}.{proj}.weight") for e in range(n_experts)]
             if any(p is None or p.transform is not None or len(p.shape) != 2 for p in parts):

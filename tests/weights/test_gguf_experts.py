@@ -108,6 +108,38 @@ def test_stacked_blocks_are_mapped_not_copied(tmp_path):
     assert blocks[0].data.data_ptr() == data.data_ptr() and blocks[0].shape == (4, 256, 256)
 
 
+MMAP_RULE = """
+- match: {name: '^model\\.layers\\.\\d+\\.block_sparse_moe\\.experts$'}
+  replace: {class: tandem.ops.Experts, kwargs: {generate_device: cpu, prefill_device: cpu, use_mmap: %s}}
+  recursive: false
+- match: {name: '.*'}
+  replace: {class: default, kwargs: {generate_device: cpu, prefill_device: cpu}}
+"""
+
+
+def test_kernel_copies_the_blocks_unless_use_mmap(tmp_path):
+    """By default the kernel holds its own copy of the file's blocks (huge pages) and blocks() reads that copy;
+    use_mmap: true reads the mapping in place. Same bytes, same logits."""
+    path = write(tmp_path, T.Q4_K)
+    _, data, _ = llm_source(path).raw("model.layers.1.block_sparse_moe.experts.down_proj")
+    copied = kernels(tandem.load(path, rules="cpu", dtype="float32", progress=False))
+    assert all(k.kernel.owns_weights for k in copied) and "mapped" not in copied[0].describe()
+    rule = tmp_path / "mmap.yaml"
+    rule.write_text(MMAP_RULE % "true")
+    llm = tandem.load(path, rules=str(rule), dtype="float32", progress=False)
+    mapped = kernels(llm)
+    assert not any(k.kernel.owns_weights for k in mapped) and "mapped from the file" in mapped[0].describe()
+    for ks in (copied, mapped):
+        assert bytes(ks[1].blocks()[3].numpy()) == bytes(data.numpy())
+    assert copied[1].buffers[2].data_ptr() != data.data_ptr()
+    x = torch.randn(5, copied[0].kernel.H)
+    ids, w = torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+    assert torch.equal(copied[1].forward(x, ids, w), mapped[1].forward(x, ids, w))
+    rule.write_text(MMAP_RULE % "'yes'")
+    with pytest.raises(ValueError, match=r"experts: use_mmap must be true or false, got 'yes'"):
+        tandem.load(path, rules=str(rule), dtype="float32", progress=False)
+
+
 def test_per_expert_tensors_and_mixed_types(tmp_path):
     """Older Mixtral files (blk.N.ffn_gate.E.weight), and Q4_K_M's mix: gate/up Q4_K, down Q6_K."""
     hf, family = _model("mixtral_256")

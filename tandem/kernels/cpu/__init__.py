@@ -26,6 +26,7 @@ own memory and computed by its threads (``TANDEM_NUMA_NODES`` / ``set_numa_nodes
 from __future__ import annotations
 
 import atexit
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -342,6 +343,23 @@ class MoEExperts:
     def shards(self) -> list[tuple[int, int, int]]:
         """(i0, i1, OS node or -1) per NUMA shard: the intermediate rows each node holds and computes."""
         return [tuple(self._x.shard_range(s)) for s in range(self._x.n_shards)]
+
+    @property
+    def owns_weights(self) -> bool:
+        """True when every projection lives in the kernel's own memory (copied or converted), none in a caller's
+        buffer."""
+        return all(self._x.shard_data(p, s)[2] for p in range(3) for s in range(self._x.n_shards))
+
+    def memory(self, proj: str) -> torch.Tensor:
+        """A uint8 view of projection `proj` (gate, up, down) in the kernel's memory, in the stacked file layout
+        [E * rows * row_bytes] (one NUMA shard only: several shards each hold a slice of every expert). The view
+        keeps this object alive."""
+        if self._x.n_shards != 1:
+            raise ValueError(f"memory({proj!r}): the weights are split over {self._x.n_shards} NUMA shards")
+        addr, n, _ = self._x.shard_data(_PROJ.index(proj), 0)
+        pages = (ctypes.c_uint8 * n).from_address(addr)
+        pages.owner = self  # every tensor over these pages (views of views too) keeps the kernel's memory alive
+        return torch.frombuffer(pages, dtype=torch.uint8)
 
     @classmethod
     def from_weights(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
