@@ -35,6 +35,7 @@ import json
 import mmap
 import os
 import platform
+import tempfile
 import time
 
 import torch
@@ -130,7 +131,18 @@ def timeit(fn, n_calls: int, min_s: float = 0.3) -> float:
     return (time.perf_counter() - t0) / i
 
 
-def make_experts(fmt: str, H: int, I: int, E: int, layers: int = 1) -> list[K.MoEExperts]:  # noqa: E741
+def file_pages(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes written to an unlinked temporary file and mapped: the page cache's 4 KB pages, which the kernel
+    reads in place under experts.cpu's `use_mmap: true`."""
+    with tempfile.TemporaryFile() as f:
+        f.write(t.numpy().tobytes())
+        f.flush()
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def make_experts(fmt: str, H: int, I: int, E: int, layers: int = 1,  # noqa: E741
+                 pages: str = "kernel") -> list[K.MoEExperts]:
     g = torch.Generator().manual_seed(0)
     one = [torch.randn(I, H, generator=g) / H**0.5, torch.randn(I, H, generator=g) / H**0.5,
            torch.randn(H, I, generator=g) / I**0.5]
@@ -150,8 +162,10 @@ def make_experts(fmt: str, H: int, I: int, E: int, layers: int = 1) -> list[K.Mo
     else:
         blocks = [K.quantize(w, fmt).reshape(-1) for w in one]
     tiled = [b.reshape(1, -1).expand(E, -1).contiguous().reshape(-1) for b in blocks]
-    # kernel-owned memory (huge pages); several layers when one layer's experts would fit in the caches
-    return [K.MoEExperts.from_blocks(*tiled, fmt, E, I, H, copy=True) for _ in range(layers)]
+    # several layers when one layer's experts would fit in the caches
+    if pages == "file":  # each layer its own mapped file, read in place
+        return [K.MoEExperts.from_blocks(*(file_pages(b) for b in tiled), fmt, E, I, H) for _ in range(layers)]
+    return [K.MoEExperts.from_blocks(*tiled, fmt, E, I, H, copy=True) for _ in range(layers)]  # huge pages
 
 
 def route(T: int, E: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -278,10 +292,10 @@ def run(args) -> dict:
         if args.sweep:
             name, values = args.sweep.split("=", 1)
             sweep = [(name, v) for v in values.split(",")]
-        for fmt in args.formats.split(","):
+        for fmt, pages in [(f, p) for f in args.formats.split(",") for p in args.pages.split(",")]:
             expert_bytes = 2 * I * K.row_bytes(fmt, H) + H * K.row_bytes(fmt, I)
             E = max(k, min(E_model, int(mem_gb * 1e9 // expert_bytes)))
-            w = make_experts(fmt, H, I, E, layers=max(1, int(mem_gb * 1e9 // (E * expert_bytes))))
+            w = make_experts(fmt, H, I, E, layers=max(1, int(mem_gb * 1e9 // (E * expert_bytes))), pages=pages)
             prefill = [] if args.no_prefill else [512] if args.quick else [512, 2048]
             if args.quick and (shape != "qwen3-30b-a3b" or fmt != "int4_g32"):
                 prefill = []
@@ -295,6 +309,7 @@ def run(args) -> dict:
                     os.environ[knob[0]] = knob[1]
                 row = bench_case(w, torch_paths(fams, E), shape, fmt, T, E, k, H, I, expert_bytes, bw, g,
                                  args.quick, probe)
+                row["pages"] = pages
                 if knob is not None:
                     row["knob"] = "=".join(knob)
                     os.environ.pop(knob[0])
@@ -302,7 +317,7 @@ def run(args) -> dict:
                 perf = (f"{row['gbs']:6.1f} GB/s {row['pct_bw']:5.1f}% bw (rounds: best {row['pct_bw_best']:5.1f}%, "
                         f"probe {row['probe_gbs']:5.1f} GB/s)" if T <= 4
                         else f"{row['tflops']:7.3f} TFLOP/s (bw bound {row['bw_bound_tflops']:5.1f})")
-                print(f"{shape:14s} {fmt:9s} {row.get('knob', '')} T={T:<5d} E={E:<4d}x{row['layers']} "
+                print(f"{shape:14s} {fmt:9s} {pages:6s} {row.get('knob', '')} T={T:<5d} E={E:<4d}x{row['layers']} "
                       f"{row['ms']:9.2f} ms  {perf}  "
                       f"torch({row['torch_path']}) {row['torch_ms']:9.2f} ms  x{row['speedup']:.2f}", flush=True)
             del w
@@ -318,6 +333,9 @@ def main() -> None:
     ap.add_argument("--formats", default="")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--pages", default="kernel", help="where the experts live, comma separated, each run in turn: "
+                    "kernel (the kernel's copy on huge pages, experts.cpu's default), file (a mapped file read in "
+                    "place: use_mmap)")
     ap.add_argument("--tokens", default="", help="token counts to run instead of the default (e.g. 512,2048)")
     ap.add_argument("--torch", default="", help="stock-torch families timed for prefill (bf16,int8,int4)")
     ap.add_argument("--sweep", default="", help="decode rows once per value of a knob the kernel reads at each call, "
