@@ -9,7 +9,8 @@ kernels' speed does not depend on the values); E is the model's expert count unl
 is reported. Decode (T = 1, 4): random distinct experts per call, cycling through all E, so weights stream
 from RAM (they are far larger than the caches); GB/s counts the bytes of the experts a call touches.
 The probe and the decode calls share the machine the same way: each decode row runs 9 rounds (--quick 5) of
-one probe (the best of 3 passes over 1 GiB: 1, 2 and 4 runs read side by side per thread) then >= 0.1 s of
+one probe (the best of 6 passes over 1 GiB: 1, 2 and 4 runs read side by side per thread, without and with a
+prefetch 4 KB ahead) then >= 0.1 s of
 calls submitted back to back (the next is queued before the last is synced: the pool runs a decode step's
 layers so, with no Python in between; sync_ms times one Python call at a time, wake-up included); ms is the
 median round's, pct_bw the median of the rounds' ratios (calls' GB/s / the round's probe GB/s), pct_bw_best /
@@ -82,12 +83,12 @@ class ProbeBuffer:
         ctypes.memset(self.p, 1, self.n)  # fault the pages in before timing
 
     def gbs(self) -> float:
-        """The best of three timed passes over the buffer (one, two and four runs read side by side per thread, as
-        bandwidth_probe does), GB/s."""
+        """The best of six timed passes over the buffer (one, two and four runs read side by side per thread, each
+        without and with a prefetch 4 KB ahead, as bandwidth_probe does), GB/s."""
         best = 0.0
-        for streams in (1, 2, 4):
+        for streams, prefetch in [(s, p) for p in (0, 4096) for s in (1, 2, 4)]:
             t0 = time.perf_counter()
-            K._C.read_buffer(self.p, self.n, streams)
+            K._C.read_buffer(self.p, self.n, streams, prefetch)
             best = max(best, self.n / (time.perf_counter() - t0) / 1e9)
         return best
 
@@ -334,8 +335,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--pages", default="kernel", help="where the experts live, comma separated, each run in turn: "
-                    "kernel (the kernel's copy on huge pages, experts.cpu's default), file (a mapped file read in "
-                    "place: use_mmap)")
+                    "kernel (the kernel's copy on huge pages: use_mmap false), file (a mapped file read in place: "
+                    "experts.cpu's default for a GGUF file's blocks)")
     ap.add_argument("--tokens", default="", help="token counts to run instead of the default (e.g. 512,2048)")
     ap.add_argument("--torch", default="", help="stock-torch families timed for prefill (bf16,int8,int4)")
     ap.add_argument("--sweep", default="", help="decode rows once per value of a knob the kernel reads at each call, "

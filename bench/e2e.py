@@ -4,7 +4,7 @@ against the physical bounds measured in the same run.
     python bench/e2e.py [--models qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4] [--dir /tmp/tandem-e2e]
                         [--prefill 512,2048,8192] [--batches 1,8] [--decode-tokens 32] [--gguf Q4_K_M-like]
                         [--profile [--profile-dir DIR]] [--trace [--trace-knobs all|default|read-ahead]] [--json]
-                        [--embedding gpu|cpu] [--linears fp8] [--experts-mmap]
+                        [--embedding gpu|cpu] [--linears fp8] [--experts-copy]
 
 Each model is `tandem synth PRESET --layers L` (random weights in the real per-layer shapes, truncated depth:
 every figure below is per token through those L layers, so ratios hold for the full depth), loaded with the
@@ -61,7 +61,8 @@ DEFAULT_MODELS = "qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4"
 
 def ram_read_gbs(gib: float = 4.0) -> float:
     """Best read bandwidth of RAM with every kernel thread, GB/s: tandem.kernels.cpu's probe over a fresh huge-page
-    buffer (the pages kind the experts' weights use), the best of 1, 2, 4 and 8 runs read per thread."""
+    buffer (the pages kind the experts' weights use), the best of 1, 2, 4 and 8 runs read per thread, without and
+    with a software prefetch 4 KB ahead."""
     from tandem.kernels import cpu as K
 
     return K._C.bandwidth_probe(int(gib * 2**30), 4)
@@ -191,12 +192,12 @@ def linear_rule(fmt: str) -> str:
 
 
 def rules_file(preset_family: str, out: Path, weight_format: str | None = "int4_g32",
-               embedding: str = "gpu", linear_format: str | None = None, use_mmap: bool = False) -> Path:
+               embedding: str = "gpu", linear_format: str | None = None, use_mmap: bool = True) -> Path:
     """The family's 1gpu preset with the routed experts quantized to `weight_format` on the CPU (None: as the file
     stores them), the token embedding on cuda:0 (embedding "gpu", the issue's "the rest on the GPU": a decode
     step launched ahead then takes the last step's token on the device) or the CPU, as the preset keeps it, and
     with `linear_format` every linear of the layers (and the LM head) held in that format (linear_rule); use_mmap:
-    the CPU kernel reads the file's mapped pages instead of its own copy on huge pages."""
+    False, the CPU kernel copies the experts into its own memory on huge pages (default: it reads them in place)."""
     from tandem.rules.presets import PRESETS
 
     text = (PRESETS / preset_family / "1gpu.yaml").read_text()
@@ -207,8 +208,8 @@ def rules_file(preset_family: str, out: Path, weight_format: str | None = "int4_
     line = '      out_device: "cuda:0"\n'
     if weight_format:
         text = text.replace(line, line + f"      weight_format: {weight_format}\n", 1)
-    if use_mmap:
-        text = text.replace(line, line + "      use_mmap: true\n", 1)
+    if not use_mmap:
+        text = text.replace(line, line + "      use_mmap: false\n", 1)
     if embedding == "gpu":
         head, sep, tail = text.partition('name: "^model\\\\.embed_tokens$"')
         assert sep, f"{preset_family}/1gpu.yaml has no embed_tokens rule"
@@ -409,7 +410,7 @@ def trace_variants(llm, knobs=KNOBS) -> list[dict]:
 def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], tokens: int, prof: bool,
             trace: bool = False, gguf: str | None = None, profile_dir: str | None = None,
             trace_knobs: str = "all", embedding: str = "gpu", linears: str | None = None,
-            use_mmap: bool = False) -> dict:
+            use_mmap: bool = True) -> dict:
     import tandem
     from tandem.gpu.transfer import measure_h2d
     from tandem.rules.presets import FAMILY_PRESETS
@@ -444,7 +445,7 @@ def run_one(spec: str, root: Path, prefills: list[int], batches: list[int], toke
         weights = (weights or "safetensors bf16 -> int4_g32") + "; layers' linears FP8 E4M3 (linear.fp8)"
     res = {"model": preset, "layers": layers, "weights": weights or "safetensors bf16 -> int4_g32",
            "embedding": "cuda:0" if embedding == "gpu" else "cpu", "synth_s": round(synth_s, 1),
-           "load_s": round(load_s, 1), "experts_memory": "file mapping" if use_mmap else "kernel copy",
+           "load_s": round(load_s, 1), "experts_memory": "in place" if use_mmap else "kernel copy",
            "routed_expert_gb": round(c["routed_bytes"] / 1e9, 2), "gpu_linears": linear_formats(llm)}
     # the bound's RAM rate: the better of a probe before the load and one with the model in RAM (on a loaded host
     # the second can come out below what the decode call itself reads: fresh huge pages are then scarce)
@@ -545,8 +546,9 @@ def main() -> None:
     ap.add_argument("--embedding", choices=("gpu", "cpu"), default="gpu",
                     help="the token embedding on cuda:0 (default: everything but the routed experts on the GPU) or "
                          "on the CPU, as the 1gpu presets keep it")
-    ap.add_argument("--experts-mmap", action="store_true",
-                    help="routed experts read from the file's mapped pages (use_mmap: true), not the kernel's copy")
+    ap.add_argument("--experts-copy", action="store_true",
+                    help="routed experts copied into the kernel's memory on huge pages (use_mmap: false), not read "
+                         "in place")
     ap.add_argument("--profile-dir", help="with --profile: write the largest prefill's timeline (Chrome trace) here")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this model, print its JSON
@@ -558,7 +560,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, root, prefills, batches, args.decode_tokens, args.profile, args.trace,
                                  args.gguf, args.profile_dir, args.trace_knobs, args.embedding, args.linears,
-                                 args.experts_mmap)))
+                                 not args.experts_copy)))
         return
     results = []
     for spec in args.models.split(","):
@@ -568,7 +570,7 @@ def main() -> None:
         cmd += ["--trace", "--trace-knobs", args.trace_knobs] if args.trace else []
         cmd += ["--gguf", args.gguf] if args.gguf else []
         cmd += ["--linears", args.linears] if args.linears else []
-        cmd += ["--experts-mmap"] if args.experts_mmap else []
+        cmd += ["--experts-copy"] if args.experts_copy else []
         cmd += ["--profile-dir", args.profile_dir] if args.profile_dir else []
         print(f"== {spec}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))

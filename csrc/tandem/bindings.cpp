@@ -87,8 +87,9 @@ NB_MODULE(_tandem_cpu, m) {
     for (int64_t r = 0; r < rows; r++)
       dequantize_row(type, (const uint8_t*)src + r * rb, (float*)dst + r * cols, cols);
   }, nb::call_guard<nb::gil_scoped_release>());
-  m.def("read_buffer", [](uintptr_t p, size_t n, int streams) { return tandem::read_buffer((const void*)p, n, streams); },
-        nb::arg("p"), nb::arg("n"), nb::arg("streams") = 1, nb::call_guard<nb::gil_scoped_release>());
+  m.def("read_buffer", [](uintptr_t p, size_t n, int streams, int prefetch) {
+    return tandem::read_buffer((const void*)p, n, streams, prefetch);
+  }, nb::arg("p"), nb::arg("n"), nb::arg("streams") = 1, nb::arg("prefetch") = 0, nb::call_guard<nb::gil_scoped_release>());
   m.def("bandwidth_probe", &tandem::bandwidth_probe, nb::call_guard<nb::gil_scoped_release>());
   m.def("host_entry_address", [] { return (uintptr_t)&tandem_cpu_host_entry; });
   m.def("host_trace_start", &tandem::host_trace_start);

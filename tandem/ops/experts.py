@@ -12,10 +12,11 @@ Backends (registry names):
   weights live in kernel memory and have no `blocks()`, so a layer-wise GPU prefill leaves such layers on the
   CPU. From a GGUF file, experts stored in a block type the kernel runs (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, F32,
   BF16) are used as the file's blocks, never dequantized; other types are converted once at load (see
-  `convert_target`), with one log line. The kernel copies its weights into its own memory, on huge pages (and
-  on each NUMA node its shard), and the file's pages leave the process; `use_mmap: true` reads the file's
-  mapped pages in place instead (llama.cpp's mmap: no copy at load, 4 KB pages at decode). `threads` sets the
-  kernel's thread pool (one per process).
+  `convert_target`), with one log line. The kernel reads a file's blocks from its mapping, as llama.cpp does
+  (on several NUMA nodes it copies each node's shard there); `use_mmap: false` (llama.cpp's --no-mmap) copies
+  them into the kernel's own memory on huge pages and the file's pages leave the process: measured no faster
+  on the H200 host's Xeon (bench/results/cpu_moe-xeon-h200.md), slower to load. `threads` sets the kernel's
+  thread pool (one per process).
 
 A backend takes the weights once at load, either `load(weights: ExpertWeights, device, **kwargs)` or, for plain
 float kernels, `from_weights(gate [E, I, D], up [E, I, D], down [E, D, I], act, device, **kwargs)`; then
@@ -264,7 +265,7 @@ class CpuExperts:
 
     @classmethod
     def load(cls, w: ExpertWeights, device: str, weight_format=None, group_size=None, threads=None,
-             use_mmap: bool = False, **kwargs):
+             use_mmap: bool = True, **kwargs):
         if not isinstance(use_mmap, bool):
             raise ValueError(f"{w.name}: use_mmap must be true or false, got {use_mmap!r}")
         if w.act is not F.silu:

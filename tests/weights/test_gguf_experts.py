@@ -117,18 +117,17 @@ MMAP_RULE = """
 """
 
 
-def test_kernel_copies_the_blocks_unless_use_mmap(tmp_path):
-    """By default the kernel holds its own copy of the file's blocks (huge pages) and blocks() reads that copy;
-    use_mmap: true reads the mapping in place. Same bytes, same logits."""
+def test_use_mmap_false_copies_the_blocks(tmp_path):
+    """By default the kernel reads the file's mapping in place; use_mmap: false holds its own copy (huge pages)
+    and blocks() reads that copy. Same bytes, same outputs."""
     path = write(tmp_path, T.Q4_K)
     _, data, _ = llm_source(path).raw("model.layers.1.block_sparse_moe.experts.down_proj")
-    copied = kernels(tandem.load(path, rules="cpu", dtype="float32", progress=False))
-    assert all(k.kernel.owns_weights for k in copied) and "mapped" not in copied[0].describe()
-    rule = tmp_path / "mmap.yaml"
-    rule.write_text(MMAP_RULE % "true")
-    llm = tandem.load(path, rules=str(rule), dtype="float32", progress=False)
-    mapped = kernels(llm)
+    mapped = kernels(tandem.load(path, rules="cpu", dtype="float32", progress=False))
     assert not any(k.kernel.owns_weights for k in mapped) and "mapped from the file" in mapped[0].describe()
+    rule = tmp_path / "copy.yaml"
+    rule.write_text(MMAP_RULE % "false")
+    copied = kernels(tandem.load(path, rules=str(rule), dtype="float32", progress=False))
+    assert all(k.kernel.owns_weights for k in copied) and "mapped" not in copied[0].describe()
     for ks in (copied, mapped):
         assert bytes(ks[1].blocks()[3].numpy()) == bytes(data.numpy())
     assert copied[1].buffers[2].data_ptr() != data.data_ptr()
