@@ -1,5 +1,6 @@
-"""Open what a user points at: a Hugging Face model directory (config.json + safetensors + tokenizer files)
-or a GGUF file (config, weights and tokenizer all from the one file, or from the parts of a split one)."""
+"""Open what a user points at: a Hugging Face model directory (config.json + safetensors + tokenizer files; with
+a GGUF quant of the same model beside them, its routed experts: tandem.weights.hybrid) or a GGUF file (config,
+weights and tokenizer all from the one file, or from the parts of a split one)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from tandem.models.base import ConfigError
 from tandem.tokenize.tokenizer import Tokenizer
 from tandem.weights import SafetensorsSource
 from tandem.weights.gguf import GGUFSource
+from tandem.weights.hybrid import HybridSource, open_hybrid
 
 
 @dataclass
 class Checkpoint:
     path: Path
     config: dict  # config.json as Hugging Face spells it
-    source: SafetensorsSource | GGUFSource  # name -> tensor
+    source: SafetensorsSource | GGUFSource | HybridSource  # name -> tensor
     tokenizer: Tokenizer | None
 
     @property
@@ -56,4 +58,5 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         config, source, first = open_gguf_source(path)
         return Checkpoint(path, config, source, tokenizer_from_gguf(first.metadata))
     config = read_config(path)
-    return Checkpoint(path, config, SafetensorsSource.open(path), Tokenizer.from_dir(path))
+    source = open_hybrid(path, config) or SafetensorsSource.open(path)
+    return Checkpoint(path, config, source, Tokenizer.from_dir(path))

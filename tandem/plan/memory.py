@@ -149,7 +149,7 @@ class MemoryModel:
         """What experts.cpu holds for experts `name`: a GGUF file's blocks when it runs them (mapped), else the
         weights in the dtype it computes in (fp16 is held as fp32, exactly)."""
         stored = [t for n, t in self.src.tensors.items() if n.startswith(name + ".")]
-        if self.src.kind == "gguf" and stored and all(t.format in KERNEL_GGUF_TYPES for t in stored):
+        if self.src.kind in ("gguf", "hybrid") and stored and all(t.format in KERNEL_GGUF_TYPES for t in stored):
             return sum(t.nbytes for t in stored)
         return in_dtype * 2 if self.w.dtype == torch.float16 else in_dtype
 

@@ -37,7 +37,7 @@ class ModelSource:
     config: dict
     model: nn.Module  # built on meta: names and shapes
     tensors: dict[str, StoredTensor]
-    kind: str  # "safetensors", "gguf" or "preset"
+    kind: str  # "safetensors", "gguf", "hybrid" (safetensors + a GGUF's routed experts) or "preset"
     path: Path | None = None  # None for a preset
     preset: tuple[str, int | None] | None = None  # (preset name, --layers) when kind == "preset"
     _owners: dict[str, int] | None = field(default=None, repr=False)
@@ -96,6 +96,7 @@ def open_source(spec: str | Path, layers: int | None = None) -> ModelSource:
         return ModelSource(str(spec), config, build_model(config), tensors, "gguf", path)
     from tandem.checkpoint import read_config
     from tandem.weights import SafetensorsSource
+    from tandem.weights.hybrid import open_hybrid
 
     if not path.exists():
         known = ", ".join(sorted(PRESETS))
@@ -103,4 +104,13 @@ def open_source(spec: str | Path, layers: int | None = None) -> ModelSource:
     config = read_config(path)
     source = SafetensorsSource.open(path)
     tensors = {n: StoredTensor(n, i.shape, DTYPE_NAMES[i.dtype], i.nbytes) for n, i in source.infos.items()}
-    return ModelSource(str(spec), config, build_model(config), tensors, "safetensors", path)
+    source.close()
+    hybrid = open_hybrid(path, config)
+    if hybrid is None:
+        return ModelSource(str(spec), config, build_model(config), tensors, "safetensors", path)
+    gguf = hybrid.experts  # the routed experts as the GGUF stores them, the rest as the safetensors do
+    tensors = {n: t for n, t in tensors.items() if hybrid.source_of(n) is hybrid.tensors} | {
+        n: StoredTensor(n, tuple(e.shape), e.ggml_type, e.nbytes) for n, e in gguf.entries.items()
+        if hybrid.source_of(n) is gguf}
+    hybrid.close()
+    return ModelSource(str(spec), config, build_model(config), tensors, "hybrid", path)
