@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from gpu_ref import RTOL, dequantized_reference, rel_err, write_rules
@@ -76,3 +79,35 @@ def test_fp8_linears_equal_cpu_reference(family, prefill_op, fp8_file, tmp_path)
     ref = dequantized_reference(path, llm)
     assert rel_err(llm.logits(IDS), ref.logits(IDS)) < RTOL
     assert llm.generate(IDS, max_new_tokens=5).token_ids == ref.generate(IDS, max_new_tokens=5).token_ids
+
+
+HYBRID_RULES = '''
+- match: {name: "^model\\\\.layers\\\\.\\\\d+\\\\.mlp\\\\.experts$"}
+  replace: {class: tandem.ops.Experts, kwargs: {generate_device: "cpu", prefill_device: "cpu", out_device: "cuda:0"}}
+  recursive: false
+- match: {name: "^model\\\\.layers\\\\..*$", class: torch.nn.Linear}
+  replace:
+    class: KTransformersLinear
+    kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0", generate_op: "KLinearFP8", prefill_op: "KLinearTorch"}
+- match: {name: ".*"}
+  replace: {class: default, kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0"}}
+'''
+
+
+def test_fp8_hybrid_directory(tmp_path):
+    """KTransformers' FP8 + GGML hybrid: the FP8 checkpoint's attention and shared experts on linear.fp8 (bytes as
+    stored), the routed experts on the CPU kernel from a GGUF's Q8_0 blocks; against the CPU model of those values
+    (the kernel quantizes activations to int8: tolerance of tests/weights/test_gguf_experts.py)."""
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "weights"))
+    from test_gguf_experts import TOL_INT8_ACTIVATIONS, kernels
+    from test_hybrid_source import hybrid_dir
+
+    path = hybrid_dir(tmp_path)
+    llm = tandem.load(path, rules=write_rules(tmp_path, HYBRID_RULES), dtype="float32", progress=False)
+    fp8 = [m for m in llm.model.modules() if isinstance(m, Linear) and m.qweight is not None]
+    assert fp8 and all(m.qweight.fmt == B.FP8 for m in fp8)
+    assert all(k.fmt == ("int8",) * 3 and "as the GGUF file stores them" in k.describe() for k in kernels(llm))
+    ref = dequantized_reference(path, llm)
+    assert rel_err(llm.logits(IDS), ref.logits(IDS)) < TOL_INT8_ACTIVATIONS
+    assert len(llm.generate(IDS, max_new_tokens=5).token_ids) == 5
