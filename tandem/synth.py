@@ -2,15 +2,19 @@
 
 Tensors stream to disk in safetensors format from a pool of random values (sampled once, scaled per tensor), so
 a DeepSeek-V3 layer (~23 GB) never sits in RAM. Scales keep activations O(1): linear weights ~ N(0, 1/fan_in).
+`--fp8` writes the layers' linears as DeepSeek-V3's release stores them: float8_e4m3fn values with
+`<name>_scale_inv` (fp32, one per 128 x 128 block, w = q * scale) and the config's quantization_config.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import struct
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -132,23 +136,66 @@ def init_scale(name: str, shape: tuple[int, ...]) -> float:
     return 1.0 / math.sqrt(shape[-1])
 
 
+FP8 = torch.float8_e4m3fn
+FP8_BLOCK = 128
+FP8_SPREAD = 64.0  # FP8 values ~ N(0, 64^2), clipped to E4M3's +-448; the block scale brings them to the tensor's
+FP8_LINEAR = re.compile(r"^model\.layers\.\d+\..*\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|"
+                        r"kv_a_proj_with_mqa|kv_b_proj|gate_proj|up_proj|down_proj)\.weight$")
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+
+
 class _Pools:
-    def __init__(self, dtype: torch.dtype, seed: int):
-        self.dtype, self.gen = dtype, torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.base = torch.randn(POOL, generator=self.gen)
-        self.cache: dict[float, np.ndarray] = {}
+        self.cache: dict[tuple, np.ndarray] = {}
 
-    def bytes_of(self, scale: float) -> np.ndarray:
-        if scale not in self.cache:
+    def bytes_of(self, scale: float, dtype: torch.dtype) -> np.ndarray:
+        if (scale, dtype) not in self.cache:
             t = torch.ones(POOL) if scale == 0.0 else self.base * scale
-            self.cache[scale] = t.to(self.dtype).view(torch.uint8).numpy()
-        return self.cache[scale]
+            if dtype == FP8:
+                t = t.clamp(-448, 448)  # E4M3 has no infinity: out of range would be NaN
+            self.cache[scale, dtype] = t.to(dtype).view(torch.uint8).numpy()
+        return self.cache[scale, dtype]
 
 
-def _write_tensor(f, pools: _Pools, nbytes: int, scale: float, bar) -> None:
-    pool = pools.bytes_of(scale)
-    item = pools.dtype.itemsize
+@dataclass(frozen=True, slots=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    scale: float  # standard deviation of the random values, or the value itself when constant
+    constant: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _tensor_list(model, dtype: torch.dtype, fp8: bool) -> list[_Tensor]:
+    """Every tensor to write; with fp8, a layer's linear with whole 128-value blocks along its input is FP8 values
+    (spread FP8_SPREAD) and its block scales (constant: init_scale / FP8_SPREAD)."""
+    out = []
+    for name, _, _, t in tensors_of(model):
+        shape = tuple(t.shape)
+        if fp8 and FP8_LINEAR.match(name) and len(shape) == 2 and shape[1] % FP8_BLOCK == 0:
+            blocks = (-(-shape[0] // FP8_BLOCK), shape[1] // FP8_BLOCK)
+            out += [_Tensor(name, shape, FP8, FP8_SPREAD),
+                    _Tensor(name + "_scale_inv", blocks, torch.float32, init_scale(name, shape) / FP8_SPREAD, True)]
+        else:
+            out.append(_Tensor(name, shape, dtype, init_scale(name, shape)))
+    return out
+
+
+def _write_tensor(f, pools: _Pools, t: _Tensor, bar) -> None:
+    if t.constant:
+        f.write(torch.full(t.shape, t.scale, dtype=t.dtype).view(torch.uint8).numpy().tobytes())
+        bar.update(t.nbytes)
+        return
+    pool, nbytes = pools.bytes_of(t.scale, t.dtype), t.nbytes
+    item = t.dtype.itemsize
     done = 0
     while done < nbytes:
         n = min(nbytes - done, len(pool) // 2)
@@ -159,26 +206,29 @@ def _write_tensor(f, pools: _Pools, nbytes: int, scale: float, bar) -> None:
 
 
 def synthesize(preset: str, out: Path, layers: int | None = None, seed: int = 0, dtype: str = "bfloat16",
-               progress: bool = True) -> Path:
-    """Write config.json, tokenizer files and random safetensors for `preset` into `out`; returns `out`."""
+               progress: bool = True, fp8: bool = False) -> Path:
+    """Write config.json, tokenizer files and random safetensors for `preset` into `out`; returns `out`. fp8: the
+    layers' linears as an FP8 checkpoint stores them (module docstring)."""
     tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
     if tdtype is None:
         raise ValueError(f"--dtype must be bfloat16, float16 or float32, got {dtype!r}")
     config = preset_config(preset, layers, dtype)
     model = build_model(config)
-    tensors = [(name, tuple(t.shape)) for name, _, _, t in tensors_of(model)]
+    tensors = _tensor_list(model, tdtype, fp8)
+    if fp8:
+        config["quantization_config"] = FP8_CONFIG
     out.mkdir(parents=True, exist_ok=True)
     partial = out / ".partial"
     partial.mkdir(exist_ok=True)
-    shards = _plan_shards(tensors, tdtype.itemsize)
-    pools = _Pools(tdtype, seed)
-    total = sum(math.prod(s) for _, s in tensors) * tdtype.itemsize
+    shards = _plan_shards(tensors)
+    pools = _Pools(seed)
+    total = sum(t.nbytes for t in tensors)
     weight_map = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {preset}", disable=not progress) as bar:
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_shard(partial / fname, shard, tdtype, pools, bar)
-            weight_map |= {name: fname for name, _ in shard}
+            _write_shard(partial / fname, shard, pools, bar)
+            weight_map |= {t.name: fname for t in shard}
     for f in partial.iterdir():
         f.replace(out / f.name)
     partial.rmdir()
@@ -190,31 +240,30 @@ def synthesize(preset: str, out: Path, layers: int | None = None, seed: int = 0,
     return out
 
 
-def _plan_shards(tensors: list[tuple[str, tuple]], itemsize: int) -> list[list[tuple[str, tuple]]]:
+def _plan_shards(tensors: list[_Tensor]) -> list[list[_Tensor]]:
     shards, size = [[]], 0
-    for name, shape in tensors:
-        n = math.prod(shape) * itemsize
-        if shards[-1] and size + n > SHARD_BYTES:
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
-        shards[-1].append((name, shape))
-        size += n
+        shards[-1].append(t)
+        size += t.nbytes
     return shards
 
 
-def _write_shard(path: Path, tensors: list[tuple[str, tuple]], dtype: torch.dtype, pools: _Pools, bar) -> None:
+def _write_shard(path: Path, tensors: list[_Tensor], pools: _Pools, bar) -> None:
     header, offset = {}, 0
-    for name, shape in tensors:
-        n = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, shape in tensors:
-            _write_tensor(f, pools, math.prod(shape) * dtype.itemsize, init_scale(name, shape), bar)
+        for t in tensors:
+            _write_tensor(f, pools, t, bar)
 
 
 def _write_tokenizer(out: Path) -> None:
@@ -233,7 +282,8 @@ def run(args) -> int:
         out = synthesize_gguf(args.preset, Path(args.out), args.layers, args.quant, args.seed, sys.stderr.isatty())
         print(f"wrote {args.preset} ({args.quant}) to {out}")
         return 0
-    out = synthesize(args.preset, Path(args.out), args.layers, args.seed, args.dtype, progress=sys.stderr.isatty())
+    out = synthesize(args.preset, Path(args.out), args.layers, args.seed, args.dtype, progress=sys.stderr.isatty(),
+                     fp8=args.fp8)
     print(f"wrote {args.preset} to {out}")
     return 0
 
@@ -246,6 +296,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
     p.add_argument("--gguf", action="store_true", help="write one GGUF file (--out FILE) that llama.cpp loads")
+    p.add_argument("--fp8", action="store_true", help="the layers' linears in FP8 E4M3 with 128 x 128 block scales, "
+                   "as DeepSeek-V3's release stores them")
     p.add_argument("--quant", default="Q4_K_M-like",
                    help="with --gguf: Q4_K_M-like | Q4_1 (routed experts; the rest BF16) | Q8_0 | BF16 | F16 | F32")
     p.set_defaults(func=run)

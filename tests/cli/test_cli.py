@@ -35,6 +35,30 @@ def test_synth_writes_a_loadable_model(tmp_path):
     assert cfg["num_hidden_layers"] == 2 and cfg["model_type"] == "mixtral"
 
 
+def test_synth_fp8_writes_an_fp8_checkpoint(tmp_path):
+    """--fp8: a layer's linears with whole 128-value blocks along K as float8_e4m3fn + 128 x 128 block scales (tiny
+    DeepSeek-V3: the dense MLP's down_proj, K = 128), the rest in the model dtype; loads dequantized, w = q * s."""
+    import torch
+
+    import tandem
+    from tandem.weights import SafetensorsSource
+
+    r = tandem_cli("synth", "tiny-deepseek-v3", "--out", str(tmp_path / "m"), "--fp8")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    src = SafetensorsSource.open(tmp_path / "m")
+    name = "model.layers.0.mlp.down_proj.weight"
+    q, scale = src.fp8(name)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (64, 128) and scale.shape == (1, 1)
+    assert src.fp8("model.layers.0.mlp.up_proj.weight") is None  # K = 64: no whole block, stays bf16
+    w = q.float() * scale.float()
+    assert torch.isfinite(w).all() and 0.5 < w.std().item() * 128**0.5 < 2  # ~ N(0, 1/fan_in), clipped tails
+    assert torch.equal(src.get(name, dtype=torch.float32), w)
+    llm = tandem.load(tmp_path / "m", progress=False)
+    assert torch.isfinite(llm.logits([1, 2, 3])).all()
+
+
 def test_synth_real_shapes_with_few_layers(tmp_path):
     """DeepSeek-V2-Lite's real per-layer shapes, one dense + one MoE layer (~1 GB in bf16 would be too slow here:
     check the header only)."""
