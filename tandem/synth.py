@@ -140,7 +140,7 @@ FP8 = torch.float8_e4m3fn
 FP8_BLOCK = 128
 FP8_SPREAD = 64.0  # FP8 values ~ N(0, 64^2), clipped to E4M3's +-448; the block scale brings them to the tensor's
 FP8_LINEAR = re.compile(r"^model\.layers\.\d+\..*\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|"
-                        r"kv_a_proj_with_mqa|kv_b_proj|gate_proj|up_proj|down_proj)\.weight$")
+                        r"kv_a_proj_with_mqa|kv_b_proj|gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
               "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
 

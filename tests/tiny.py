@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -50,8 +49,6 @@ FAMILIES = {
 # every linear of a layer in whole 128 x 128 FP8 blocks along K (DeepSeek-V3's and Qwen3's FP8 checkpoints)
 WIDE = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, head_dim=32, kv_lora_rank=128,
             q_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=64)
-FP8_LINEAR = re.compile(r"^model\.layers\.\d+\..*\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|"
-                        r"kv_b_proj|gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 
 
 def make_hf(name: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
@@ -96,6 +93,7 @@ def to_fp8_checkpoint(path: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     from tandem.gpu.blocks import fp8_quantize
+    from tandem.synth import FP8_CONFIG, FP8_LINEAR
 
     for f in sorted(path.glob("*.safetensors")):
         tensors = load_file(f)
@@ -103,7 +101,6 @@ def to_fp8_checkpoint(path: Path) -> Path:
             tensors[name], tensors[name + "_scale_inv"] = fp8_quantize(tensors[name].float())
         save_file(tensors, f, metadata={"format": "pt"})
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = FP8_CONFIG
     (path / "config.json").write_text(json.dumps(cfg))
     return path
