@@ -91,7 +91,7 @@ def open_source(spec: str | Path, layers: int | None = None) -> ModelSource:
         from tandem.weights.gguf import open_gguf_source
 
         config, source, _ = open_gguf_source(path)
-        tensors = {n: StoredTensor(n, tuple(e.shape), e.ggml_type, e.nbytes) for n, e in source.entries.items()}
+        tensors = _gguf_tensors(source, source.entries)
         source.close()
         return ModelSource(str(spec), config, build_model(config), tensors, "gguf", path)
     from tandem.checkpoint import read_config
@@ -102,15 +102,18 @@ def open_source(spec: str | Path, layers: int | None = None) -> ModelSource:
         known = ", ".join(sorted(PRESETS))
         raise FileNotFoundError(f"{spec}: no such model directory or .gguf file, and not a synth preset ({known})")
     config = read_config(path)
-    source = SafetensorsSource.open(path)
-    tensors = {n: StoredTensor(n, i.shape, DTYPE_NAMES[i.dtype], i.nbytes) for n, i in source.infos.items()}
-    source.close()
     hybrid = open_hybrid(path, config)
-    if hybrid is None:
-        return ModelSource(str(spec), config, build_model(config), tensors, "safetensors", path)
-    gguf = hybrid.experts  # the routed experts as the GGUF stores them, the rest as the safetensors do
-    tensors = {n: t for n, t in tensors.items() if hybrid.source_of(n) is hybrid.tensors} | {
-        n: StoredTensor(n, tuple(e.shape), e.ggml_type, e.nbytes) for n, e in gguf.entries.items()
-        if hybrid.source_of(n) is gguf}
-    hybrid.close()
-    return ModelSource(str(spec), config, build_model(config), tensors, "hybrid", path)
+    source = hybrid.tensors if hybrid else SafetensorsSource.open(path)
+    infos = {n: i for n, i in source.infos.items() if hybrid is None or hybrid.source_of(n) is source}
+    tensors = {n: StoredTensor(n, i.shape, DTYPE_NAMES[i.dtype], i.nbytes) for n, i in infos.items()}
+    if hybrid:  # the routed experts as the GGUF stores them, the rest as the safetensors do
+        gguf = hybrid.experts
+        tensors |= _gguf_tensors(gguf, [n for n in gguf.entries if hybrid.source_of(n) is gguf])
+    (hybrid or source).close()
+    return ModelSource(str(spec), config, build_model(config), tensors, "hybrid" if hybrid else "safetensors", path)
+
+
+def _gguf_tensors(source, names) -> dict[str, StoredTensor]:
+    """StoredTensor of each of `names` in a GGUF source, in its stored type."""
+    entries = {n: source.entries[n] for n in names}
+    return {n: StoredTensor(n, tuple(e.shape), e.ggml_type, e.nbytes) for n, e in entries.items()}

@@ -54,9 +54,6 @@ class HybridSource:
     def info(self, name: str):
         return self.source_of(name).info(name)
 
-    def nbytes(self) -> int:
-        return sum(self.info(n).nbytes for n in self.names())
-
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         return self.source_of(name).get(name, dtype=dtype, device=device)
 
