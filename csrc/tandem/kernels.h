@@ -19,6 +19,9 @@ void quantize_act(const float* x, int n, int B, uint8_t* row, int n_total, int i
 
 // out[j] = dot(weight row w of n values, activation row a[j]) for j < na (na <= 4).
 typedef void (*vec_dot_fn)(int n, const void* w, const ActRow* a, int na, float* out);
+// The same, and the row at pf (as many bytes as w's, read later) asked into L2 as w is read: about one prefetch
+// per line read, spread over the row rather than in one burst (decode on Intel, whose L2 streamer stops at 4 KB).
+typedef void (*vec_dot_pf_fn)(int n, const void* w, const ActRow* a, int na, float* out, const void* pf);
 
 // ---- prefill GEMM (bf16 operands, fp32 accumulation) ---------------------------------------------------
 // A weight row of n values (a multiple of 32) -> n bf16 values (round to nearest even), per format.
@@ -130,6 +133,7 @@ constexpr int N_WSLOTS = 10;
 struct KernelTable {
   const char* name;
   vec_dot_fn dot[N_WSLOTS];
+  vec_dot_pf_fn dot_pf[N_WSLOTS];          // nullptr: the caller prefetches the next row in one burst
   dequant_bf16_fn dequant_bf16[N_WSLOTS];  // nullptr: this format stays on the per-row path (fp32)
   gemm_run_fn gemm_bf16;                   // nullptr: no prefill GEMM on this path
   silu_pack_fn silu_pack;

@@ -149,15 +149,16 @@ int balanced_chunk(int units, int threads, int min_per_thread) {
 // Decode streams each weight row once: ask for the next rows ahead (into L2), across the 4 KB page edges where
 // the hardware streamer stops -- on Intel. On AMD (Zen 4/5) the streamer keeps up by itself and a row's burst of
 // prefetches costs: one thread streaming int4_g32 rows of 7168 on the 2-core EPYC, 31.5 GB/s without vs 17.9
-// GB/s with (bench/results/cpu_moe-epyc-2core.md). TANDEM_CPU_PREFETCH=0/1 forces it (for measuring).
-bool prefetch_on() {
-  static const bool on = env_flag("TANDEM_CPU_PREFETCH", !cpu_is_amd());
-  return on;
-}
+// GB/s with (bench/results/cpu_moe-epyc-2core.md). TANDEM_CPU_PREFETCH=0/1 forces it (measuring, tests).
+bool prefetch_on() { return env_flag("TANDEM_CPU_PREFETCH", !cpu_is_amd()); }  // read per call (MoEJob)
 
 inline void prefetch_row(const uint8_t* p, size_t n) {
   for (size_t o = 0; o < n; o += 64) __builtin_prefetch(p + o, 0, 2);
 }
+
+// Decode's prefetch of the next rows spread over the current row's dot (kernels' dot_pf), not in one burst
+// before it. TANDEM_CPU_PF_INLINE=0/1 (read per call, for measuring).
+bool pf_inline_on() { return env_flag("TANDEM_CPU_PF_INLINE", true); }
 
 // Decode reads an item's rows as this many runs side by side (row i of every run, then row i + 1): a Xeon core
 // keeps more reads in flight with several streams (H200 host, 15 threads reading 4 GiB: 114 GB/s with one run per
@@ -284,19 +285,22 @@ class MoEJob : public Job {
       t = n;
     }
   };
-  // TANDEM_CPU_PROFILE timeline: when each thread passed each point, seconds after the job was made (posted).
+  // TANDEM_CPU_PROFILE timeline: when each thread passed each point, after the job was made (submitted); `posted`:
+  // when the pool made it the running job (a job queued behind another waits for it).
   static constexpr int kMarks = 8;
   void mark(int tid, int k) {
     if (marks_) marks_[(size_t)tid * kMarks + k] = now_s() - made_;
   }
   std::string timeline() const {
     static const char* names[kMarks] = {"enter", "plan", "bar0", "prepared", "bar1", "gate_up", "bar2", "down"};
-    std::string line = " | us after post, first-last thread:";
+    char buf[64];
+    const double posted = std::chrono::duration<double>(posted_at.time_since_epoch()).count() - made_;
+    std::snprintf(buf, sizeof buf, " | us after submit: posted %.1f, first-last thread:", 1e6 * posted);
+    std::string line = buf;
     for (int k = 0; k < kMarks; k++) {
       double lo = 1e9, hi = 0;
       for (int t = 0; t < nthreads_; t++)
         if (const double v = marks_[(size_t)t * kMarks + k]; v > 0) lo = std::min(lo, v), hi = std::max(hi, v);
-      char buf[64];
       std::snprintf(buf, sizeof buf, " %s %.1f-%.1f", names[k], 1e6 * lo, 1e6 * hi);
       line += buf;
     }
@@ -565,8 +569,10 @@ class MoEJob : public Job {
     const int s0 = off_[item.ai], s1 = off_[item.ai + 1], c0 = dpos_[item.ai];
     const ExpertMatrix &G = sh.m[0], &U = sh.m[1];
     const vec_dot_fn dg = kt_->dot[wtype_slot(G.type)], du = kt_->dot[wtype_slot(U.type)];
+    const vec_dot_pf_fn pg = pf_inline_ ? kt_->dot_pf[wtype_slot(G.type)] : nullptr,
+                        pu = pf_inline_ ? kt_->dot_pf[wtype_slot(U.type)] : nullptr;
     ActRow acts[kTokenTile];
-    const bool pf = prefetch_on();
+    const bool pf = prefetch_;
     for (int st = s0; st < s1; st += kTokenTile) {
       const int ns = std::min(kTokenTile, s1 - st);
       for (int j = 0; j < ns; j++) acts[j] = xview(slot_tok_[st + j]);
@@ -575,15 +581,16 @@ class MoEJob : public Job {
         const int r = order.row(i), nx = order.ahead(i, 1);
         if (r >= r1) continue;
         const uint8_t *wg = G.row(e, r), *wu = U.row(e, r);
-        if (pf && st == s0 && nx >= 0) {
-          prefetch_row(G.row(e, nx), G.row_bytes);
-          prefetch_row(U.row(e, nx), U.row_bytes);
-        }
+        const bool ahead = pf && st == s0 && nx >= 0;  // the next row of this run, into L2
+        if (ahead && !pg) prefetch_row(G.row(e, nx), G.row_bytes);
+        if (ahead && !pu) prefetch_row(U.row(e, nx), U.row_bytes);
         for (int j = 0; j < ns; j += kNT) {
           const int m = std::min(kNT, ns - j);
           float g[kNT], u[kNT];
-          dg(H, wg, acts + j, m, g);
-          du(H, wu, acts + j, m, u);
+          if (ahead && j == 0 && pg) pg(H, wg, acts + j, m, g, G.row(e, nx));
+          else dg(H, wg, acts + j, m, g);
+          if (ahead && j == 0 && pu) pu(H, wu, acts + j, m, u, U.row(e, nx));
+          else du(H, wu, acts + j, m, u);
           for (int l = 0; l < m; l++) hbuf_[(size_t)(c0 + st - s0 + j + l) * I + sh.i0 + r] = silu(g[l]) * u[l];
         }
       }
@@ -735,12 +742,13 @@ class MoEJob : public Job {
     if (gemm_ok_) down_gemm(sh, h0, h1, o);
     const ExpertMatrix& D = sh.m[2];
     const vec_dot_fn dd = kt_->dot[wtype_slot(D.type)];
+    const vec_dot_pf_fn pd = pf_inline_ ? kt_->dot_pf[wtype_slot(D.type)] : nullptr;
     ActRow acts[kTokenTile];
     for (size_t ai = 0; ai < active_.size(); ai++) {
       const int e = active_[ai], s0 = off_[ai], s1 = off_[ai + 1];
       if (gemm_[ai]) continue;
       const int c0 = dpos_[ai];
-      const bool pf = prefetch_on();
+      const bool pf = prefetch_;
       for (int st = s0; st < s1; st += kTokenTile) {
         const int ns = std::min(kTokenTile, s1 - st);
         for (int j = 0; j < ns; j++) acts[j] = shifted(hview(c0 + st - s0 + j), sh.i0, Bd_);
@@ -751,11 +759,13 @@ class MoEJob : public Job {
           const int h = order.row(i);
           if (h >= h1) continue;
           const uint8_t* wd = D.row(e, h);
-          if (const int a = order.ahead(i, 2); pf && st == s0 && a >= 0) prefetch_row(D.row(e, a), D.row_bytes);
+          const int a = pf && st == s0 ? order.ahead(i, 2) : -1;  // two rows on in this run, into L2
+          if (a >= 0 && !pd) prefetch_row(D.row(e, a), D.row_bytes);
           for (int j = 0; j < ns; j += kNT) {
             const int m = std::min(kNT, ns - j);
             float r[kNT];
-            dd(In, wd, acts + j, m, r);
+            if (a >= 0 && j == 0 && pd) pd(In, wd, acts + j, m, r, D.row(e, a));
+            else dd(In, wd, acts + j, m, r);
             for (int l = 0; l < m; l++) o[(size_t)slot_tok_[st + j + l] * H + h] += slot_w_[st + j + l] * r[l];
           }
         }
@@ -806,6 +816,7 @@ class MoEJob : public Job {
   std::atomic<int> next0_{0}, next1b_{0}, next3_{0};
   std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
   const int streams_ = decode_streams();
+  const bool prefetch_ = prefetch_on(), pf_inline_ = pf_inline_on();
   int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256, part0_ = 0, parts0_ = 1, tail2_ = 0, nbig2_ = 0;
   static thread_local int tls_tid_;
 };

@@ -199,6 +199,7 @@ void ThreadPool::submit(std::shared_ptr<Job> job) {
     if (current_) return;  // the last thread of the running job starts the next one
     current_ = std::move(queue_.front());
     queue_.pop_front();
+    current_->posted_at = std::chrono::steady_clock::now();
     running_.store(current_.get(), std::memory_order_relaxed);
     left_.store(size(), std::memory_order_relaxed);
     posted_.fetch_add(1, std::memory_order_release);
@@ -260,6 +261,7 @@ void ThreadPool::loop(int tid) {
         if (!queue_.empty()) {
           current_ = std::move(queue_.front());
           queue_.pop_front();
+          current_->posted_at = std::chrono::steady_clock::now();
           running_.store(current_.get(), std::memory_order_relaxed);
           left_.store(size(), std::memory_order_relaxed);
           posted_.fetch_add(1, std::memory_order_release);

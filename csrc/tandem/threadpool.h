@@ -2,6 +2,7 @@
 // together (each calls run(tid)); jobs queue in FIFO order; submit() returns at once, Job::wait() blocks.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <condition_variable>
@@ -21,6 +22,7 @@ class Job {
   void wait();                                  // blocks until every thread has returned from run
   bool done() const { return done_.load(std::memory_order_acquire); }
   std::function<void()> on_done;  // run by the last thread out, before wait() returns (a doorbell's `done`)
+  std::chrono::steady_clock::time_point posted_at;  // when the pool made it the running job (profiles)
 
  private:
   friend class ThreadPool;
