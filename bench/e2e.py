@@ -25,9 +25,11 @@ between them) under the knobs that decide who runs where (--trace-knobs default:
 read-ahead: the defaults with and without the read-ahead of predicted experts, alternating 3 times; it needs
 TANDEM_READ_AHEAD=1, which registers the read-aheads when the graphs are captured), and
 from the default knobs' trace the steady-state figures per MoE layer (`layer_figures`): one layer = its host
-call + the GPU work up to the next call, against that layer's bound (its expert bytes / the run's RAM read
-rate), and a full-depth estimate: the step's fixed part (embedding, dense layers, LM head, sampling, graph
-launch: the step minus its MoE layers, measured) + the full model's MoE layer count x the measured layer time.
+call + the GPU work up to the next call, against that layer's bound (its expert bytes / the RAM read rate of a
+probe pass before every 4 traced steps: the median round's ratio, and the stricter one against the run's best
+probe; this Xeon's RAM rate moves by a third within minutes), and a full-depth estimate: the step's fixed
+part (embedding, dense layers, LM head, sampling, graph launch: the step minus its MoE layers, measured) + the
+full model's MoE layer count x the measured layer time.
 --gguf: the model as a synthesized GGUF of that quant, its blocks used by the CPU kernel as they are (Q4_K_M-like)
 or relaid to int4_g32 (Q4_1: routed experts in Q4_1, everything else BF16; int4_g32 without a bf16 file, so a
 full-depth Qwen3-30B-A3B fits a 64 GB disk; Q4_1-Q8_0: the other matrices Q8_0, as hybrid CPU/GPU quants of
@@ -43,6 +45,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -147,16 +150,26 @@ def layer_figures(t: dict, c: dict, ram_gbs: float, full_moe: int) -> dict:
 
     Measured: layer_ms (median over steps of host call + GPU work to the next call, per layer), fixed_ms (the
     step minus its MoE layers: embedding, the dense layers at their own time, LM head, sampling, graph launch).
-    Bound: the layer's routed-expert bytes (top_k experts) / the RAM read rate. Estimated (full depth): fixed_ms +
+    Bound: the layer's routed-expert bytes (top_k experts) / the RAM read rate: with the trace's probe rounds, the
+    median over rounds of (bound at the round's probe / the round's layer ms), and against the run's best probe
+    (layer_ratio_run_best_probe, the stricter); without, ram_gbs. Estimated (full depth): fixed_ms +
     full_moe x layer_ms against full_moe x the layer's bytes at the RAM read rate; equal to the measurement when the
     run had every layer."""
     layer_bytes = c["top_k"] * c["per_expert_bytes"]
+    rounds = [r for r in t.get("rounds", []) if r["layer_ms"]]
+    if rounds:  # the probe of each round of steps, the median round's ratio; ram_gbs: the median round's probe
+        ram_gbs = statistics.median(r["probe_gbs"] for r in rounds)
     bound_ms = layer_bytes / (ram_gbs * 1e9) * 1e3
+    ratio = (statistics.median(layer_bytes / (r["probe_gbs"] * 1e6) / r["layer_ms"] for r in rounds) if rounds
+             else bound_ms / t["layer_ms"] if t["layer_ms"] else None)
+    best = max([r["probe_gbs"] for r in rounds], default=ram_gbs)
     est_step = t["fixed_ms"] + full_moe * t["layer_ms"]
     full_bound = ram_gbs * 1e9 / (full_moe * layer_bytes)
     return {"moe_layers_measured": t["host_calls_per_step"], "call_ms": t["call_ms"], "gap_ms": t["gap_ms"],
-            "layer_ms": t["layer_ms"], "layer_mb": round(layer_bytes / 1e6, 2), "layer_bound_ms": round(bound_ms, 4),
-            "layer_ratio": round(bound_ms / t["layer_ms"], 3) if t["layer_ms"] else None,
+            "layer_ms": t["layer_ms"], "layer_mb": round(layer_bytes / 1e6, 2), "ram_read_gbs": round(ram_gbs, 1),
+            "layer_bound_ms": round(bound_ms, 4), "layer_ratio": round(ratio, 3) if ratio else None,
+            "probe_rounds": len(rounds), "layer_ratio_run_best_probe":
+                round(layer_bytes / (best * 1e6) / t["layer_ms"], 3) if t["layer_ms"] else None,
             "fixed_ms": t["fixed_ms"], "step_ms": t["step_ms"], "full_moe_layers": full_moe,
             "estimated": full_moe != t["host_calls_per_step"], "full_step_ms": round(est_step, 3),
             "full_tok_s": round(1e3 / est_step, 2), "full_bound_tok_s": round(full_bound, 2),
@@ -279,13 +292,13 @@ def profile_prefill(llm, n: int, chrome_trace: Path | None = None) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
 
 
-def trace_decode(llm, steps: int = 24) -> dict:
+def trace_decode(llm, steps: int = 24, probe=None, per_round: int = 4) -> dict:
     """Where a decode step at batch 1 waits: the CPU experts' host-node calls (C++ trace, CLOCK_MONOTONIC) inside
     each engine step's wall time. Medians over `steps` steps, ms: step, graph replay alone (no logits/sampling),
     inside host calls, GPU side between them (end of one call -> start of the next), before the first / after the
-    last; and the CPUs the driver thread ran on."""
-    import statistics
-
+    last; and the CPUs the driver thread ran on. With `probe` (cpu_moe.ProbeBuffer): a RAM probe pass before every
+    `per_round` steps, and per round its GB/s and the round's median layer ms (`rounds`): a host whose bandwidth
+    moves within seconds slows the probe and the steps of one round alike."""
     from tandem.engine import SamplingParams, Sequence
     from tandem.kernels import cpu as K
 
@@ -296,17 +309,19 @@ def trace_decode(llm, steps: int = 24) -> dict:
         engine.step()
     K.host_trace_start(1 << 16)
     ahead0 = K.read_ahead_stats()
-    marks = []
+    marks, probes = [], []
     while engine.has_work():
+        if probe is not None and len(marks) % per_round == 0:
+            probes.append(probe.gbs())  # between two steps: no host call is traced while it reads
         t0 = time.perf_counter_ns()
         engine.step()
-        marks.append((t0, time.perf_counter_ns()))
+        marks.append((t0, time.perf_counter_ns(), len(probes) - 1))
     calls = K.host_trace()
     K.host_trace_start(0)
     ahead = {k: v - ahead0[k] for k, v in K.read_ahead_stats().items()}
     engine.overlap = overlap
-    rows = []
-    for a, b in marks:
+    rows, round_of = [], []
+    for a, b, r in marks:
         mine = [c for c in calls if a <= c[0] <= b]
         if not mine:
             continue
@@ -316,6 +331,10 @@ def trace_decode(llm, steps: int = 24) -> dict:
         layer = inside / n + (between / (n - 1) if n > 1 else 0)  # one MoE layer: its call + the GPU work to the next
         rows.append((b - a, inside, between, mine[0][0] - a, b - mine[-1][1], inside / n,
                      between / (n - 1) if n > 1 else 0, layer, b - a - n * layer, n))
+        round_of.append(r)
+    rounds = [{"probe_gbs": round(gbs, 1),
+               "layer_ms": round(statistics.median(row[7] for row, r in zip(rows, round_of) if r == i) / 1e6, 4)}
+              for i, gbs in enumerate(probes) if i in round_of]
     med = [statistics.median(r[i] for r in rows) / 1e6 for i in range(9)] if rows else [0.0] * 9
     g = next(iter(engine.graphs.graphs.values()), None) if engine.graphs else None
     replay_ms = None
@@ -336,7 +355,7 @@ def trace_decode(llm, steps: int = 24) -> dict:
                            "hit_rate": round(ahead["hits"] / ahead["needed"], 3) if ahead["needed"] else None,
                            "precision": round(ahead["hits"] / ahead["predicted"], 3) if ahead["predicted"] else None},
             "layer_ms": round(med[7], 4), "fixed_ms": round(med[8], 3), "driver_cpus": sorted({c[2] for c in calls}),
-            "pool_threads": K.num_threads()}
+            "pool_threads": K.num_threads(), "rounds": rounds}
 
 
 def probe_layer(llm) -> dict:
@@ -392,16 +411,18 @@ def trace_variants(llm, knobs=KNOBS) -> list[dict]:
     for logits (blocking event / spin), cores left to the GPU-driving threads, the pool's idle spin, whether
     CUDA's host-function thread is pinned to the free cores, whether the pool reads the next layer's predicted
     experts ahead."""
+    from cpu_moe import ProbeBuffer  # bench/ is this script's directory
+
     from tandem.kernels import cpu as K
 
-    out, cores = [], K.physical_cores()
+    out, cores, probe = [], K.physical_cores(), ProbeBuffer(1.0)
     for wait, leave, spin, pin, ahead in knobs:
         llm.engine.config.blocking_wait = wait == "blocking"
         os.environ["TANDEM_CPU_SPIN_US"], os.environ["TANDEM_PIN_DRIVER"] = str(spin), str(pin)
         K.set_num_threads(cores - leave)  # recreates the pool, which reads both
         K.set_read_ahead(bool(ahead))
         out.append({"wait": wait, "cores_left": leave, "spin_us": spin, "pin_driver": pin, "read_ahead_on": ahead,
-                    **trace_decode(llm)})
+                    **trace_decode(llm, probe=probe)})
         print(f"  trace {out[-1]}", file=sys.stderr, flush=True)
     K.set_read_ahead(True)
     return out
@@ -509,17 +530,19 @@ def table(results: list[dict]) -> str:
     rows = [r for r in results if "decode_b1_layers" in r]
     if rows:
         lines += ["", "Decode b1 per MoE layer (trace, default knobs; ms). Measured: host call, GPU between, layer, "
-                  "fixed part, step. Bound: layer MB / RAM read rate. Full depth: measured when the run had every "
-                  "layer, else estimated = fixed + full MoE layers x layer ms.", "",
-                  "| model (layers) | MoE layers | host call | GPU between | layer | layer bound (MB) | layer % of "
-                  "bound | fixed | step | full depth (MoE layers) | full step | full tok/s (% of bound) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "fixed part, step. Bound: layer MB / RAM read rate (a probe before every 4 steps; % of bound: "
+                  "the median round's, then against the run's best probe). Full depth: measured when the run had "
+                  "every layer, else estimated = fixed + full MoE layers x layer ms.", "",
+                  "| model (layers) | MoE layers | host call | GPU between | layer | RAM GB/s | layer bound (MB) | "
+                  "layer % of bound | fixed | step | full depth (MoE layers) | full step | full tok/s (% of bound) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             f = r["decode_b1_layers"]
             kind = "estimated" if f["estimated"] else "measured"
             lines.append(f"| {r['model']} ({r['layers']}) | {f['moe_layers_measured']} | {f['call_ms']:.3f} | "
-                         f"{f['gap_ms']:.3f} | {f['layer_ms']:.3f} | {f['layer_bound_ms']:.3f} ({f['layer_mb']:.1f}) "
-                         f"| {100 * f['layer_ratio']:.0f}% | {f['fixed_ms']:.2f} | {f['step_ms']:.2f} | "
+                         f"{f['gap_ms']:.3f} | {f['layer_ms']:.3f} | {f['ram_read_gbs']:.1f} | "
+                         f"{f['layer_bound_ms']:.3f} ({f['layer_mb']:.1f}) | {100 * f['layer_ratio']:.0f}% / "
+                         f"{100 * f['layer_ratio_run_best_probe']:.0f}% | {f['fixed_ms']:.2f} | {f['step_ms']:.2f} | "
                          f"{kind} ({f['full_moe_layers']}) | {f['full_step_ms']:.2f} | {f['full_tok_s']:.1f} "
                          f"({100 * f['full_ratio']:.0f}% of {f['full_bound_tok_s']:.0f}) |")
     return "\n".join(lines)
