@@ -9,14 +9,13 @@ kernels' speed does not depend on the values); E is the model's expert count unl
 is reported. Decode (T = 1, 4): random distinct experts per call, cycling through all E, so weights stream
 from RAM (they are far larger than the caches); GB/s counts the bytes of the experts a call touches.
 The probe and the decode calls share the machine the same way: each decode row runs 9 rounds (--quick 5) of
-one probe (the best of 6 passes over 1 GiB: 1, 2 and 4 runs read side by side per thread, without and with a
-prefetch 4 KB ahead) then >= 0.1 s of
-calls submitted back to back (the next is queued before the last is synced: the pool runs a decode step's
-layers so, with no Python in between; sync_ms times one Python call at a time, wake-up included); ms is the
-median round's, pct_bw the median of the rounds' ratios (calls' GB/s / the round's probe GB/s), pct_bw_best /
-_worst the extremes, probe_gbs the median probe, pct_of_run_bw the GB/s against the run's best probe
-(bandwidth_gbs, 1/2/4/8 runs per thread). /proc/loadavg is recorded at the
-start and end.
+one probe (the best of 12 passes over 1 GiB, one per read pattern of bandwidth_probe: 1-8 runs read side by side
+per thread, line by line or in 1-8 KB pieces, without and with a prefetch) then >= 0.1 s of calls submitted back to
+back (the next is queued before the last is synced: the pool runs a decode step's layers so, with no Python in
+between; sync_ms times one Python call at a time, wake-up included); ms is the median round's, pct_bw the median
+of the rounds' ratios (calls' GB/s / the round's probe GB/s), pct_bw_best / _worst the extremes, probe_gbs the
+median probe, pct_of_run_bw the GB/s against the run's best probe (bandwidth_gbs: bandwidth_probe over 2 GiB).
+/proc/loadavg is recorded at the start and end.
 Prefill (T = 512, 2048): each token picks K random experts among E; TFLOP/s counts 2*3*H*I per (token, expert);
 bw_bound_tflops is the memory roofline (each touched expert's weights read once at the measured bandwidth).
 Experts with >= gemm_min_tokens tokens take tandem's GEMM path (AMX / AVX512-BF16) where the CPU has one;
@@ -83,12 +82,12 @@ class ProbeBuffer:
         ctypes.memset(self.p, 1, self.n)  # fault the pages in before timing
 
     def gbs(self) -> float:
-        """The best of six timed passes over the buffer (one, two and four runs read side by side per thread, each
-        without and with a prefetch 4 KB ahead, as bandwidth_probe does), GB/s."""
+        """The best of one timed pass over the buffer in each of bandwidth_probe's read patterns (1-8 runs read
+        side by side per thread, line by line or in 1-8 KB pieces, without and with a prefetch), GB/s."""
         best = 0.0
-        for streams, prefetch in [(s, p) for p in (0, 4096) for s in (1, 2, 4)]:
+        for streams, prefetch, chunk in K._C.read_patterns():
             t0 = time.perf_counter()
-            K._C.read_buffer(self.p, self.n, streams, prefetch)
+            K._C.read_buffer(self.p, self.n, streams, prefetch, chunk)
             best = max(best, self.n / (time.perf_counter() - t0) / 1e9)
         return best
 

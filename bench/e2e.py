@@ -64,8 +64,8 @@ DEFAULT_MODELS = "qwen3-30b-a3b:8,deepseek-v2-lite:6,deepseek-v3:4"
 
 def ram_read_gbs(gib: float = 4.0) -> float:
     """Best read bandwidth of RAM with every kernel thread, GB/s: tandem.kernels.cpu's probe over a fresh huge-page
-    buffer (the pages kind the experts' weights use), the best of 1, 2, 4 and 8 runs read per thread, without and
-    with a software prefetch 4 KB ahead."""
+    buffer (the pages kind the experts' weights use), the best of its read patterns (1-8 runs read side by side
+    per thread, line by line or in 1-8 KB pieces, without and with a software prefetch)."""
     from tandem.kernels import cpu as K
 
     return K._C.bandwidth_probe(int(gib * 2**30), 4)

@@ -87,10 +87,16 @@ NB_MODULE(_tandem_cpu, m) {
     for (int64_t r = 0; r < rows; r++)
       dequantize_row(type, (const uint8_t*)src + r * rb, (float*)dst + r * cols, cols);
   }, nb::call_guard<nb::gil_scoped_release>());
-  m.def("read_buffer", [](uintptr_t p, size_t n, int streams, int prefetch) {
-    return tandem::read_buffer((const void*)p, n, streams, prefetch);
-  }, nb::arg("p"), nb::arg("n"), nb::arg("streams") = 1, nb::arg("prefetch") = 0, nb::call_guard<nb::gil_scoped_release>());
+  m.def("read_buffer", [](uintptr_t p, size_t n, int streams, int prefetch, int chunk) {
+    return tandem::read_buffer((const void*)p, n, streams, prefetch, chunk);
+  }, nb::arg("p"), nb::arg("n"), nb::arg("streams") = 1, nb::arg("prefetch") = 0, nb::arg("chunk") = 64,
+     nb::call_guard<nb::gil_scoped_release>());
   m.def("bandwidth_probe", &tandem::bandwidth_probe, nb::call_guard<nb::gil_scoped_release>());
+  m.def("read_patterns", [] {  // bandwidth_probe's (streams, prefetch, chunk) patterns
+    std::vector<std::tuple<int, int, int>> v;
+    for (const tandem::ReadPattern& p : tandem::kReadPatterns) v.emplace_back(p.streams, p.prefetch, p.chunk);
+    return v;
+  });
   m.def("host_entry_address", [] { return (uintptr_t)&tandem_cpu_host_entry; });
   m.def("host_trace_start", &tandem::host_trace_start);
   m.def("doorbell_add", [](uintptr_t bell, uintptr_t job) {

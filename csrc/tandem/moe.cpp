@@ -1069,23 +1069,26 @@ extern "C" void tandem_cpu_host_entry(void* host_job) {
 namespace tandem {
 namespace {
 // Memory read bandwidth probe: every pool thread sums its slice of the buffer as 64-bit words, reading it as
-// `streams` interleaved runs (the kernels read gate and up rows side by side: more reads in flight per core).
+// `streams` interleaved runs (the kernels read gate and up rows side by side: more reads in flight per core), a piece
+// of `chunk` bytes of each run in turn (64: line by line; a decode kernel reads a whole weight row of one run).
 class ReadJob : public Job {
  public:
-  ReadJob(const uint8_t* p, size_t n, int streams, int prefetch)
-      : p_(p), n_(n), streams_(std::max(1, streams)), ahead_(std::max(0, prefetch) / 64) {}
+  ReadJob(const uint8_t* p, size_t n, int streams, int prefetch, int chunk)
+      : p_(p), n_(n), streams_(std::max(1, streams)), ahead_(std::max(0, prefetch) / 64),
+        piece_(std::max<size_t>(1, (size_t)std::max(0, chunk) / 64)) {}
   void run(int tid, int nthreads) override {
     const size_t lines = n_ / 64, per = (lines + nthreads - 1) / nthreads;
     const size_t l0 = std::min(lines, per * tid), l1 = std::min(lines, per * (tid + 1));
     const size_t run = (l1 - l0) / streams_;  // lines per stream; the remainder read after
     const uint64_t* w = (const uint64_t*)p_;
     uint64_t s[8] = {0};
-    for (size_t i = 0; i < run; i++)
-      for (int k = 0; k < streams_; k++) {
-        const uint64_t* line = w + (l0 + k * run + i) * 8;
-        if (ahead_ && i + ahead_ < run) __builtin_prefetch(line + ahead_ * 8, 0, 2);  // as the kernel's rows
-        for (int l = 0; l < 8; l++) s[l] += line[l];
-      }
+    for (size_t i = 0; i < run; i += piece_)
+      for (int k = 0; k < streams_; k++)
+        for (size_t j = i; j < std::min(run, i + piece_); j++) {
+          const uint64_t* line = w + (l0 + k * run + j) * 8;
+          if (ahead_ && j + ahead_ < run) __builtin_prefetch(line + ahead_ * 8, 0, 2);  // as the kernel's rows
+          for (int l = 0; l < 8; l++) s[l] += line[l];
+        }
     for (size_t i = l0 + run * streams_; i < l1; i++)
       for (int l = 0; l < 8; l++) s[l] += w[i * 8 + l];
     uint64_t t = 0;
@@ -1099,29 +1102,34 @@ class ReadJob : public Job {
   size_t n_;
   int streams_;
   size_t ahead_;  // lines prefetched ahead of the one read (0: none)
+  size_t piece_;  // lines of one run read before the next run's
 };
 }  // namespace
+
+// The probe's read patterns: runs per thread, prefetch distance, bytes of a run read before the next run's. Line by
+// line without and with a prefetch 4 KB ahead (the decode kernel prefetches its next rows on Intel, whose L2 streamer
+// stops at 4 KB pages), and in pieces of 1-8 KB per run as the decode kernel reads whole weight rows: on the H200
+// host's Xeon the pieces read 3-15% more than the best line-by-line pattern (bench/results/cpu_moe-xeon-h200.md).
+const ReadPattern kReadPatterns[kNumReadPatterns] = {
+    {1, 0, 64},    {2, 0, 64},    {4, 0, 64},    {8, 0, 64},     {1, 4096, 64},   {2, 4096, 64},
+    {4, 4096, 64}, {8, 4096, 64}, {4, 4096, 1024}, {2, 8192, 1024}, {2, 4096, 4096}, {2, 8192, 8192}};
 
 double bandwidth_probe(size_t nbytes, int reps) {
   NodeMemory mem(nbytes, -1);
   std::memset(mem.p, 1, nbytes);  // fault the (huge) pages in before timing
   double best = 0;
-  // the best of 1, 2, 4 and 8 runs per thread, each without and with a software prefetch 4 KB ahead (the
-  // decode kernel prefetches its next row on Intel, whose L2 streamer stops at 4 KB pages)
-  for (int v = 0; v < 8; v++) {
-    const int streams = 1 << (v % 4), prefetch = v < 4 ? 0 : 4096;
+  for (const ReadPattern& v : kReadPatterns)
     for (int r = 0; r <= reps; r++) {
       const auto t0 = std::chrono::steady_clock::now();
-      read_buffer(mem.p, nbytes, streams, prefetch);
+      read_buffer(mem.p, nbytes, v.streams, v.prefetch, v.chunk);
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (r > 0) best = std::max(best, nbytes / s / 1e9);
     }
-  }
   return best;
 }
 
-uint64_t read_buffer(const void* p, size_t nbytes, int streams, int prefetch) {
-  auto job = std::make_shared<ReadJob>((const uint8_t*)p, nbytes, streams, prefetch);
+uint64_t read_buffer(const void* p, size_t nbytes, int streams, int prefetch, int chunk) {
+  auto job = std::make_shared<ReadJob>((const uint8_t*)p, nbytes, streams, prefetch, chunk);
   pool().submit(job);
   job->wait();
   return job->sink_.load();

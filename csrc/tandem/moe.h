@@ -96,11 +96,17 @@ void host_trace_record(const HostJob& job, int64_t t0);  // one call from t0 to 
 void host_trace_start(int capacity);       // clears; capacity 0 turns tracing off
 std::vector<HostCall> host_trace_take();  // the calls recorded so far (tracing stays on)
 
-// Read nbytes with every pool thread, each its slice as `streams` runs side by side (the probe), with a software
-// prefetch `prefetch` bytes ahead of each line read (0: none); a checksum.
-uint64_t read_buffer(const void* p, size_t nbytes, int streams = 1, int prefetch = 0);
-// Best read bandwidth (GB/s) of the pool over `reps` passes of a fresh huge-page buffer of nbytes, each with
-// 1, 2, 4 and 8 streams per thread, without and with a prefetch 4 KB ahead.
+// Read nbytes with every pool thread, each its slice as `streams` runs side by side (the probe), `chunk` bytes of
+// one run before the next's (64: line by line), with a software prefetch `prefetch` bytes ahead of each line read
+// (0: none); a checksum.
+uint64_t read_buffer(const void* p, size_t nbytes, int streams = 1, int prefetch = 0, int chunk = 64);
+struct ReadPattern {
+  int streams, prefetch, chunk;  // read_buffer's
+};
+constexpr int kNumReadPatterns = 12;
+extern const ReadPattern kReadPatterns[kNumReadPatterns];
+// Best read bandwidth (GB/s) of the pool over `reps` timed passes (after one untimed) of a fresh huge-page buffer
+// of nbytes in each of kReadPatterns.
 double bandwidth_probe(size_t nbytes, int reps);
 
 }  // namespace tandem
