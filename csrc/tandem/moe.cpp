@@ -160,6 +160,13 @@ inline void prefetch_row(const uint8_t* p, size_t n) {
 // before it. TANDEM_CPU_PF_INLINE=0/1 (read per call, for measuring).
 bool pf_inline_on() { return env_flag("TANDEM_CPU_PF_INLINE", true); }
 
+// Decode's prefetch distance in bytes of a run (the next row at least; 0: gate/up 1 row, down 2 rows ahead).
+// TANDEM_CPU_PF_BYTES (read per call, for measuring).
+int prefetch_bytes() {
+  const char* env = std::getenv("TANDEM_CPU_PF_BYTES");
+  return env && *env ? std::clamp((int)std::strtol(env, nullptr, 10), 0, 1 << 20) : 0;
+}
+
 // Decode reads an item's rows as this many runs side by side (row i of every run, then row i + 1): a Xeon core
 // keeps more reads in flight with several streams (H200 host, 15 threads reading 4 GiB: 114 GB/s with one run per
 // thread, 141 with two, 156 with four); on the 2-core EPYC (Zen 5) more runs read slower (DS-V3 int4 T = 1:
@@ -577,8 +584,14 @@ class MoEJob : public Job {
       const int ns = std::min(kTokenTile, s1 - st);
       for (int j = 0; j < ns; j++) acts[j] = xview(slot_tok_[st + j]);
       const RowOrder order(r0, r1, streams_);
+      const int d = ahead_rows(G.row_bytes, 1);
+      for (int k = 0; d > 1 && pf && st == s0 && k < order.streams; k++) {  // each run's first rows
+        const int n = std::min(d, r1 - order.row(k));
+        if (n > 0) prefetch_row(G.row(e, order.row(k)), G.row_bytes * n);
+        if (n > 0) prefetch_row(U.row(e, order.row(k)), U.row_bytes * n);
+      }
       for (int i = 0; i < order.count(); i++) {
-        const int r = order.row(i), nx = order.ahead(i, 1);
+        const int r = order.row(i), nx = order.ahead(i, d);
         if (r >= r1) continue;
         const uint8_t *wg = G.row(e, r), *wu = U.row(e, r);
         const bool ahead = pf && st == s0 && nx >= 0;  // the next row of this run, into L2
@@ -753,13 +766,14 @@ class MoEJob : public Job {
         const int ns = std::min(kTokenTile, s1 - st);
         for (int j = 0; j < ns; j++) acts[j] = shifted(hview(c0 + st - s0 + j), sh.i0, Bd_);
         const RowOrder order(h0, h1, streams_);
+        const int d = ahead_rows(D.row_bytes, 2);
         for (int k = 0; pf && st == s0 && k < order.streams; k++)  // each run's first rows
-          prefetch_row(D.row(e, order.row(k)), D.row_bytes * std::min(2, h1 - order.row(k)));
+          prefetch_row(D.row(e, order.row(k)), D.row_bytes * std::min(d, h1 - order.row(k)));
         for (int i = 0; i < order.count(); i++) {
           const int h = order.row(i);
           if (h >= h1) continue;
           const uint8_t* wd = D.row(e, h);
-          const int a = pf && st == s0 ? order.ahead(i, 2) : -1;  // two rows on in this run, into L2
+          const int a = pf && st == s0 ? order.ahead(i, d) : -1;  // d rows on in this run, into L2
           if (a >= 0 && !pd) prefetch_row(D.row(e, a), D.row_bytes);
           for (int j = 0; j < ns; j += kNT) {
             const int m = std::min(kNT, ns - j);
@@ -817,6 +831,10 @@ class MoEJob : public Job {
   std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
   const int streams_ = decode_streams();
   const bool prefetch_ = prefetch_on(), pf_inline_ = pf_inline_on();
+  const int pf_bytes_ = prefetch_bytes();
+  int ahead_rows(size_t row_bytes, int dflt) const {  // how far ahead in its run a row is prefetched
+    return pf_bytes_ > 0 ? std::max<int>(1, (int)((pf_bytes_ + row_bytes - 1) / row_bytes)) : dflt;
+  }
   int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256, part0_ = 0, parts0_ = 1, tail2_ = 0, nbig2_ = 0;
   static thread_local int tls_tid_;
 };

@@ -374,17 +374,19 @@ def test_work_split_does_not_change_decode_results(fmt, monkeypatch):
 @pytest.mark.parametrize("fmt", ["int4_g32", "int8"])
 def test_decode_prefetch_does_not_change_results(fmt, monkeypatch):
     """Decode's prefetch of the next rows (off on AMD, on on Intel), in one burst per row or spread over the
-    current row's dot (dot_pf: int4_g32 on VNNI), only moves bytes into L2: results are bit-equal."""
+    current row's dot (dot_pf: int4_g32 on VNNI), one or more rows ahead, only moves bytes into L2: results are
+    bit-equal."""
     E, I, H = 16, 512, 1024  # noqa: E741
     w = _make(fmt, E, I, H)
     x, ids, tw = _inputs(5, 6, E, H)
     monkeypatch.setenv("TANDEM_CPU_PREFETCH", "0")
     ref = [w.forward(x[:t], ids[:t], tw[:t]) for t in (1, 2, 5)]
-    for inline in ("0", "1"):
+    for inline, ahead in (("0", "0"), ("1", "0"), ("1", "4096"), ("0", "2048")):
         monkeypatch.setenv("TANDEM_CPU_PREFETCH", "1")
         monkeypatch.setenv("TANDEM_CPU_PF_INLINE", inline)
+        monkeypatch.setenv("TANDEM_CPU_PF_BYTES", ahead)
         for t, r in zip((1, 2, 5), ref):
-            assert torch.equal(w.forward(x[:t], ids[:t], tw[:t]), r), (inline, t)
+            assert torch.equal(w.forward(x[:t], ids[:t], tw[:t]), r), (inline, ahead, t)
 
 
 def test_bad_inputs():
