@@ -594,7 +594,7 @@ class MoEJob : public Job {
         const int r = order.row(i), nx = order.ahead(i, d);
         if (r >= r1) continue;
         const uint8_t *wg = G.row(e, r), *wu = U.row(e, r);
-        const bool ahead = pf && st == s0 && nx >= 0;  // the next row of this run, into L2
+        const bool ahead = pf && st == s0 && nx >= 0;  // row nx (d on in this run) into L2
         if (ahead && !pg) prefetch_row(G.row(e, nx), G.row_bytes);
         if (ahead && !pu) prefetch_row(U.row(e, nx), U.row_bytes);
         for (int j = 0; j < ns; j += kNT) {
@@ -1127,7 +1127,7 @@ class ReadJob : public Job {
 // The probe's read patterns: runs per thread, prefetch distance, bytes of a run read before the next run's. Line by
 // line without and with a prefetch 4 KB ahead (the decode kernel prefetches its next rows on Intel, whose L2 streamer
 // stops at 4 KB pages), and in pieces of 1-8 KB per run as the decode kernel reads whole weight rows: on the H200
-// host's Xeon the pieces read 3-15% more than the best line-by-line pattern (bench/results/cpu_moe-xeon-h200.md).
+// host's Xeon the pieces read 3-18% more than the best line-by-line pattern (bench/results/cpu_moe-xeon-h200.md).
 const ReadPattern kReadPatterns[kNumReadPatterns] = {
     {1, 0, 64},    {2, 0, 64},    {4, 0, 64},    {8, 0, 64},     {1, 4096, 64},   {2, 4096, 64},
     {4, 4096, 64}, {8, 4096, 64}, {4, 4096, 1024}, {2, 8192, 1024}, {2, 4096, 4096}, {2, 8192, 8192}};
