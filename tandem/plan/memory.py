@@ -1,7 +1,8 @@
 """The memory model: what each device holds once a model is placed and running.
 
-- weights: every module's tensors in the bytes they take once loaded (the model dtype for torch kernels; a
-  backend that keeps another layout says so with `resident_bytes`), and the stored bytes of the files;
+- weights: every module's tensors in the bytes they take once loaded (the model dtype for torch kernels; linears
+  the user's rules put on linear.marlin / linear.fp8 in their block format's bytes, `resident`), and the stored
+  bytes of the files;
 - KV cache: per layer, (MLA latent + RoPE key) or (GQA K + V) per token, times the cache's slots (the engine's
   own KVCache sizes them: blocks of `block_size`, plus its sink block);
 - buffers: the peak of a layer's forward at the prefill chunk and at decode (traced on meta, trace.py), the
@@ -124,6 +125,12 @@ class MemoryModel:
     src: ModelSource
     w: Workload
     _traces: dict = field(default_factory=dict, repr=False)
+    resident: dict[str, int] = field(default_factory=dict)  # linear -> its weight's bytes as held, if not `dtype`
+
+    def held_less(self, prefix: str) -> int:
+        """Bytes the `resident` linears named `prefix` or below it hold less than their weights in the dtype."""
+        return sum(tensor_bytes(self.src.model.get_submodule(n).weight, self.w.dtype) - b
+                   for n, b in self.resident.items() if n == prefix or n.startswith(prefix + "."))
 
     @cached_property
     def layers(self) -> list[LayerInfo]:
@@ -138,7 +145,8 @@ class MemoryModel:
                 if experts is not None else 0
             kind = f"{type(layer.self_attn).__name__}/{type(mlp).__name__}"
             name = f"model.layers.{i}.{mlp_name}.experts"
-            out.append(LayerInfo(i, own_bytes(layer, self.w.dtype) - eb, eb, self.cpu_experts_bytes(name, eb),
+            core = own_bytes(layer, self.w.dtype) - eb - self.held_less(f"model.layers.{i}")
+            out.append(LayerInfo(i, core, eb, self.cpu_experts_bytes(name, eb),
                                  len(experts) if experts else 0, k,
                                  kv_per_token(layer.self_attn) * self.w.kv_dtype.itemsize, kind,
                                  f"model.layers.{i}.{mlp_name}.experts" if experts is not None else None,
@@ -158,7 +166,8 @@ class MemoryModel:
         """embed_tokens, norm, lm_head: bytes each (a tied lm_head is still its own copy once loaded)."""
         m = self.src.model
         return {"model.embed_tokens": own_bytes(m.model.embed_tokens, self.w.dtype),
-                "model.norm": own_bytes(m.model.norm, self.w.dtype), "lm_head": own_bytes(m.lm_head, self.w.dtype)}
+                "model.norm": own_bytes(m.model.norm, self.w.dtype),
+                "lm_head": own_bytes(m.lm_head, self.w.dtype) - self.held_less("lm_head")}
 
     @cached_property
     def rows(self) -> int:

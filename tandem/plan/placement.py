@@ -33,6 +33,7 @@ class Constraints:
     experts: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # layer -> (generate, prefill, rule)
     globals: dict[str, tuple[str, str]] = field(default_factory=dict)
     model_rule: bool = False  # the user's rules place `model` (and its transfer_map)
+    resident: dict[str, int] = field(default_factory=dict)  # linear -> weight bytes held (linear.marlin / .fp8)
 
     def devices(self) -> set[str]:
         return ({d for d, _ in self.layers.values()} | {d for d, _, _ in self.experts.values()}

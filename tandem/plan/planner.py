@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tandem.plan.devices import Device, format_size
 from tandem.plan.memory import MemoryModel, Overhead, Workload, gpu_overhead
@@ -61,8 +62,35 @@ def _layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _in_experts(src: ModelSource, name: str) -> bool:
+    """Whether module `name` is inside a routed-experts module (counted with the experts, not the layer's core)."""
+    from tandem.models.layers import Experts
+
+    parts = name.split(".")
+    return any(isinstance(src.model.get_submodule(".".join(parts[:k])), Experts) for k in range(1, len(parts)))
+
+
+def quantized_weight_bytes(linear: nn.Linear, p, name: str, why: str) -> int | None:
+    """The bytes a linear's weight takes on linear.marlin / linear.fp8 (its format, as tandem.ops.Linear picks it);
+    None when it stays in the model's dtype (rows not whole blocks)."""
+    from tandem.gpu import blocks as B
+    from tandem.ops.linear import linear_format
+
+    try:
+        fmt = linear_format(linear.in_features, p.kwargs.get("weight_format"), p.kwargs.get("group_size"), name,
+                            fp8="linear.fp8" in (p.generate_op, p.prefill_op))
+    except (KeyError, ValueError) as e:
+        raise PlanError(f"{why}: {e}") from None
+    if fmt == "float":  # the model's dtype
+        return None
+    if fmt in B.FLOAT_FORMATS:
+        return linear.out_features * linear.in_features * B.FLOAT_FORMATS[fmt].itemsize
+    return linear.out_features * B.row_bytes(fmt, linear.in_features)
+
+
 def constraints(src: ModelSource, spec: str, devices: list[Device]) -> tuple[Constraints, str]:
     """What the user's rules (a file or preset) fix, and their text; contradictions are a PlanError."""
+    from tandem.ops.linear import QUANTIZED
     from tandem.ops.registry import OPS
     from tandem.rules import load_rules
     from tandem.rules import plan as rules_plan
@@ -92,6 +120,10 @@ def constraints(src: ModelSource, spec: str, devices: list[Device]) -> tuple[Con
         if p.rule is None:
             continue
         why = rules.rules[p.rule].where()
+        m = src.model.get_submodule(name)
+        if {p.generate_op, p.prefill_op} & set(QUANTIZED) and isinstance(m, nn.Linear) and not _in_experts(src, name):
+            if (held := quantized_weight_bytes(m, p, name, why)) is not None:
+                cons.resident[name] = held
         i = _layer(name)
         if name in GLOBALS:
             cons.globals[name] = (p.generate_device, why)
@@ -180,7 +212,7 @@ def make_plan(src: ModelSource, devices: list[Device], context: int | None = Non
     cons, user_text = constraints(src, rules, devices) if rules else (Constraints(), None)
     ov, notes = _overheads(devices)
     base = MemoryModel(src, Workload(context or 4096, sequences, prefill_chunk or CHUNKS[0], wdtype, kdtype,
-                                     kv_tokens=kv_tokens))
+                                     kv_tokens=kv_tokens), resident=cons.resident)
     _ = base.layers, base.globals  # computed once, shared by every workload below
     chunks = (prefill_chunk,) if prefill_chunk else CHUNKS
 

@@ -8,6 +8,7 @@ import re
 from functools import cache
 
 import pytest
+import torch
 import yaml
 
 from tandem.cli import main
@@ -203,3 +204,53 @@ def test_cli_json_is_exactly_the_issues(capsys):
     j = json.loads(capsys.readouterr().out)
     assert set(j) == {"devices", "excluded", "context", "rules"} and j["context"] == 1024
     assert set(j["devices"]) == {"cuda:0", "cpu"} and all(set(v) == KEYS for v in j["devices"].values())
+
+
+FP8_ATTENTION = """- match:
+    name: "^model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|o_proj)$"
+    class: torch.nn.Linear
+  replace:
+    class: tandem.ops.Linear
+    kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0", generate_op: linear.fp8, prefill_op: linear.fp8}
+- match:
+    name: "^model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.kv_b_proj$"
+    class: torch.nn.Linear
+  replace:
+    class: tandem.ops.Linear
+    kwargs: {generate_device: "cuda:0", prefill_device: "cuda:0", generate_op: linear.marlin, weight_format: q8_0}
+"""
+
+
+def test_user_quantized_linears_count_in_their_format(tmp_path):
+    """Linears the user's rules put on linear.fp8 / linear.marlin count in the bytes those hold (FP8 rows with their
+    block scales, Q8_0 blocks), not in the model dtype: DeepSeek-V3's attention at real shapes."""
+    from tandem.gpu import blocks as B
+    from tandem.plan.memory import Workload
+    from tandem.plan.planner import constraints
+
+    rules = tmp_path / "fp8.yaml"
+    rules.write_text(FP8_ATTENTION)
+    src = source("deepseek-v3")
+    cons, _ = constraints(src, str(rules), given_devices(["80GiB"], "512GiB"))
+    attn = src.model.model.layers[3].self_attn
+    formats = {"q_a_proj": B.FP8, "q_b_proj": B.FP8, "kv_a_proj_with_mqa": B.FP8, "o_proj": B.FP8, "kv_b_proj": "q8_0"}
+    linears = {n: getattr(attn, n) for n in formats}
+    want = {f"model.layers.3.self_attn.{n}": m.out_features * B.row_bytes(formats[n], m.in_features)
+            for n, m in linears.items()}
+    assert {n: b for n, b in cons.resident.items() if n.startswith("model.layers.3.")} == want
+    w = Workload(4096, 1, 512, torch.bfloat16, torch.bfloat16)
+    bf16 = sum(2 * m.weight.numel() for m in linears.values())
+    plain, held = MemoryModel(src, w).layers[3], MemoryModel(src, w, resident=cons.resident).layers[3]
+    assert plain.core - held.core == bf16 - sum(want.values())
+    assert held.experts == plain.experts and held.experts_cpu == plain.experts_cpu
+    assert 0.45 < (plain.core - held.core) / bf16 < 0.5  # 8 bits and a scale per 128 x 128 (or per 32) vs 16 bits
+
+
+def test_user_quantized_linear_with_a_wrong_format_is_one_line(tmp_path):
+    from tandem.plan.planner import constraints
+
+    rules = tmp_path / "bad.yaml"
+    rules.write_text(FP8_ATTENTION.replace("generate_op: linear.fp8, prefill_op: linear.fp8",
+                                           "generate_op: linear.fp8, prefill_op: linear.fp8, weight_format: int4"))
+    with pytest.raises(PlanError, match=r"bad.yaml: rule 0.*linear.fp8 holds FP8 E4M3 weights"):
+        constraints(source("deepseek-v3"), str(rules), given_devices(["80GiB"], "512GiB"))
