@@ -25,6 +25,11 @@ SAME = ("hidden_size", "num_hidden_layers", "moe_intermediate_size", "n_routed_e
         "num_local_experts")
 
 
+def family(model_type: str) -> str:
+    """The GGUF architecture a model_type is stored as (llama.cpp's deepseek2 holds DeepSeek-V2, V3 and Kimi-K2)."""
+    return "deepseek" if model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2") else model_type
+
+
 @dataclass
 class HybridSource:
     """name -> tensor over a directory's safetensors and GGUF: routed experts from the GGUF, the rest from the
@@ -92,6 +97,10 @@ def open_hybrid(path: Path, config: dict) -> HybridSource | None:
         raise ConfigError(f"{path}: several GGUF models here ({ggufs[0].name}, {others[0].name}); keep the one whose "
                           "routed experts should run")
     gconfig, experts, _ = open_gguf_source(ggufs[0])
+    ours, theirs = config.get("model_type"), gconfig.get("model_type")
+    if ours and theirs and family(ours) != family(theirs):
+        raise ConfigError(f"{ggufs[0]}: a {theirs} model, but {path / 'config.json'} says {ours}: not a quant of "
+                          "this model")
     for key in SAME:
         if key in config and key in gconfig and config[key] != gconfig[key]:
             raise ConfigError(f"{ggufs[0]}: {key} {gconfig[key]}, but {path / 'config.json'} says {config[key]}: "

@@ -73,6 +73,18 @@ def test_a_gguf_of_another_model_is_refused(tmp_path):
         open_checkpoint(path)
 
 
+def test_a_gguf_of_another_family_is_refused(tmp_path):
+    """Shapes alone would match: a Qwen3-MoE GGUF with DeepSeek's hidden size, depth and expert size."""
+    hf = make_hf("deepseek_v3", **WIDE)
+    path = to_fp8_checkpoint(save_hf(hf, tmp_path / "m"))
+    c = hf.config
+    qwen = make_hf("qwen3_moe", hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                   moe_intermediate_size=c.moe_intermediate_size)
+    write_gguf(qwen, path / "experts-Q8_0.gguf", "qwen3_moe", quant=q8_experts)
+    with pytest.raises(ConfigError, match=r"experts-Q8_0.gguf: a qwen3_moe model, but .*config.json says deepseek_v3"):
+        open_checkpoint(path)
+
+
 def test_two_gguf_models_in_one_directory_are_refused(tmp_path):
     path = hybrid_dir(tmp_path)
     (path / "other.gguf").write_bytes((path / "experts-Q8_0.gguf").read_bytes())
