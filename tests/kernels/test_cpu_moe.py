@@ -371,11 +371,11 @@ def test_work_split_does_not_change_decode_results(fmt, monkeypatch):
         K.set_num_threads(None)
 
 
-@pytest.mark.parametrize("fmt", ["int4_g32", "int8"])
+@pytest.mark.parametrize("fmt", ["int4_g32", "int8", "int8_row", "q4_k", "q5_k", "q6_k", "bf16"])
 def test_decode_prefetch_does_not_change_results(fmt, monkeypatch):
     """Decode's prefetch of the next rows (off on AMD, on on Intel), in one burst per row or spread over the
-    current row's dot (dot_pf: int4_g32 on VNNI), one or more rows ahead, only moves bytes into L2: results are
-    bit-equal."""
+    current row's dot (dot_pf on VNNI; bf16 has none), one or more rows ahead, only moves bytes into L2: results
+    are bit-equal."""
     E, I, H = 16, 512, 1024  # noqa: E741
     w = _make(fmt, E, I, H)
     x, ids, tw = _inputs(5, 6, E, H)
