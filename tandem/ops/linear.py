@@ -88,6 +88,22 @@ def linear_format(k: int, weight_format, group_size, name: str, fp8: bool = Fals
     return "float"  # no block fits the row: the model's float weight, read by the same kernel
 
 
+def held_weight_bytes(linear: nn.Linear, generate_op: str | None, prefill_op: str | None, kwargs: dict,
+                      name: str) -> int | None:
+    """The bytes `Linear` holds for `linear`'s weight when a phase runs linear.marlin / linear.fp8 (its format as
+    picked at load); None when it keeps the model dtype (no quantized op, or rows not whole blocks). A weight_format
+    the op cannot hold is a ValueError naming the module."""
+    if not {generate_op, prefill_op} & set(QUANTIZED):
+        return None
+    fmt = linear_format(linear.in_features, kwargs.get("weight_format"), kwargs.get("group_size"), name,
+                        fp8="linear.fp8" in (generate_op, prefill_op))
+    if fmt == "float":
+        return None
+    if fmt in B.FLOAT_FORMATS:
+        return linear.out_features * linear.in_features * B.FLOAT_FORMATS[fmt].itemsize
+    return linear.out_features * B.row_bytes(fmt, linear.in_features)
+
+
 def load_quantized(ctx: LoadContext, name: str, shape: tuple[int, int], device: str, fmt: str) -> B.QuantTensor:
     """Weight `name` in `fmt` on `device`: GGUF blocks converted there, an FP8 checkpoint's values and scales as
     they are, or the float weight quantized there."""

@@ -70,27 +70,9 @@ def _in_experts(src: ModelSource, name: str) -> bool:
     return any(isinstance(src.model.get_submodule(".".join(parts[:k])), Experts) for k in range(1, len(parts)))
 
 
-def quantized_weight_bytes(linear: nn.Linear, p, name: str, why: str) -> int | None:
-    """The bytes a linear's weight takes on linear.marlin / linear.fp8 (its format, as tandem.ops.Linear picks it);
-    None when it stays in the model's dtype (rows not whole blocks)."""
-    from tandem.gpu import blocks as B
-    from tandem.ops.linear import linear_format
-
-    try:
-        fmt = linear_format(linear.in_features, p.kwargs.get("weight_format"), p.kwargs.get("group_size"), name,
-                            fp8="linear.fp8" in (p.generate_op, p.prefill_op))
-    except (KeyError, ValueError) as e:
-        raise PlanError(f"{why}: {e}") from None
-    if fmt == "float":  # the model's dtype
-        return None
-    if fmt in B.FLOAT_FORMATS:
-        return linear.out_features * linear.in_features * B.FLOAT_FORMATS[fmt].itemsize
-    return linear.out_features * B.row_bytes(fmt, linear.in_features)
-
-
 def constraints(src: ModelSource, spec: str, devices: list[Device]) -> tuple[Constraints, str]:
     """What the user's rules (a file or preset) fix, and their text; contradictions are a PlanError."""
-    from tandem.ops.linear import QUANTIZED
+    from tandem.ops.linear import held_weight_bytes
     from tandem.ops.registry import OPS
     from tandem.rules import load_rules
     from tandem.rules import plan as rules_plan
@@ -120,9 +102,12 @@ def constraints(src: ModelSource, spec: str, devices: list[Device]) -> tuple[Con
         if p.rule is None:
             continue
         why = rules.rules[p.rule].where()
-        m = src.model.get_submodule(name)
-        if {p.generate_op, p.prefill_op} & set(QUANTIZED) and isinstance(m, nn.Linear) and not _in_experts(src, name):
-            if (held := quantized_weight_bytes(m, p, name, why)) is not None:
+        if isinstance(m := src.model.get_submodule(name), nn.Linear) and not _in_experts(src, name):
+            try:
+                held = held_weight_bytes(m, p.generate_op, p.prefill_op, p.kwargs, name)
+            except (KeyError, ValueError) as e:
+                raise PlanError(f"{why}: {e}") from None
+            if held is not None:
                 cons.resident[name] = held
         i = _layer(name)
         if name in GLOBALS:

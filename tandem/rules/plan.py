@@ -265,6 +265,17 @@ class _Planner:
 
     # ------------------------------------------------------------------ memory
 
+    def _held_weight(self, name: str, mod: nn.Module) -> int | None:
+        from tandem.ops.linear import held_weight_bytes
+
+        p = self.modules.get(name)
+        if p is None or not isinstance(mod, nn.Linear):
+            return None
+        try:
+            return held_weight_bytes(mod, p.generate_op, p.prefill_op, p.kwargs, name)
+        except (KeyError, ValueError):  # a weight_format the op cannot hold: the load says so; count the dtype
+            return None
+
     def bytes(self, dtype: torch.dtype, ctx_tokens: int) -> dict[str, dict[str, int]]:
         out = {d: {"weights": 0, "kv": 0} for d in self.devices}
 
@@ -280,9 +291,11 @@ class _Planner:
             if p is None:
                 continue
             dev = out.setdefault(p.generate_device, {"weights": 0, "kv": 0})
-            for t in (*mod._parameters.values(), *mod._buffers.values()):
+            held = self._held_weight(name, mod)  # a linear on linear.marlin / linear.fp8: its block bytes
+            for key, t in (*mod._parameters.items(), *mod._buffers.items()):
                 if t is not None:
-                    dev["weights"] += t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                    dev["weights"] += held if held is not None and key == "weight" else \
+                        t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
             if isinstance(mod, MLAttention):
                 per_token = mod.a.kv_lora_rank + mod.a.qk_rope_head_dim
             elif isinstance(mod, Attention):

@@ -80,6 +80,33 @@ def test_seed_multi_gpu_transfer_map(capsys, tmp_path):
     assert b["cpu"]["kv"] == 0 and b["cuda:0"]["kv"] == b["cuda:1"]["kv"] > 0
 
 
+def test_marlin_linears_count_in_their_blocks(capsys, tmp_path):
+    """seeds/000 runs the layers' linears on KLinearMarlin: each device's weights count those in int4_g128 blocks
+    (the default format where rows are whole 128-value groups), the same file on KLinearTorch in the model dtype."""
+    import torch
+
+    from tandem.gpu import blocks as B
+    from tandem.rules.explain import _model
+
+    text = (DATA / "DeepSeek-V2-Chat-multi-gpu.yaml").read_text()
+    rc, marlin, err = explain_json(capsys, tmp_path, DEEPSEEK_V2_CHAT, text)
+    assert rc == 0, err
+    plain = text.replace("KLinearMarlin", "KLinearTorch")
+    rc, torch_only, err = explain_json(capsys, tmp_path, DEEPSEEK_V2_CHAT, plain)
+    assert rc == 0, err
+    model = _model(json.dumps(DEEPSEEK_V2_CHAT, sort_keys=True))
+    saved = {"cuda:0": 0, "cuda:1": 0, "cpu": 0}
+    for m in marlin["modules"]:
+        if "linear.marlin" in (m["generate_op"], m["prefill_op"]):
+            lin = model.get_submodule(m["module"])
+            assert isinstance(lin, torch.nn.Linear) and lin.in_features % 128 == 0
+            held = lin.out_features * B.row_bytes("int4_g128", lin.in_features)
+            saved[m["generate_device"]] += 2 * lin.weight.numel() - held  # bf16: the config's torch_dtype
+    assert saved["cuda:0"] > 0 and saved["cuda:1"] > 0
+    for dev, n in saved.items():
+        assert torch_only["bytes"][dev]["weights"] - marlin["bytes"][dev]["weights"] == n, dev
+
+
 def test_seed_marlin_rule_ahead_of_cpu_rule(capsys, tmp_path):
     """seeds/000: layers 4-8's experts on cuda:0 with Marlin, because that rule comes first."""
     text = (DATA / "DeepSeek-V2-Chat-multi-gpu.yaml").read_text()
