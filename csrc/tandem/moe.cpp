@@ -586,9 +586,10 @@ class MoEJob : public Job {
       const RowOrder order(r0, r1, streams_);
       const int d = ahead_rows(G.row_bytes, 1);
       for (int k = 0; d > 1 && pf && st == s0 && k < order.streams; k++) {  // each run's first rows
-        const int n = std::min(d, r1 - order.row(k));
-        if (n > 0) prefetch_row(G.row(e, order.row(k)), G.row_bytes * n);
-        if (n > 0) prefetch_row(U.row(e, order.row(k)), U.row_bytes * n);
+        const int r = order.row(k), n = std::min(d, r1 - r);
+        if (n <= 0) continue;
+        prefetch_row(G.row(e, r), G.row_bytes * n);
+        prefetch_row(U.row(e, r), U.row_bytes * n);
       }
       for (int i = 0; i < order.count(); i++) {
         const int r = order.row(i), nx = order.ahead(i, d);
