@@ -184,11 +184,22 @@ struct RowOrder {
       : r0(a), r1(b), streams(std::max(1, std::min(s, (b - a) / 4))), len((b - a + streams - 1) / streams) {}
   int count() const { return len * streams; }
   int row(int i) const { return r0 + i % streams * len + i / streams; }  // >= r1 for the last run's padding
-  int ahead(int i, int d) const {  // row(i) + d if still in its run, else -1
-    const int r = row(i) + d;
-    return r < std::min(r1, r0 + (i % streams + 1) * len) ? r : -1;
+  // What position i prefetches: the row d on in its run; from d rows before the runs' end on, the row as far into
+  // `next`, the rows this thread reads after these (the next expert of a down item, the next item it took), so
+  // the reads stay ahead across the edge. row -1: none.
+  struct Ahead {
+    int row;
+    bool in_next;
+  };
+  Ahead ahead(int i, int d, const RowOrder& next) const {
+    const int q = i + d * streams;  // run i % streams, d rows on
+    if (q < count()) return {row(q) < r1 ? row(q) : -1, false};
+    const int qn = q - count();
+    if (qn >= next.count() || next.row(qn) >= next.r1) return {-1, false};
+    return {next.row(qn), true};
   }
 };
+const RowOrder kNoRows(0, 0, 1);
 
 constexpr int kTokenTile = 64;  // decode: tokens per pass over a chunk of weight rows (activations stay in L2)
 constexpr int kNT = 4;          // decode: tokens per kernel call (register blocking)
@@ -233,29 +244,43 @@ class MoEJob : public Job {
     wait(clk);
     mark(tid, 2);
     if (tid != 0 && prof_) clk.start(prof_ + (size_t)tid * kPhases);
-    for (int it; (it = next0_.fetch_add(1)) < n_items0_;) prepare(it);
+    // Each thread takes its first gate/up item now and asks for its first rows while x is quantized; it takes
+    // each next item where its prefetch reaches the end of the current one, and the prefetch runs on into it.
+    const int home = P_.thread_node(tid) % S_;
+    const Item* item = take_gate_up(home);
+    bool warm = item && owned_[tid].empty() && warm_up(*item);
+    for (int i; (i = next0_.fetch_add(1)) < n_items0_;) prepare(i);
     clk.lap(1);
     mark(tid, 3);
     wait(clk);
     mark(tid, 4);
-    const int home = P_.thread_node(tid) % S_;
-    for (const Item& item : owned_[tid]) {  // rows this thread read ahead: in its L2
-      gate_up(item);
+    for (const Item& own : owned_[tid]) {  // rows this thread read ahead: in its L2
+      gate_up(own, [] { return (const Item*)nullptr; });
       clk.lap(3);
     }
-    for (int s, it; take(next1_, items1_, home, &s, &it);) {
-      gate_up(items1_[s][it]);
-      clk.lap(gemm_[items1_[s][it].ai] ? 2 : 3);
+    while (item) {
+      const Item* next = nullptr;
+      warm = gate_up(*item, [&] { return next = take_gate_up(home); }, warm);
+      clk.lap(gemm_[item->ai] ? 2 : 3);
+      item = next;
     }
     mark(tid, 5);
+    Item rows, next_rows;  // the first down item's first rows while the other threads finish gate/up
+    bool have = take_down(home, &rows);
+    warm = have && warm_down(rows);
     wait(clk);
     mark(tid, 6);
     if (i8_ && !pack_items_.empty()) {
-      for (int it; (it = next1b_.fetch_add(1)) < (int)pack_items_.size();) quant_h(it);
+      for (int i; (i = next1b_.fetch_add(1)) < (int)pack_items_.size();) quant_h(i);
       clk.lap(8);
       wait(clk);
     }
-    for (int s, it; take(next2_, n_items2_, home, &s, &it);) down(s, it);
+    while (have) {
+      bool more = false;
+      warm = down(rows, [&] { return (more = take_down(home, &next_rows)) ? &next_rows : nullptr; }, warm);
+      rows = next_rows;
+      have = more;
+    }
     clk.lap(4);
     mark(tid, 7);
     if (S_ > 1) {
@@ -352,6 +377,17 @@ class MoEJob : public Job {
     }
     return false;
   }
+  const Item* take_gate_up(int home) {
+    int s, it;
+    return take(next1_, items1_, home, &s, &it) ? &items1_[s][it] : nullptr;
+  }
+  bool take_down(int home, Item* rows) {  // rows: {shard, -1, h0, h1}
+    int s, it;
+    if (!take(next2_, n_items2_, home, &s, &it)) return false;
+    const auto [h0, h1] = down_rows(it);
+    *rows = {s, -1, h0, h1};
+    return true;
+  }
   static int size_of(const std::vector<std::vector<Item>>& v, int s) { return (int)v[s].size(); }
   static int size_of(const std::vector<int>& v, int s) { return v[s]; }
 
@@ -403,6 +439,7 @@ class MoEJob : public Job {
         for (int g = 0; g < ntg; g++) pack_items_.push_back({ai, g});
       } else {
         dpos_[ai] = n_dec_slots;
+        dec_.push_back(ai);
         n_dec_slots += n;
         for (int s = off_[ai]; s < off_[ai + 1]; s++) need_x_[slot_tok_[s]] = 1;
       }
@@ -488,14 +525,18 @@ class MoEJob : public Job {
     // every GEMM expert's packed h once, from L3); else about 4 per thread of the shard: an item streams each
     // expert's rows [h0, h1) as one run, and 8 per thread cut Qwen3's runs to 61 KB (2-core EPYC, T = 1: down
     // 0.23 -> 0.19 ms).
-    if (max_ntg)  // >= 2 per thread: larger items re-read each expert's packed h less (see down_items_per_thread)
+    tail2_ = 0;
+    if (max_ntg) {  // >= 2 per thread: larger items re-read each expert's packed h less (see down_items_per_thread)
       chunk2_ = kGemmRows * balanced_chunk(H / kGemmRows, per_shard_threads, down_items_per_thread());
-    else
+    } else if (tail_on(per_shard_threads)) {
+      // the same number of big items for every thread over about 3/4 of H, the rest in 16-row items: the call
+      // ends within a small item of each thread (and a thread that took a big item ahead is not the last)
+      const int m = decode_down_items() * per_shard_threads;
+      chunk2_ = 16 * std::max(1, H / 16 * 3 / 4 / m);
+      tail2_ = H - std::min(m, H / chunk2_) * chunk2_;
+    } else {
       chunk2_ = (int)std::max<size_t>(16, round_up(H / (decode_down_items() * per_shard_threads), 16));
-    // without GEMM experts the last rows in 16-row items too: the call ends within a small item of each thread
-    tail2_ = !max_ntg && tail_on(per_shard_threads)
-                 ? std::min(round_down(H / 4, 16), (int)round_up(per_shard_threads * chunk2_ / 2, 16))
-                 : 0;
+    }
     nbig2_ = (H - tail2_ + chunk2_ - 1) / chunk2_;
     n_items2_.assign(S_, T > 0 ? nbig2_ + (tail2_ + 15) / 16 : 0);  // also with no active expert: zero out
     chunk3_ = 256;
@@ -568,8 +609,48 @@ class MoEJob : public Job {
     return {kt_->dequant_bf16[wtype_slot(m.type)], m.row_bytes, info.blck, info.bytes};
   }
 
-  void gate_up(const Item& item) {
-    if (gemm_[item.ai]) return gate_up_gemm(item);
+  // Bytes of weight rows a thread asks for ahead of its first gate/up item (while x is quantized) and of its first
+  // down item (while the other threads finish gate/up).
+  static constexpr size_t kWarmUpBytes = 16 << 10, kWarmDownBytes = 8 << 10;
+
+  // The first rows of each run of a decode item's gate and up; returns whether it asked for them.
+  bool warm_up(const Item& item) const {
+    if (!prefetch_ || gemm_[item.ai] || off_[item.ai + 1] - off_[item.ai] > kTokenTile) return false;
+    const Shard& sh = ex_.shards()[item.shard];
+    const ExpertMatrix &G = sh.m[0], &U = sh.m[1];
+    const RowOrder order(item.r0, item.r1, streams_);
+    const int n = std::max<int>(ahead_rows(G.row_bytes, 1), kWarmUpBytes / (order.streams * (G.row_bytes + U.row_bytes)));
+    for (int k = 0; k < order.streams; k++) {
+      const int r = order.row(k), m = std::min(n, item.r1 - r);
+      prefetch_row(G.row(active_[item.ai], r), G.row_bytes * std::max(0, m));
+      prefetch_row(U.row(active_[item.ai], r), U.row_bytes * std::max(0, m));
+    }
+    return true;
+  }
+
+  // The first rows of each run of a down item's first decode expert; returns whether it asked for them.
+  bool warm_down(const Item& rows) const {
+    if (!prefetch_ || dec_.empty() || off_[dec_[0] + 1] - off_[dec_[0]] > kTokenTile) return false;
+    const ExpertMatrix& D = ex_.shards()[rows.shard].m[2];
+    const RowOrder order(rows.r0, rows.r1, streams_);
+    const int n = std::max<int>(ahead_rows(D.row_bytes, 2), kWarmDownBytes / (order.streams * D.row_bytes));
+    for (int k = 0; k < order.streams; k++) {
+      const int h = order.row(k);
+      prefetch_row(D.row(active_[dec_[0]], h), D.row_bytes * std::max(0, std::min(n, rows.r1 - h)));
+    }
+    return true;
+  }
+
+  // Gate/up rows of an item. take_next() gives the item this thread computes next (or nullptr); it is called once,
+  // where the prefetch reaches the end of this item, and the prefetch runs on into that item's rows. `warm`: the
+  // item before asked for this one's first rows. Returns whether this one asked for the next one's.
+  template <typename TakeNext>
+  bool gate_up(const Item& item, TakeNext&& take_next, bool warm = false) {
+    if (gemm_[item.ai]) {
+      gate_up_gemm(item);
+      take_next();
+      return false;
+    }
     const int I = ex_.I(), H = ex_.H();
     const Shard& sh = ex_.shards()[item.shard];
     const int e = active_[item.ai], r0 = item.r0, r1 = item.r1;
@@ -578,6 +659,9 @@ class MoEJob : public Job {
     const vec_dot_fn dg = kt_->dot[wtype_slot(G.type)], du = kt_->dot[wtype_slot(U.type)];
     const vec_dot_pf_fn pg = pf_inline_ ? kt_->dot_pf[wtype_slot(G.type)] : nullptr,
                         pu = pf_inline_ ? kt_->dot_pf[wtype_slot(U.type)] : nullptr;
+    const Item* next = nullptr;
+    bool asked = false;
+    RowOrder after = kNoRows;  // the next item's rows, once taken (decode, one pass)
     ActRow acts[kTokenTile];
     const bool pf = prefetch_;
     for (int st = s0; st < s1; st += kTokenTile) {
@@ -585,34 +669,47 @@ class MoEJob : public Job {
       for (int j = 0; j < ns; j++) acts[j] = xview(slot_tok_[st + j]);
       const RowOrder order(r0, r1, streams_);
       const int d = ahead_rows(G.row_bytes, 1);
-      for (int k = 0; d > 1 && pf && st == s0 && k < order.streams; k++) {  // each run's first rows
+      for (int k = 0; d > 1 && pf && st == s0 && !warm && k < order.streams; k++) {  // each run's first rows
         const int r = order.row(k), n = std::min(d, r1 - r);
         if (n <= 0) continue;
         prefetch_row(G.row(e, r), G.row_bytes * n);
         prefetch_row(U.row(e, r), U.row_bytes * n);
       }
+      const int at = pf && s1 - s0 <= kTokenTile ? std::max(0, order.count() - d * order.streams) : -1;
       for (int i = 0; i < order.count(); i++) {
-        const int r = order.row(i), nx = order.ahead(i, d);
+        if (i == at) {  // the prefetch reaches the end of the runs: take the next item
+          asked = true;
+          next = take_next();
+          if (next && !gemm_[next->ai]) after = RowOrder(next->r0, next->r1, streams_);
+        }
+        const int r = order.row(i);
         if (r >= r1) continue;
         const uint8_t *wg = G.row(e, r), *wu = U.row(e, r);
-        const bool ahead = pf && st == s0 && nx >= 0;  // row nx (d on in this run) into L2
-        if (ahead && !pg) prefetch_row(G.row(e, nx), G.row_bytes);
-        if (ahead && !pu) prefetch_row(U.row(e, nx), U.row_bytes);
+        const RowOrder::Ahead a = pf && st == s0 ? order.ahead(i, d, after) : RowOrder::Ahead{-1, false};
+        const ExpertMatrix *Gn = a.in_next ? &ex_.shards()[next->shard].m[0] : &G,
+                           *Un = a.in_next ? &ex_.shards()[next->shard].m[1] : &U;
+        const int ea = a.in_next ? active_[next->ai] : e;
+        const uint8_t* ng = a.row < 0 ? nullptr : Gn->row(ea, a.row);
+        const uint8_t* nu = a.row < 0 ? nullptr : Un->row(ea, a.row);
+        if (ng && !pg) prefetch_row(ng, G.row_bytes);
+        if (nu && !pu) prefetch_row(nu, U.row_bytes);
         for (int j = 0; j < ns; j += kNT) {
           const int m = std::min(kNT, ns - j);
           float g[kNT], u[kNT];
-          if (ahead && j == 0 && pg) pg(H, wg, acts + j, m, g, G.row(e, nx));
+          if (ng && j == 0 && pg) pg(H, wg, acts + j, m, g, ng);
           else dg(H, wg, acts + j, m, g);
-          if (ahead && j == 0 && pu) pu(H, wu, acts + j, m, u, U.row(e, nx));
+          if (nu && j == 0 && pu) pu(H, wu, acts + j, m, u, nu);
           else du(H, wu, acts + j, m, u);
           for (int l = 0; l < m; l++) hbuf_[(size_t)(c0 + st - s0 + j + l) * I + sh.i0 + r] = silu(g[l]) * u[l];
         }
       }
     }
+    if (!asked) take_next();
+    const bool ran_on = after.count() > 0;
     if (Bd_ == 0) {  // fp32 activations: copied as they are
       for (int c = c0; c < c0 + s1 - s0; c++)
         quantize_act(hbuf_ + (size_t)c * I + sh.i0 + r0, r1 - r0, 0, hact_ + (size_t)c * hrow_, I, sh.i0 + r0);
-      return;
+      return ran_on;
     }
     for (int k0 = (sh.i0 + r0) / Bd_ * Bd_; k0 < sh.i0 + r1; k0 += Bd_) {  // blocks this item wrote rows of
       const int rows = std::min(k0 + Bd_, sh.i0 + r1) - std::max(k0, sh.i0 + r0);
@@ -622,6 +719,7 @@ class MoEJob : public Job {
       for (int c = c0; c < c0 + s1 - s0; c++)
         quantize_act(hbuf_ + (size_t)c * I + k0, Bd_, Bd_, hact_ + (size_t)c * hrow_, I, k0);
     }
+    return ran_on;
   }
 
   // Rows [r0, r1) of gate and up for all tokens of a GEMM expert: one GEMM run, a panel = 16 gate + 16 up
@@ -743,14 +841,22 @@ class MoEJob : public Job {
 
   int my_tid() const { return tls_tid_; }
 
-  // Phase 2: rows [h0, h1) of the output (or of shard s's partial sum) over every active expert.
-  void down(int s, int it) {
-    const int H = ex_.H(), T = T_;
+  // Rows [h0, h1) of H that down item `it` computes.
+  std::pair<int, int> down_rows(int it) const {
+    const int H = ex_.H(), hb = H - tail2_;  // big items cover [0, hb), 16-row ones the rest
+    const int h0 = it < nbig2_ ? it * chunk2_ : hb + (it - nbig2_) * 16;
+    return {h0, it < nbig2_ ? std::min(hb, h0 + chunk2_) : std::min(H, h0 + 16)};
+  }
+
+  // Phase 2: rows [h0, h1) of the output (or of shard s's partial sum) over every active expert (rows: {s, -1, h0,
+  // h1}). The decode experts' prefetch runs on into the next expert's rows, and from the last one into the item
+  // take_next() gives (called once, where the prefetch gets there); `warm`: the item before asked for this one's
+  // first rows. Returns whether this one asked for the next one's.
+  template <typename TakeNext>
+  bool down(const Item& rows, TakeNext&& take_next, bool warm) {
+    const int H = ex_.H(), T = T_, s = rows.shard, h0 = rows.r0, h1 = rows.r1;
     const Shard& sh = ex_.shards()[s];
     const int In = sh.i1 - sh.i0;
-    const int hb = H - tail2_;  // big items cover [0, hb), 16-row ones the rest
-    const int h0 = it < nbig2_ ? it * chunk2_ : hb + (it - nbig2_) * 16;
-    const int h1 = it < nbig2_ ? std::min(hb, h0 + chunk2_) : std::min(H, h0 + 16);
     float* o = S_ == 1 && a_.out_dtype == DT_F32 ? (float*)a_.out : part_ + (size_t)s * T * H;
     for (int t = 0; t < T; t++) std::fill(o + (size_t)t * H + h0, o + (size_t)t * H + h1, 0.f);
     if (gemm_ok_) down_gemm(sh, h0, h1, o);
@@ -758,37 +864,54 @@ class MoEJob : public Job {
     const vec_dot_fn dd = kt_->dot[wtype_slot(D.type)];
     const vec_dot_pf_fn pd = pf_inline_ ? kt_->dot_pf[wtype_slot(D.type)] : nullptr;
     ActRow acts[kTokenTile];
-    for (size_t ai = 0; ai < active_.size(); ai++) {
-      const int e = active_[ai], s0 = off_[ai], s1 = off_[ai + 1];
-      if (gemm_[ai]) continue;
-      const int c0 = dpos_[ai];
-      const bool pf = prefetch_;
+    const bool pf = prefetch_;
+    const int d = ahead_rows(D.row_bytes, 2);
+    const RowOrder order(h0, h1, streams_);
+    const Item* next = nullptr;
+    bool asked = false, into = warm;  // into: this expert's first rows were asked for already
+    for (size_t k = 0; k < dec_.size(); k++) {
+      const int ai = dec_[k], e = active_[ai], s0 = off_[ai], s1 = off_[ai + 1], c0 = dpos_[ai];
+      const bool last = k + 1 == dec_.size(), one_pass = pf && s1 - s0 <= kTokenTile;
+      const ExpertMatrix* Dn = &D;  // the rows read after e's: the next expert's, after the last the next item's
+      int en = last ? -1 : active_[dec_[k + 1]];
+      RowOrder after = one_pass && !last ? order : kNoRows;
       for (int st = s0; st < s1; st += kTokenTile) {
         const int ns = std::min(kTokenTile, s1 - st);
         for (int j = 0; j < ns; j++) acts[j] = shifted(hview(c0 + st - s0 + j), sh.i0, Bd_);
-        const RowOrder order(h0, h1, streams_);
-        const int d = ahead_rows(D.row_bytes, 2);
-        for (int k = 0; pf && st == s0 && k < order.streams; k++)  // each run's first rows
-          prefetch_row(D.row(e, order.row(k)), D.row_bytes * std::min(d, h1 - order.row(k)));
+        for (int q = 0; pf && st == s0 && !into && q < order.streams; q++)  // each run's first rows
+          prefetch_row(D.row(e, order.row(q)), D.row_bytes * std::min(d, h1 - order.row(q)));
+        const int at = last && one_pass ? std::max(0, order.count() - d * order.streams) : -1;
         for (int i = 0; i < order.count(); i++) {
+          if (i == at) {  // the prefetch reaches the end of the last expert's runs: take the next item
+            asked = true;
+            if ((next = take_next())) {
+              after = RowOrder(next->r0, next->r1, streams_);
+              Dn = &ex_.shards()[next->shard].m[2];
+              en = active_[dec_[0]];
+            }
+          }
           const int h = order.row(i);
           if (h >= h1) continue;
           const uint8_t* wd = D.row(e, h);
-          const int a = pf && st == s0 ? order.ahead(i, d) : -1;  // d rows on in this run, into L2
-          if (a >= 0 && !pd) prefetch_row(D.row(e, a), D.row_bytes);
+          const RowOrder::Ahead a = pf && st == s0 ? order.ahead(i, d, after) : RowOrder::Ahead{-1, false};
+          const uint8_t* nd = a.row < 0 ? nullptr : a.in_next ? Dn->row(en, a.row) : D.row(e, a.row);
+          if (nd && !pd) prefetch_row(nd, D.row_bytes);
           for (int j = 0; j < ns; j += kNT) {
             const int m = std::min(kNT, ns - j);
             float r[kNT];
-            if (a >= 0 && j == 0 && pd) pd(In, wd, acts + j, m, r, D.row(e, a));
+            if (nd && j == 0 && pd) pd(In, wd, acts + j, m, r, nd);
             else dd(In, wd, acts + j, m, r);
             for (int l = 0; l < m; l++) o[(size_t)slot_tok_[st + j + l] * H + h] += slot_w_[st + j + l] * r[l];
           }
         }
       }
+      into = after.count() > 0;
     }
+    if (!asked) take_next();
     if (S_ == 1 && a_.out_dtype == DT_BF16)  // one shard: this item's rows are final, round them here
       for (int t = 0; t < T; t++)
         for (int h = h0; h < h1; h++) ((bf16_t*)a_.out)[(size_t)t * H + h] = f32_to_bf16(o[(size_t)t * H + h]);
+    return !dec_.empty() && into;
   }
 
   // Phase 3: out = sum of the shards' partial sums, in the output dtype.
@@ -812,6 +935,7 @@ class MoEJob : public Job {
   size_t xrow_, hrow_;
   bool gemm_ok_ = false, i8_ = false;  // i8_: GEMM experts take the int8 GEMM (int8_row layer)
   std::vector<int> active_, off_, slot_tok_, gemm_, dpos_, need_x_;
+  std::vector<int> dec_;  // the decode experts (indices into active_), in order
   std::vector<float> slot_w_;
   std::vector<size_t> xp_off_, hp_off_;
   std::vector<std::pair<int, int>> pack_items_;  // (active expert, token group)

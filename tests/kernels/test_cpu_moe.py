@@ -374,19 +374,26 @@ def test_work_split_does_not_change_decode_results(fmt, monkeypatch):
 @pytest.mark.parametrize("fmt", ["int4_g32", "int8", "int8_row", "q4_k", "q5_k", "q6_k", "bf16"])
 def test_decode_prefetch_does_not_change_results(fmt, monkeypatch):
     """Decode's prefetch of the next rows (off on AMD, on on Intel), in one burst per row or spread over the
-    current row's dot (dot_pf on VNNI; bf16 has none), one or more rows ahead, only moves bytes into L2: results
-    are bit-equal."""
+    current row's dot (dot_pf on VNNI; bf16 has none), one or more rows ahead, on into the next expert's or the
+    next item's rows (which a thread then takes before it ends an item), only moves bytes into L2: results are
+    bit-equal, with any number of threads and runs."""
     E, I, H = 16, 512, 1024  # noqa: E741
     w = _make(fmt, E, I, H)
     x, ids, tw = _inputs(5, 6, E, H)
     monkeypatch.setenv("TANDEM_CPU_PREFETCH", "0")
     ref = [w.forward(x[:t], ids[:t], tw[:t]) for t in (1, 2, 5)]
-    for inline, ahead in (("0", "0"), ("1", "0"), ("1", "4096"), ("0", "2048")):
-        monkeypatch.setenv("TANDEM_CPU_PREFETCH", "1")
-        monkeypatch.setenv("TANDEM_CPU_PF_INLINE", inline)
-        monkeypatch.setenv("TANDEM_CPU_PF_BYTES", ahead)
-        for t, r in zip((1, 2, 5), ref):
-            assert torch.equal(w.forward(x[:t], ids[:t], tw[:t]), r), (inline, ahead, t)
+    try:
+        for threads, streams in ((None, "1"), (5, "2"), (7, "3")):
+            K.set_num_threads(threads)
+            monkeypatch.setenv("TANDEM_CPU_STREAMS", streams)
+            for inline, ahead in (("0", "0"), ("1", "0"), ("1", "4096"), ("0", "2048")):
+                monkeypatch.setenv("TANDEM_CPU_PREFETCH", "1")
+                monkeypatch.setenv("TANDEM_CPU_PF_INLINE", inline)
+                monkeypatch.setenv("TANDEM_CPU_PF_BYTES", ahead)
+                for t, r in zip((1, 2, 5), ref):
+                    assert torch.equal(w.forward(x[:t], ids[:t], tw[:t]), r), (threads, streams, inline, ahead, t)
+    finally:
+        K.set_num_threads(None)
 
 
 def test_bad_inputs():
