@@ -235,12 +235,16 @@ class MoEJob : public Job {
     tls_tid_ = tid;
     Clock clk(nullptr);
     mark(tid, 0);
+    const int T = tokens();
+    const XSplit xs = x_split(T);
+    uint8_t* const x_early = early_x(T);
     if (tid == 0) {
       if (profile_on()) clk.start(prof_ = new double[(size_t)nthreads_ * kPhases]());  // read after the barrier
-      plan();
+      plan(x_early);
       clk.lap(0);
       mark(tid, 1);
     }
+    if (x_early) quantize_x(T, xs, x_early, true);
     wait(clk);
     mark(tid, 2);
     if (tid != 0 && prof_) clk.start(prof_ + (size_t)tid * kPhases);
@@ -249,10 +253,11 @@ class MoEJob : public Job {
     const int home = P_.thread_node(tid) % S_;
     const Item* item = take_gate_up(home);
     bool warm = item && owned_[tid].empty() && warm_up(*item);
-    for (int i; (i = next0_.fetch_add(1)) < n_items0_;) prepare(i);
+    if (!x_early) quantize_x(T, xs, xact_, false);
+    for (int i; (i = next0b_.fetch_add(1)) < (int)pack_items_.size();) pack(i);
     clk.lap(1);
     mark(tid, 3);
-    wait(clk);
+    if (!x_early || !pack_items_.empty()) wait(clk);
     mark(tid, 4);
     for (const Item& own : owned_[tid]) {  // rows this thread read ahead: in its L2
       gate_up(own, [] { return (const Item*)nullptr; });
@@ -270,6 +275,7 @@ class MoEJob : public Job {
     warm = have && warm_down(rows);
     wait(clk);
     mark(tid, 6);
+    if (tid == 0 && T > 0 && T < min_tok_) P_.scratch(1).get(xrow_ * T);  // x is read no more: grown for next calls
     if (i8_ && !pack_items_.empty()) {
       for (int i; (i = next1b_.fetch_add(1)) < (int)pack_items_.size();) quant_h(i);
       clk.lap(8);
@@ -391,9 +397,45 @@ class MoEJob : public Job {
   static int size_of(const std::vector<std::vector<Item>>& v, int s) { return (int)v[s].size(); }
   static int size_of(const std::vector<int>& v, int s) { return v[s]; }
 
-  // Thread 0: routing, decode/GEMM choice, work items, scratch buffers.
-  void plan() {
-    T_ = a_.T_ptr ? std::clamp(*a_.T_ptr, 0, a_.T) : a_.T;
+  // Tokens of this call (a CUDA graph's GPU side may have written how many to T_ptr).
+  int tokens() const { return a_.T_ptr ? std::clamp(*a_.T_ptr, 0, a_.T) : a_.T; }
+
+  // x's quantization in items of a token row's part, whole 128-value groups, so that at T = 1 the threads share it
+  // instead of waiting for one of them (~5-10 us for H = 2048 alone).
+  struct XSplit {
+    int part, parts;  // values per part, parts per row
+  };
+  XSplit x_split(int T) const {
+    const int H = ex_.H(), unit = std::max(128, Bx_);
+    const int parts = T > 0 ? std::clamp(nthreads_ / T, 1, std::max(1, H / unit)) : 1;
+    const int part = (int)round_up((H + parts - 1) / parts, unit);
+    return {part, (H + part - 1) / part};
+  }
+
+  // Where a decode call (fewer tokens than a GEMM expert takes) quantizes x while thread 0 plans: scratch slot 1,
+  // which thread 0 grows only after gate/up (x's last reader), so every thread finds the same size here; nullptr:
+  // too small yet, x is quantized after the plan.
+  uint8_t* early_x(int T) const {
+    Scratch& buf = P_.scratch(1);
+    return T > 0 && T < min_tok_ && buf.size() >= xrow_ * T ? buf.data() : nullptr;
+  }
+
+  // Token rows' parts (all rows, or those a decode expert reads), into x's activation rows at dst.
+  void quantize_x(int T, const XSplit& xs, uint8_t* dst, bool all) {
+    const int H = ex_.H();
+    static thread_local std::vector<float> row;
+    for (int it; (it = next0_.fetch_add(1)) < T * xs.parts;) {
+      const int t = it / xs.parts, i0 = it % xs.parts * xs.part, n = std::min(H, i0 + xs.part) - i0;
+      if (!all && !need_x_[t]) continue;
+      row.resize(n);
+      load_f32(a_.x, a_.x_dtype, (int64_t)t * H + i0, n, row.data());
+      quantize_act(row.data(), n, Bx_, dst + (size_t)t * xrow_, H, i0);
+    }
+  }
+
+  // Thread 0: routing, decode/GEMM choice, work items, scratch buffers; x_early: x's rows, quantized meanwhile.
+  void plan(uint8_t* x_early) {
+    T_ = tokens();
     const int E = ex_.E(), K = a_.K, I = ex_.I(), H = ex_.H(), T = T_;
     std::vector<int> count(E + 1, 0);
     for (int64_t i = 0; i < (int64_t)T * K; i++) {
@@ -418,7 +460,7 @@ class MoEJob : public Job {
       slot_w_[pos[e]++] = a_.weights[i];
     }
     // Decode or GEMM per expert; buffers: decode slots get compact rows, GEMM experts packed token groups.
-    const int n_act = (int)active_.size(), min_tok = gemm_min_tokens();
+    const int n_act = (int)active_.size();
     gemm_.assign(n_act, 0);
     dpos_.assign(n_act, -1);
     xp_off_.assign(n_act, 0);
@@ -428,7 +470,7 @@ class MoEJob : public Job {
     size_t xp = 0, hp = 0;
     for (int ai = 0; ai < n_act; ai++) {
       const int n = off_[ai + 1] - off_[ai];
-      if (gemm_ok_ && n >= min_tok) {
+      if (gemm_ok_ && n >= min_tok_) {
         gemm_[ai] = 1;
         const int ntg = (n + kGemmTokens - 1) / kGemmTokens;
         max_ntg = std::max(max_ntg, ntg);
@@ -448,7 +490,7 @@ class MoEJob : public Job {
     size_t need = 0;
     auto carve = [&need](size_t bytes) { const size_t at = need; need += round_up(bytes, 64); return at; };
     const size_t es = i8_ ? 1 : 2;  // bytes per packed value: int8 or bf16
-    const size_t o_xact = carve(xrow_ * T), o_hact = carve(hrow_ * n_dec_slots),
+    const size_t o_xact = carve(x_early ? 0 : xrow_ * T), o_hact = carve(hrow_ * n_dec_slots),
                  o_hbuf = carve((size_t)n_dec_slots * I * 4), o_xp = carve(xp * es), o_hp = carve(hp * es);
     // int8 GEMM: h in fp32 ([group][I][16] per expert) until its per-token scale is known; per-token scales
     const size_t o_hf = carve(i8_ ? hp * 4 : 0), o_xs = carve(i8_ ? xp / H * 4 : 0), o_hs = carve(i8_ ? xp / H * 4 : 0);
@@ -456,7 +498,7 @@ class MoEJob : public Job {
     panel_stride_ = round_up(ring_bytes() + (size_t)kGemmRows * max_ntg * kGemmTokens * 4, 64);
     const size_t o_thr = carve(max_ntg ? panel_stride_ * nthreads_ : 0);
     uint8_t* base = P.scratch(0).get(std::max<size_t>(need, 64));
-    xact_ = base + o_xact;
+    xact_ = x_early ? x_early : base + o_xact;
     hact_ = base + o_hact;
     hbuf_ = (float*)(base + o_hbuf);
     xp_ = (bf16_t*)(base + o_xp);
@@ -468,13 +510,6 @@ class MoEJob : public Job {
     hs_ = (float*)(base + o_hs);
     part_ = (float*)(base + o_part);
     thr_ = base + o_thr;
-    // Phase 0: each decode token's row in parts of whole 128-value groups, so that at T = 1 the threads share its
-    // quantization instead of waiting for one of them (~5-10 us for H = 2048 alone).
-    const int unit0 = std::max(128, Bx_);
-    const int parts = T > 0 ? std::clamp(nthreads_ / T, 1, std::max(1, H / unit0)) : 1;
-    part0_ = (int)round_up((H + parts - 1) / parts, unit0);
-    parts0_ = (H + part0_ - 1) / part0_;
-    n_items0_ = T * parts0_ + (int)pack_items_.size();
     // Phase 1 items per shard: GEMM experts (most tokens first: the short ones fill the end) in runs of up
     // to 256 rows, ~8 items per thread (each item reads its expert's packed tokens into L2 once); decode
     // experts in chunks of 16 rows, sized for ~8 items per thread of the shard's share (whole 256-row down
@@ -562,19 +597,11 @@ class MoEJob : public Job {
   ActRow xview(int t) const { return act_row_view(xact_ + (size_t)t * xrow_, ex_.H(), Bx_); }
   ActRow hview(int c) const { return act_row_view(hact_ + (size_t)c * hrow_, ex_.I(), Bd_); }
 
-  // Phase 0 item: quantize token row `it` (if a decode expert reads it), or pack one GEMM token group.
-  void prepare(int it) {
+  // Phase 0 item: pack one GEMM token group.
+  void pack(int it) {
     const int H = ex_.H();
     static thread_local std::vector<float> row;
-    if (it < T_ * parts0_) {
-      const int t = it / parts0_, i0 = it % parts0_ * part0_, n = std::min(H, i0 + part0_) - i0;
-      if (!need_x_[t]) return;
-      row.resize(n);
-      load_f32(a_.x, a_.x_dtype, (int64_t)t * H + i0, n, row.data());
-      quantize_act(row.data(), n, Bx_, xact_ + (size_t)t * xrow_, H, i0);
-      return;
-    }
-    const auto [ai, g] = pack_items_[it - T_ * parts0_];
+    const auto [ai, g] = pack_items_[it];
     const int s0 = off_[ai] + g * kGemmTokens, n = std::min(kGemmTokens, off_[ai + 1] - s0);
     if (i8_)
       return kt_->pack_tokens_i8(a_.x, a_.x_dtype == DT_BF16, H, slot_tok_.data() + s0, n,
@@ -952,7 +979,7 @@ class MoEJob : public Job {
   double* prof_ = nullptr;  // TANDEM_CPU_PROFILE: kPhases seconds per thread
   std::unique_ptr<double[]> marks_;  // TANDEM_CPU_PROFILE: kMarks points per thread (timeline())
   double made_ = 0;
-  std::atomic<int> next0_{0}, next1b_{0}, next3_{0};
+  std::atomic<int> next0_{0}, next0b_{0}, next1b_{0}, next3_{0};
   std::atomic<int> next1_[kMaxShards], next2_[kMaxShards];
   const int streams_ = decode_streams();
   const bool prefetch_ = prefetch_on(), pf_inline_ = pf_inline_on();
@@ -960,7 +987,8 @@ class MoEJob : public Job {
   int ahead_rows(size_t row_bytes, int dflt) const {  // how far ahead in its run a row is prefetched
     return pf_bytes_ > 0 ? std::max<int>(1, (int)((pf_bytes_ + row_bytes - 1) / row_bytes)) : dflt;
   }
-  int n_items0_ = 0, n_items3_ = 0, chunk2_ = 16, chunk3_ = 256, part0_ = 0, parts0_ = 1, tail2_ = 0, nbig2_ = 0;
+  int n_items3_ = 0, chunk2_ = 16, chunk3_ = 256, tail2_ = 0, nbig2_ = 0;
+  const int min_tok_ = gemm_min_tokens();
   static thread_local int tls_tid_;
 };
 

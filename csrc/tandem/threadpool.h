@@ -56,6 +56,8 @@ class Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   uint8_t* get(size_t bytes);
+  uint8_t* data() const { return p_; }
+  size_t size() const { return n_; }
 
  private:
   uint8_t* p_ = nullptr;
