@@ -4,7 +4,8 @@
 //   0. thread 0 groups the (token, k) slots by expert, marks each active expert decode (few tokens: per-row
 //      dot kernels on int8 activations) or GEMM (>= gemm_min_tokens: bf16 panels on AMX / AVX512-BF16, or
 //      for int8_row layers int8 on AMX-INT8 / VNNI), and lays out the work; then every thread quantizes x
-//      rows (decode experts) or packs them as bf16 (int8: per-token quantized) token groups (GEMM experts);
+//      rows (decode experts) or packs them as bf16 (int8: per-token quantized) token groups (GEMM experts). A
+//      decode call (fewer tokens than a GEMM expert takes) quantizes x while thread 0 plans;
 //   1. items = (shard, active expert, chunk of that shard's intermediate rows): gate and up for every token of
 //      the expert, silu(g) * u stored as the down projection's input (int8 blocks or packed bf16; int8 GEMM:
 //      fp32, then 1b. per token group, quantized per token over the whole I and packed). GEMM experts come
@@ -12,7 +13,8 @@
 //   2. items = (shard, chunk of H rows) over all active experts: each thread owns its output rows, so the
 //      weighted sum needs no atomics. With several NUMA shards each writes a partial sum ...
 //   3. ... which one more pass adds up.
-// Threads take items of their own node's shard first, then help the others.
+// Threads take items of their own node's shard first, then help the others. A decode thread takes its next item
+// where its prefetch reaches the end of the current one, so the prefetch runs on into that item's rows.
 #include "tandem/moe.h"
 
 #include <algorithm>
@@ -270,7 +272,7 @@ class MoEJob : public Job {
       item = next;
     }
     mark(tid, 5);
-    Item rows, next_rows;  // the first down item's first rows while the other threads finish gate/up
+    Item rows{}, next_rows{};  // the first down item's first rows while the other threads finish gate/up
     bool have = take_down(home, &rows);
     warm = have && warm_down(rows);
     wait(clk);
@@ -646,7 +648,8 @@ class MoEJob : public Job {
     const Shard& sh = ex_.shards()[item.shard];
     const ExpertMatrix &G = sh.m[0], &U = sh.m[1];
     const RowOrder order(item.r0, item.r1, streams_);
-    const int n = std::max<int>(ahead_rows(G.row_bytes, 1), kWarmUpBytes / (order.streams * (G.row_bytes + U.row_bytes)));
+    const size_t per_row = order.streams * (G.row_bytes + U.row_bytes);  // a row of each run, gate and up
+    const int n = std::max<int>(ahead_rows(G.row_bytes, 1), kWarmUpBytes / per_row);
     for (int k = 0; k < order.streams; k++) {
       const int r = order.row(k), m = std::min(n, item.r1 - r);
       prefetch_row(G.row(active_[item.ai], r), G.row_bytes * std::max(0, m));
