@@ -277,7 +277,7 @@ class MoEJob : public Job {
     warm = have && warm_down(rows);
     wait(clk);
     mark(tid, 6);
-    if (tid == 0 && T > 0 && T < min_tok_) P_.scratch(1).get(xrow_ * T);  // x is read no more: grown for next calls
+    if (tid == 0 && decode_call(T)) P_.scratch(1).get(xrow_ * T);  // x is read no more: grown for next calls
     if (i8_ && !pack_items_.empty()) {
       for (int i; (i = next1b_.fetch_add(1)) < (int)pack_items_.size();) quant_h(i);
       clk.lap(8);
@@ -419,8 +419,9 @@ class MoEJob : public Job {
   // too small yet, x is quantized after the plan.
   uint8_t* early_x(int T) const {
     Scratch& buf = P_.scratch(1);
-    return T > 0 && T < min_tok_ && buf.size() >= xrow_ * T ? buf.data() : nullptr;
+    return decode_call(T) && buf.size() >= xrow_ * T ? buf.data() : nullptr;
   }
+  bool decode_call(int T) const { return T > 0 && T < min_tok_; }
 
   // Token rows' parts (all rows, or those a decode expert reads), into x's activation rows at dst.
   void quantize_x(int T, const XSplit& xs, uint8_t* dst, bool all) {
